@@ -1,0 +1,374 @@
+"""HF transformers <-> medvlm-jax: configs and the one weight-name table both directions use.
+
+Canonical HF names (after `canonical_name`) are component-relative: the LLM's names as inside
+LlamaModel ('layers.3.self_attn.q_proj.weight', plus 'lm_head.weight'), the tower's as inside
+CLIPVisionTransformer ('encoder.layers.0.mlp.fc1.weight'), the projector's ('linear_1.weight').
+Every checkpoint spelling we meet (transformers 4 and 5 Llava layouts, bare Llama / CLIPVisionModel,
+peft-wrapped modules) is reduced to those names first, so one rule table serves import and export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from vlm.config import (ConnectorConfig, LlamaConfig, LoraConfig, TilerConfig, VisionConfig,
+                        VLMConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+class ConversionError(ValueError):
+  """One-line conversion failure naming the key, file and shapes involved."""
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+_PREFIXES = (  # (regex on the full key, component)
+    (r"^(?:model\.)?language_model\.model\.(.*)$", "llm"),
+    (r"^(?:model\.)?language_model\.(lm_head\..*)$", "llm"),
+    (r"^model\.language_model\.(.*)$", "llm"),
+    (r"^(?:model\.)?vision_tower\.vision_model\.(.*)$", "vision"),
+    (r"^(?:model\.)?vision_tower\.(.*)$", "vision"),
+    (r"^vision_model\.(.*)$", "vision"),
+    (r"^((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..*)$", "vision"),  # bare CLIPVisionModel
+    (r"^(?:model\.)?multi_modal_projector\.(.*)$", "connector"),
+    (r"^(?:model\.)?(image_newline)$", "top"),
+    (r"^(lm_head\..*)$", "llm"),
+    (r"^model\.(.*)$", "llm"),
+)
+
+
+def canonical_name(key: str) -> Optional[tuple]:
+  """(component, name) for any spelling of a HF weight name, or None if it is not a weight we know."""
+  key = re.sub(r"^base_model\.model\.", "", key)  # peft wrapper
+  key = key.replace(".base_layer.", ".")
+  key = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)  # lora_A.default.weight
+  for pat, comp in _PREFIXES:
+    m = re.match(pat, key)
+    if m:
+      return comp, m.group(1)
+  return None
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  path: tuple  # our parameter path
+  component: str  # llm | vision | connector | top
+  name: str  # canonical HF name; '{i}' marks a per-layer weight stacked on our axis 0
+  kind: str = "copy"  # copy | linear (torch [out, in] <-> ours [in, out]) | conv
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.name
+
+
+def _to_ours(kind, x):
+  if kind == "linear":
+    return x.T
+  if kind == "conv":  # torch [out, in, kh, kw] -> ours [kh, kw, in, out]
+    return x.transpose(2, 3, 1, 0)
+  return x
+
+
+def _to_hf(kind, x):
+  if kind == "linear":
+    return x.T
+  if kind == "conv":
+    return x.transpose(3, 2, 0, 1)
+  return x
+
+
+def _linear(path, comp, name, bias=False, lora=False):
+  rules = [Rule(path + ("kernel",), comp, name + ".weight", "linear")]
+  if bias:
+    rules.append(Rule(path + ("bias",), comp, name + ".bias"))
+  if lora:
+    rules += [Rule(path + ("lora_a",), comp, name + ".lora_A.weight", "linear"),
+              Rule(path + ("lora_b",), comp, name + ".lora_B.weight", "linear")]
+  return rules
+
+
+LLM_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+            "down": "mlp.down_proj"}
+VISION_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+               "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def rules(cfg: VLMConfig) -> list:
+  """Every parameter of `cfg`'s tree with its HF counterpart."""
+  out = [Rule(("llm", "embed"), "llm", "embed_tokens.weight"),
+         Rule(("llm", "norm", "scale"), "llm", "norm.weight"),
+         Rule(("llm", "layers", "layer", "attn_norm", "scale"), "llm", "layers.{i}.input_layernorm.weight"),
+         Rule(("llm", "layers", "layer", "mlp_norm", "scale"), "llm",
+              "layers.{i}.post_attention_layernorm.weight")]
+  if not cfg.llm.tie_embeddings:
+    out += _linear(("llm", "lm_head"), "llm", "lm_head")
+  for ours, hf in LLM_PROJ.items():
+    sub = ("attn",) if ours in ("q", "k", "v", "o") else ("mlp",)
+    out += _linear(("llm", "layers", "layer") + sub + (ours,), "llm", f"layers.{{i}}.{hf}",
+                   lora=cfg.lora.rank > 0 and ours in cfg.lora.targets)
+  if cfg.vision is None:
+    return out
+  v = ("vision",)
+  out += [Rule(v + ("patch_embed",), "vision", "embeddings.patch_embedding.weight", "conv"),
+          Rule(v + ("cls",), "vision", "embeddings.class_embedding"),
+          Rule(v + ("pos_embed",), "vision", "embeddings.position_embedding.weight")]
+  for ours, hf in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+    out += [Rule(v + (ours, "scale"), "vision", f"{hf}.weight"),
+            Rule(v + (ours, "bias"), "vision", f"{hf}.bias")]
+  blk = v + ("layers", "block")
+  for ours, hf in (("ln1", "layer_norm1"), ("ln2", "layer_norm2")):
+    out += [Rule(blk + (ours, "scale"), "vision", f"encoder.layers.{{i}}.{hf}.weight"),
+            Rule(blk + (ours, "bias"), "vision", f"encoder.layers.{{i}}.{hf}.bias")]
+  for ours, hf in VISION_PROJ.items():
+    out += _linear(blk + (ours,), "vision", f"encoder.layers.{{i}}.{hf}", bias=True,
+                   lora=cfg.lora.rank > 0 and ours in cfg.lora.vision_targets)
+  from vlm.connector import depth
+  for i in range(depth(cfg.connector.kind)):
+    out += _linear(("connector", f"fc{i}"), "connector", f"linear_{i + 1}", bias=True)
+  if cfg.tiler.kind == "anyres":
+    out.append(Rule(("image_newline",), "top", "image_newline"))
+  return out
+
+
+def _layers(cfg: VLMConfig, comp: str) -> int:
+  return cfg.llm.layers if comp == "llm" else cfg.vision.layers
+
+
+def import_weights(cfg: VLMConfig, tensors: dict, *, source: str = "<memory>",
+                   dtype=None, allow_missing: Iterable[str] = (), strict: bool = True,
+                   components: Iterable[str] = ("llm", "vision", "connector", "top")) -> dict:
+  """{(component, canonical name): array-or-loader} -> our nested params (numpy).
+
+  `tensors` values may be zero-argument callables (lazy reads from safetensors). Missing and
+  unexpected keys and shape mismatches raise ConversionError naming the key and `source`."""
+  from vlm.model import abstract_params
+  from flax import traverse_util
+  shapes = traverse_util.flatten_dict(abstract_params(cfg, boxed=False))
+  used, flat = set(), {}
+  allow = [re.compile(p) for p in allow_missing]
+  components = set(components)
+  for rule in rules(cfg):
+    if rule.component not in components:
+      continue
+    n = _layers(cfg, rule.component) if rule.stacked else 1
+    names = [rule.name.format(i=i) for i in range(n)] if rule.stacked else [rule.name]
+    missing = [nm for nm in names if (rule.component, nm) not in tensors]
+    if missing:
+      if any(a.search("/".join(rule.path)) for a in allow):
+        continue
+      raise ConversionError(f"missing key {rule.component}:{missing[0]} in {source} "
+                            f"(needed for {'/'.join(rule.path)})")
+    arrs = []
+    for nm in names:
+      t = tensors[(rule.component, nm)]
+      arrs.append(_to_ours(rule.kind, np.asarray(t() if callable(t) else t)))
+      used.add((rule.component, nm))
+    x = np.stack(arrs) if rule.stacked else arrs[0]
+    want = tuple(shapes[rule.path].shape)
+    if x.shape != want:
+      raise ConversionError(f"shape mismatch for {rule.component}:{names[0]} in {source}: "
+                            f"checkpoint {x.shape} vs model {want} ({'/'.join(rule.path)})")
+    flat[rule.path] = x.astype(dtype) if dtype is not None else x
+  unexpected = sorted(set(tensors) - used)
+  if unexpected and strict:
+    comp, nm = unexpected[0]
+    raise ConversionError(f"unexpected key {comp}:{nm} in {source} "
+                          f"({len(unexpected)} unexpected in all)")
+  return traverse_util.unflatten_dict(flat)
+
+
+def export_weights(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]) -> dict:
+  """Our params -> {full HF name: numpy array}; `name_fn(component, canonical)` spells the layout."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for rule in rules(cfg):
+    if rule.path not in flat:
+      continue
+    x = np.asarray(flat[rule.path])
+    if rule.stacked:
+      for i in range(x.shape[0]):
+        out[name_fn(rule.component, rule.name.format(i=i))] = np.ascontiguousarray(
+            _to_hf(rule.kind, x[i]))
+    else:
+      out[name_fn(rule.component, rule.name)] = np.ascontiguousarray(_to_hf(rule.kind, x))
+  return out
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+def llama_config(d: dict) -> LlamaConfig:
+  rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+  kind = rp.get("rope_type", rp.get("type", "default"))
+  scaling = None
+  if kind == "llama3":
+    scaling = ("llama3", float(rp["factor"]), float(rp["low_freq_factor"]),
+               float(rp["high_freq_factor"]), int(rp["original_max_position_embeddings"]))
+  elif kind not in ("default", None):
+    raise ConversionError(f"rope type {kind!r} is not supported (default | llama3)")
+  heads = d["num_attention_heads"]
+  return LlamaConfig(
+      vocab_size=d["vocab_size"], hidden=d["hidden_size"], layers=d["num_hidden_layers"],
+      heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
+      head_dim=d.get("head_dim") or d["hidden_size"] // heads, mlp_dim=d["intermediate_size"],
+      norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+      max_positions=d.get("max_position_embeddings", 4096),
+      tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+      sliding_window=d.get("sliding_window") if d.get("model_type") == "mistral" else None)
+
+
+def vision_config(d: dict, select_layer: int = -2, keep_cls: bool = False) -> VisionConfig:
+  act = d.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ConversionError(f"vision activation {act!r} is not supported (quick_gelu | gelu)")
+  return VisionConfig(
+      image_size=d["image_size"], patch_size=d["patch_size"], width=d["hidden_size"],
+      layers=d["num_hidden_layers"], heads=d["num_attention_heads"], mlp_dim=d["intermediate_size"],
+      act=act, norm_eps=d.get("layer_norm_eps", 1e-5), select_layer=select_layer, keep_cls=keep_cls,
+      mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD), proj_dim=d.get("projection_dim"))
+
+
+def vlm_config(d: dict, *, image_mean=None, image_std=None) -> VLMConfig:
+  """config.json of a HF Llama / Mistral / Llava / LlavaNext dir -> VLMConfig."""
+  mt = d.get("model_type")
+  if mt in ("llama", "mistral"):
+    return VLMConfig(llm=llama_config(d), template="llama3" if d["vocab_size"] >= 128000 else
+                     ("mistral_instruct" if mt == "mistral" else "vicuna_v1"))
+  if mt not in ("llava", "llava_next"):
+    raise ConversionError(f"unknown architecture model_type={mt!r} "
+                          "(llama | mistral | llava | llava_next)")
+  if d.get("vision_config", {}).get("model_type", "clip_vision_model") != "clip_vision_model":
+    raise ConversionError(f"vision tower {d['vision_config'].get('model_type')!r} is not CLIP")
+  layer = d.get("vision_feature_layer", -2)
+  if not isinstance(layer, int):
+    raise ConversionError(f"vision_feature_layer={layer!r}: multi-layer features not supported")
+  keep_cls = d.get("vision_feature_select_strategy", "default") == "full"
+  vision = vision_config(d["vision_config"], layer, keep_cls)
+  if image_mean is not None:
+    vision = dataclasses.replace(vision, mean=tuple(image_mean), std=tuple(image_std))
+  act = d.get("projector_hidden_act", "gelu")
+  if act != "gelu":
+    raise ConversionError(f"projector activation {act!r} is not supported (gelu)")
+  text = dict(d["text_config"])
+  text.setdefault("model_type", "llama")
+  llm = llama_config(text)
+  tiler = TilerConfig(kind="single")
+  if mt == "llava_next":
+    tiler = TilerConfig(kind="anyres", grid_pinpoints=tuple(tuple(p) for p in d["image_grid_pinpoints"]))
+  tok = d.get("image_token_index", d.get("image_token_id"))
+  return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig("mlp2x_gelu"),
+                   image_token_id=tok, template="llama3" if llm.vocab_size >= 128000 else "vicuna_v1")
+
+
+def hf_config(cfg: VLMConfig) -> dict:
+  """VLMConfig -> the config.json transformers expects (Llama / Mistral / Llava / LlavaNext)."""
+  c = cfg.llm
+  text = {"vocab_size": c.vocab_size, "hidden_size": c.hidden, "num_hidden_layers": c.layers,
+          "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+          "intermediate_size": c.mlp_dim, "rms_norm_eps": c.norm_eps,
+          "max_position_embeddings": c.max_positions, "tie_word_embeddings": c.tie_embeddings,
+          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+          "model_type": "mistral" if c.sliding_window else "llama"}
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  if c.rope_scaling is not None:
+    _, factor, low, high, old = c.rope_scaling
+    rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                original_max_position_embeddings=old)
+  text["rope_parameters"] = rope
+  if c.sliding_window:
+    text["sliding_window"] = c.sliding_window
+  if cfg.vision is None:
+    arch = "MistralForCausalLM" if text["model_type"] == "mistral" else "LlamaForCausalLM"
+    return dict(text, architectures=[arch])
+  if cfg.tiler.kind == "s2":
+    raise ConversionError("S2 multi-scale models have no transformers class; export with "
+                          "`--to llava` (the LLaVA code-base layout with s2 config keys)")
+  if cfg.connector.kind != "mlp2x_gelu":
+    raise ConversionError(f"connector {cfg.connector.kind!r}: transformers Llava needs mlp2x_gelu")
+  v = cfg.vision
+  vision = {"model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+            "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+            "intermediate_size": v.mlp_dim, "hidden_act": v.act, "layer_norm_eps": v.norm_eps,
+            "projection_dim": v.proj_dim or v.width}
+  out = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+         "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
+         "projector_hidden_act": "gelu", "vision_feature_layer": v.select_layer,
+         "vision_feature_select_strategy": "full" if v.keep_cls else "default",
+         "multimodal_projector_bias": True, "tie_word_embeddings": c.tie_embeddings}
+  if cfg.tiler.kind == "anyres":
+    out.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+               image_grid_pinpoints=[list(p) for p in cfg.tiler.grid_pinpoints])
+  return out
+
+
+def hf_name(cfg: VLMConfig) -> Callable[[str, str], str]:
+  """The key layout transformers 5 writes with save_pretrained (and reads back without renames)."""
+  if cfg.vision is None:
+    return lambda comp, nm: nm if nm.startswith("lm_head.") else f"model.{nm}"
+
+  def name(comp, nm):
+    if comp == "llm":
+      return f"language_model.{nm}" if nm.startswith("lm_head.") else f"language_model.model.{nm}"
+    if comp == "vision":
+      return f"vision_tower.{nm}"
+    if comp == "connector":
+      return f"multi_modal_projector.{nm}"
+    return nm
+  return name
+
+
+# --- reading a HF directory ----------------------------------------------------------------------
+
+def weight_files(path) -> list:
+  """safetensors files of a HF dir (sharded with an index, or single). `.bin` pickles are refused
+  here: the `python -m convert` CLI reads them through torch.load(weights_only=True)."""
+  import json
+  import os
+  idx = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(idx):
+    with open(idx) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(path, x) for x in files]
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  raise ConversionError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def lazy_tensors(files: list) -> dict:
+  """{(component, canonical name): loader} over safetensors files, memory-mapped, read on demand."""
+  from safetensors import safe_open
+  out = {}
+  for fname in files:
+    handle = safe_open(fname, "np")
+    for key in handle.keys():
+      canon = canonical_name(key)
+      if canon is None:
+        raise ConversionError(f"unexpected key {key} in {fname}")
+      out[canon] = (lambda h=handle, k=key: h.get_tensor(k))
+  return out
+
+
+def load_dir(path, *, dtype=None):
+  """A HF Llama / Mistral / Llava / LlavaNext dir -> (VLMConfig, numpy params)."""
+  import json
+  import os
+  with open(os.path.join(path, "config.json")) as f:
+    d = json.load(f)
+  mean = std = None
+  pp = os.path.join(path, "preprocessor_config.json")
+  if os.path.exists(pp):
+    with open(pp) as f:
+      p = json.load(f)
+    mean, std = p.get("image_mean"), p.get("image_std")
+  cfg = vlm_config(d, image_mean=mean, image_std=std)
+  tensors = lazy_tensors(weight_files(path))
+  if cfg.llm.tie_embeddings:  # some writers store the tied head too; it is the embedding
+    tensors.pop(("llm", "lm_head.weight"), None)
+  return cfg, import_weights(cfg, tensors, source=path, dtype=dtype)

@@ -1,0 +1,316 @@
+"""Conversation templates and loss masks: LLaVA / LLaVA-Med JSON samples -> input_ids + labels.
+
+Each template renders a conversation as pieces (text, trained?). Every piece is tokenized on its
+own and the concatenation is checked against the tokenization of the whole rendered text, so a
+template/tokenizer disagreement is an error naming the sample (the silent "loss stuck at 0"
+failure of LLaVA-style preprocessing cannot happen). `<image>` is never tokenized: as in LLaVA's
+`tokenizer_image_token`, the text is split at each `<image>` and the image becomes a run of
+placeholder ids, so the result does not depend on whether the tokenizer knows `<image>`.
+
+A piece that follows a special token in the text (e.g. "USER: ..." after "</s>") is tokenized
+with that token in front, which is then dropped: SentencePiece-style tokenizers add a leading '▁'
+at the start of an input but not after a special token, and the whole text is the reference.
+
+Templates (labels are -100 except on the trained pieces; BOS is an id, never text):
+  llama3            <|begin_of_text|>
+                    [<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>]
+                    <|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>
+                    <|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|> ...
+                    trained: {a}<|eot_id|>
+  vicuna_v1         <s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>
+                    trained: " {a}</s>" (LLaVA conv_vicuna_v1; system defaults to LLaVA's)
+  mistral_instruct  <s>[INST] {q} [/INST] {a}</s>[INST] {q2} [/INST] {a2}</s>
+                    trained: " {a}</s>" (a system prompt goes before the first question + "\n\n")
+  plain             <s><image>{caption}\n   (stage 1; the human text is dropped as LLaVA does)
+                    trained: "{caption}\n"
+</s> and <s> stand for the tokenizer's own eos / bos tokens. All message texts are stripped; in a
+human turn each `<image>` keeps its place and is joined to the text around it by one newline.
+"""
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from data.errors import BadSample
+
+TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "plain")
+IMAGE = "<image>"
+IGNORE = -100
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAMA3_BOS, LLAMA3_EOT, LLAMA3_EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
+LLAMA3_SH, LLAMA3_EH = "<|start_header_id|>", "<|end_header_id|>"
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+ImageTokens = Union[int, Sequence[int]]
+
+
+# --- per-tokenizer facts (computed once per tokenizer object) ---------------------------------
+
+class _Spec:
+  """What a template needs from a tokenizer: bos id, end-of-answer string, special strings."""
+
+  def __init__(self, tokenizer, template: str):
+    vocab = tokenizer.get_vocab()
+    if template == "llama3":
+      missing = [t for t in (LLAMA3_BOS, LLAMA3_SH, LLAMA3_EH, LLAMA3_EOT) if t not in vocab]
+      if missing:
+        raise ValueError(f"template llama3 needs tokenizer tokens {missing}")
+      self.bos_id, self.end = vocab[LLAMA3_BOS], LLAMA3_EOT
+      self.stops = [vocab[t] for t in (LLAMA3_EOT, LLAMA3_EOS) if t in vocab]
+    else:
+      self.bos_id = tokenizer.bos_token_id
+      self.end = "\n" if template == "plain" else tokenizer.eos_token
+      if self.end is None:
+        raise ValueError(f"template {template} needs a tokenizer with an eos_token")
+      self.stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    specials = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials.discard(IMAGE)
+    self.specials = sorted(specials, key=len, reverse=True)
+    self.special_re = re.compile("|".join(map(re.escape, self.specials))) if specials else None
+    self.anchor_ids = {s: vocab[s] for s in self.specials if s in vocab}
+
+
+_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _spec(tokenizer, template: str) -> _Spec:
+  if template not in TEMPLATES:
+    raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+  per_tok = _SPECS.setdefault(tokenizer, {})
+  if template not in per_tok:
+    per_tok[template] = _Spec(tokenizer, template)
+  return per_tok[template]
+
+
+def stop_token_ids(tokenizer, template: str) -> list:
+  """Token ids that end generation: llama3 <|eot_id|> and <|end_of_text|>, else the eos token."""
+  return list(_spec(tokenizer, template).stops)
+
+
+# --- sample validation ---------------------------------------------------------------------------
+
+def _bad(reason, message, sid):
+  return BadSample(reason, message, sample_id=sid)
+
+
+def _place_images(text: str) -> str:
+  """Keep each <image> where it is, strip the text around it, join the parts with one newline."""
+  parts = text.split(IMAGE)
+  out = [parts[0].strip()]
+  for p in parts[1:]:
+    out += [IMAGE, p.strip()]
+  return "\n".join(x for x in out if x)
+
+
+def _n_images(sample: dict) -> int:
+  img = sample.get("image")
+  if not img:
+    return 0
+  return len(img) if isinstance(img, (list, tuple)) else 1
+
+
+def _pairs(sample, spec: _Spec, sid) -> list:
+  """Validated (question, answer) pairs with images placed; raises BadSample."""
+  if not isinstance(sample, dict):
+    raise _bad("malformed", f"sample is a {type(sample).__name__}, not an object", sid)
+  conv = sample.get("conversations", sample.get("conversatons"))
+  if not isinstance(conv, list):
+    raise _bad("malformed", "no 'conversations' list", sid)
+  turns = []
+  for i, t in enumerate(conv):
+    role = _ROLES.get(str(t.get("from")).lower()) if isinstance(t, dict) else None
+    if role is None or not isinstance(t.get("value"), str):
+      raise _bad("malformed", f"turn {i} is not {{'from': human|gpt, 'value': str}}: {t!r:.80}",
+                 sid)
+    turns.append((role, t["value"].strip()))
+  if not turns or not any(v for _, v in turns):
+    raise _bad("empty_conversation", "no turns with text", sid)
+  roles = {r for r, _ in turns}
+  if roles != {"human", "gpt"}:
+    raise _bad("one_sided", f"only {sorted(roles)} turns", sid)
+  for i, (role, value) in enumerate(turns):
+    want = ("human", "gpt")[i % 2]
+    if role != want:
+      raise _bad("malformed", f"turn {i} is from {role}, expected {want}", sid)
+    if role == "gpt" and (not value or IMAGE in value):
+      raise _bad("malformed", f"turn {i}: empty answer or <image> in an answer", sid)
+    if spec.special_re is not None and spec.special_re.search(value):
+      raise _bad("malformed", f"turn {i} contains a special token "
+                 f"{spec.special_re.search(value).group()!r}", sid)
+  if len(turns) % 2:
+    raise _bad("malformed", "ends with an unanswered human turn", sid)
+  n_img, n_mark = _n_images(sample), sum(v.count(IMAGE) for _, v in turns)
+  if n_img and not n_mark:  # VQA files without a marker: the image goes first, as LLaVA does
+    turns[0] = ("human", IMAGE + "\n" + turns[0][1])
+  elif n_mark != n_img:
+    raise _bad("malformed", f"{n_mark} <image> markers for {n_img} images", sid)
+  return [(_place_images(turns[i][1]), turns[i + 1][1]) for i in range(0, len(turns), 2)]
+
+
+# --- templates: pairs -> pieces (text, trained) --------------------------------------------------
+
+def _pieces(template: str, pairs: list, spec: _Spec, system: Optional[str]) -> list:
+  """`pairs` is [(question, answer)]; answer None ends the text at the assistant header."""
+  out = []
+  if template == "llama3":
+    head = lambda role: f"{LLAMA3_SH}{role}{LLAMA3_EH}\n\n"
+    if system:
+      out.append((head("system") + system + LLAMA3_EOT, False))
+    for q, a in pairs:
+      out.append((head("user") + q + LLAMA3_EOT + head("assistant"), False))
+      if a is not None:
+        out.append((a + LLAMA3_EOT, True))
+  elif template == "vicuna_v1":
+    system = VICUNA_SYSTEM if system is None else system
+    for i, (q, a) in enumerate(pairs):
+      prefix = system + " " if i == 0 and system else ""
+      out.append((f"{prefix}USER: {q} ASSISTANT:", False))
+      if a is not None:
+        out.append((f" {a}{spec.end}", True))
+  elif template == "mistral_instruct":
+    for i, (q, a) in enumerate(pairs):
+      q = f"{system}\n\n{q}" if i == 0 and system else q
+      out.append((f"[INST] {q} [/INST]", False))
+      if a is not None:
+        out.append((f" {a}{spec.end}", True))
+  else:  # plain
+    out.append((IMAGE * pairs[0][0].count(IMAGE), False))
+    if pairs[0][1] is not None:
+      out.append((pairs[0][1] + spec.end, True))
+  return out
+
+
+# --- tokenization --------------------------------------------------------------------------------
+
+def _encode_batch(tokenizer, texts: list) -> list:
+  """Ids of each text without BOS/EOS; straight through the Rust tokenizer when there is one."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+  return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _tokenize(pieces: list, tokenizer, spec: _Spec, sid) -> list:
+  """-> items [kind, ids, trained], kind 'image' (ids None) or 'text'. Raises
+  BadSample('template_mismatch') unless the pieces of each chunk (text between images) tokenize
+  exactly like the chunk's whole text."""
+  items, chunks, texts, anchors = [], [[]], [], []
+  for text, trained in pieces:
+    for j, part in enumerate(text.split(IMAGE)):
+      if j:
+        items.append(["image", None, False])
+        chunks.append([])
+      if part:
+        prev = chunks[-1][-1] if chunks[-1] else ""
+        anchor = next((s for s in spec.specials if prev.endswith(s)), "") if prev else ""
+        items.append(["text", len(texts), trained])
+        chunks[-1].append(part)
+        texts.append(anchor + part)
+        anchors.append(anchor)
+  wholes = ["".join(c) for c in chunks if c]
+  enc = _encode_batch(tokenizer, texts + wholes) if texts else []
+  piece_ids = []
+  for ids, anchor in zip(enc[:len(texts)], anchors):
+    if anchor:
+      if not ids or ids[0] != spec.anchor_ids.get(anchor):
+        raise _bad("template_mismatch", f"{anchor!r} is not a single token", sid)
+      ids = ids[1:]
+    piece_ids.append(list(ids))
+  k = 0
+  for c, whole in zip([c for c in chunks if c], enc[len(texts):]):
+    got = [t for p in piece_ids[k:k + len(c)] for t in p]
+    whole = list(whole)
+    if got != whole:
+      i = next((i for i, (a, b) in enumerate(zip(got, whole)) if a != b), min(len(got), len(whole)))
+      show = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(i - 3, 0):i + 4])
+      raise _bad("template_mismatch", f"per-turn tokens differ from the whole text's at token {i} "
+                 f"of {''.join(c)[:50]!r}...: pieces {show(got)} vs whole {show(whole)}", sid)
+    k += len(c)
+  for it in items:
+    if it[0] == "text":
+      it[1] = piece_ids[it[1]]
+  return items
+
+
+def _counts(image_tokens: ImageTokens, n: int, sid) -> list:
+  counts = [image_tokens] * n if isinstance(image_tokens, (int, np.integer)) else list(image_tokens)
+  if len(counts) != n or any(int(c) < 1 for c in counts):
+    raise _bad("malformed", f"{n} images but image_tokens={image_tokens!r}", sid)
+  return [int(c) for c in counts]
+
+
+def _assemble(items, spec, image_tokens, image_token_id, sid):
+  n_img = sum(it[0] == "image" for it in items)
+  counts = iter(_counts(image_tokens, n_img, sid) if n_img else [])
+  ids, labels, image_end = [], [], 0
+  if spec.bos_id is not None:
+    ids.append(spec.bos_id)
+    labels.append(IGNORE)
+  for kind, toks, trained in items:
+    if kind == "image":
+      toks = [image_token_id] * next(counts)
+      image_end = len(ids) + len(toks)
+    ids += toks
+    labels += toks if trained else [IGNORE] * len(toks)
+  return ids, labels, image_end
+
+
+def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
+           image_token_id: int, system: Optional[str] = None,
+           max_len: Optional[int] = None) -> dict:
+  """LLaVA / LLaVA-Med sample -> {"input_ids": int32[T], "labels": int32[T]}.
+
+  labels equal input_ids on trained tokens and -100 elsewhere, aligned (not shifted: the loss
+  shifts). Each <image> becomes `image_tokens` copies of `image_token_id` (an int, or one count
+  per image for anyres). `system` None means the template's default (LLaVA's for vicuna_v1, none
+  otherwise); "" means none. Truncation to `max_len` never cuts an image's placeholders and never
+  leaves a sample without trained tokens: such a sample raises BadSample('too_long').
+  """
+  sid = sample.get("id") if isinstance(sample, dict) else None
+  spec = _spec(tokenizer, template)
+  pairs = _pairs(sample, spec, sid)
+  if template == "plain":
+    if len(pairs) != 1 or IMAGE not in pairs[0][0]:
+      raise _bad("malformed", "plain template needs one image and exactly one caption turn", sid)
+  _check_system(system, spec, sid)
+  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, sid)
+  ids, labels, image_end = _assemble(items, spec, image_tokens, image_token_id, sid)
+  if max_len is not None and len(ids) > max_len:
+    if image_end > max_len:
+      raise _bad("too_long", f"{len(ids)} tokens; an image ends at {image_end} > max_len {max_len}",
+                 sid)
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(x == IGNORE for x in labels):
+      raise _bad("too_long", f"no trained token left within max_len {max_len}", sid)
+  return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)}
+
+
+def _check_system(system, spec, sid):
+  if system and (IMAGE in system or (spec.special_re and spec.special_re.search(system))):
+    raise _bad("malformed", "system prompt contains <image> or a special token", sid)
+
+
+def render_prompt(question: str, tokenizer, template: str, *, image_tokens: ImageTokens,
+                  image_token_id: int, system: Optional[str] = None) -> np.ndarray:
+  """Generation prompt ids: the conversation up to the assistant header, images expanded.
+  A question without <image> gets one in front when image_tokens is given (as LLaVA's eval does);
+  image_tokens=0 means a text-only prompt."""
+  spec = _spec(tokenizer, template)
+  scalar = isinstance(image_tokens, (int, np.integer))
+  n_given = (1 if image_tokens else 0) if scalar else len(image_tokens)
+  if IMAGE not in question and n_given:
+    question = IMAGE * n_given + "\n" + question
+  if spec.special_re is not None and spec.special_re.search(question):
+    raise _bad("malformed", "question contains a special token", "prompt")
+  _check_system(system, spec, "prompt")
+  q = _place_images(question.strip())
+  if template == "plain" and IMAGE not in q:
+    raise _bad("malformed", "plain template needs an image", "prompt")
+  items = _tokenize(_pieces(template, [(q, None)], spec, system), tokenizer, spec, "prompt")
+  ids, _, _ = _assemble(items, spec, image_tokens, image_token_id, "prompt")
+  return np.asarray(ids, np.int32)

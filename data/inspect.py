@@ -1,0 +1,104 @@
+"""Show how one sample is tokenized for training: which tokens are trained and how many.
+
+  python -m data.inspect --tokenizer DIR --template llama3 --sample FILE [--image-tokens 729]
+  python -m data.inspect ... --json   # exactly {"input_ids": [...], "labels": [...]}
+
+FILE is a LLaVA / LLaVA-Med JSON list (or one object, or JSON lines); the first sample is shown.
+Trained spans are highlighted; each image's placeholder run is shown as one <image>xN marker.
+The placeholder id is the tokenizer's `<image>` token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from data import conversation
+from data.errors import BadSample
+
+
+def first_sample(path: str) -> dict:
+  """First sample of a JSON list / object / JSON-lines file."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError:
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    data = json.loads(line)  # JSON lines; a bad first line raises with its position
+  if isinstance(data, list):
+    if not data:
+      raise ValueError(f"{path}: empty sample list")
+    data = data[0]
+  return data
+
+
+def image_token_id(tokenizer) -> int:
+  vocab = tokenizer.get_vocab()
+  if conversation.IMAGE not in vocab:
+    raise ValueError(f"tokenizer has no {conversation.IMAGE} token; add it as a special token")
+  return vocab[conversation.IMAGE]
+
+
+def spans(ids: np.ndarray, labels: np.ndarray, image_id: int) -> list:
+  """[(kind, start, end)] runs of kind 'image' | 'trained' | 'masked'."""
+  kinds = np.where(ids == image_id, 0, np.where(labels != conversation.IGNORE, 1, 2))
+  cuts = np.flatnonzero(np.diff(kinds)) + 1
+  starts, ends = np.r_[0, cuts], np.r_[cuts, len(ids)]
+  names = ("image", "trained", "masked")
+  return [(names[kinds[s]], int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def render(tokenizer, ids, labels, image_id, console) -> None:
+  from rich.text import Text
+  out = Text()
+  for kind, s, e in spans(ids, labels, image_id):
+    if kind == "image":
+      out.append(f"<image>x{e - s}", style="bold magenta")
+    else:
+      out.append(tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False),
+                 style="black on green" if kind == "trained" else "dim")
+  console.print(out)
+  n_img = int((ids == image_id).sum())
+  n_train = int((labels != conversation.IGNORE).sum())
+  console.print(f"\ntokens: {len(ids)}  trained: {n_train}  "
+                f"masked text: {len(ids) - n_train - n_img}  image placeholders: {n_img}",
+                style="bold")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--tokenizer", required=True, help="HF tokenizer dir (local)")
+  ap.add_argument("--template", required=True, choices=conversation.TEMPLATES)
+  ap.add_argument("--sample", required=True, help="JSON / JSONL file; the first sample is used")
+  ap.add_argument("--image-tokens", type=int, default=729,
+                  help="placeholders per image (729 S2-378, 576 LLaVA-1.5); default 729")
+  ap.add_argument("--system", default=None, help="system prompt ('' for none; default: template's)")
+  ap.add_argument("--max-len", type=int, default=None, help="truncate as training does")
+  ap.add_argument("--json", action="store_true",
+                  help='print {"input_ids": [...], "labels": [...]}')
+  args = ap.parse_args(argv)
+
+  from transformers import AutoTokenizer
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    image_id = image_token_id(tokenizer)
+    sample = first_sample(args.sample)
+    out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
+                              image_token_id=image_id, system=args.system, max_len=args.max_len)
+  except (BadSample, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps({"input_ids": out["input_ids"].tolist(), "labels": out["labels"].tolist()}))
+    return 0
+  from rich.console import Console
+  render(tokenizer, out["input_ids"], out["labels"], image_id, Console())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,406 @@
+"""OpenAI-compatible chat client and resumable JSONL store, shared by `data.synth`, `data.ldrt` and
+`evaluation.judge`.
+
+One place for what every LLM-driven job needs: endpoints named on the command line (URL, model, weight,
+the *name* of the environment variable holding the key), a seeded weighted split of requests across
+endpoints, retries with exponential backoff on 429 / 5xx / timeouts, a thread pool with a concurrency
+limit, token accounting, and an append-only JSONL file flushed per row so a killed job resumes where it
+stopped. Keys are read from the environment at request time and never logged or written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent import futures
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from data.errors import BadSample
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
+class LLMError(RuntimeError):
+  """A request that failed for good (non-retryable status, or retries exhausted)."""
+
+  def __init__(self, message: str, *, status: Optional[int] = None, retryable: bool = False):
+    super().__init__(message)
+    self.status, self.retryable = status, retryable
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """One OpenAI-compatible server: `base_url` ends where `/chat/completions` starts (e.g. .../v1)."""
+  name: str
+  base_url: str
+  model: str
+  weight: float = 1.0
+  key_env: Optional[str] = DEFAULT_KEY_ENV
+
+  @classmethod
+  def parse(cls, spec: str, default_key_env: Optional[str] = DEFAULT_KEY_ENV) -> "Endpoint":
+    """`NAME=URL,MODEL[,WEIGHT[,KEY_ENV]]`, e.g. `llama=http://gpu1:8000/v1,meta-llama/Llama-3-70B,0.75`."""
+    name, sep, rest = spec.partition("=")
+    parts = [p.strip() for p in rest.split(",")] if sep else []
+    if not name.strip() or not 2 <= len(parts) <= 4 or not all(parts):
+      raise ValueError(f"bad endpoint {spec!r}: expected NAME=URL,MODEL[,WEIGHT[,KEY_ENV]]")
+    url = urllib.parse.urlparse(parts[0])
+    if url.scheme not in ("http", "https") or not url.netloc:
+      raise ValueError(f"bad endpoint {name!r}: URL must be http(s)://host[:port]/path, got {parts[0]!r}")
+    try:
+      weight = float(parts[2]) if len(parts) > 2 else 1.0
+    except ValueError:
+      raise ValueError(f"bad endpoint {name!r}: weight {parts[2]!r} is not a number") from None
+    if not weight > 0:
+      raise ValueError(f"bad endpoint {name!r}: weight must be > 0")
+    return cls(name.strip(), parts[0].rstrip("/"), parts[1], weight,
+               parts[3] if len(parts) > 3 else default_key_env)
+
+  @property
+  def url(self) -> str:
+    return self.base_url + "/chat/completions"
+
+  def api_key(self) -> Optional[str]:
+    return os.environ.get(self.key_env) if self.key_env else None
+
+
+@dataclasses.dataclass
+class Usage:
+  requests: int = 0
+  retries: int = 0
+  failures: int = 0
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+
+  def add(self, other: "Usage") -> None:
+    for f in dataclasses.fields(self):
+      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclasses.dataclass
+class ChatResult:
+  text: str
+  endpoint: str
+  model: str
+  prompt_tokens: int
+  completion_tokens: int
+  finish_reason: Optional[str]
+  attempts: int
+
+
+def _is_loopback(url: str) -> bool:
+  host = urllib.parse.urlparse(url).hostname or ""
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+class ChatClient:
+  """Thread-safe chat-completions client over one or more endpoints.
+
+  `pick(key)` assigns a request to an endpoint by weight with a RNG seeded from (seed, key), so the
+  split is reproducible, independent of order and concurrency, and stable across resumed runs.
+  """
+
+  def __init__(self, endpoints: Iterable[Endpoint], *, timeout: float = 120.0, max_retries: int = 5,
+               backoff: float = 1.0, max_backoff: float = 60.0, seed: int = 0,
+               params: Optional[dict] = None, sleep: Callable[[float], None] = time.sleep):
+    self.endpoints = list(endpoints)
+    if not self.endpoints:
+      raise ValueError("no endpoint given")
+    names = [e.name for e in self.endpoints]
+    if len(set(names)) != len(names):
+      raise ValueError(f"endpoint names must be unique: {names}")
+    self.timeout, self.max_retries, self.seed = timeout, max_retries, seed
+    self.backoff, self.max_backoff, self.params, self._sleep = backoff, max_backoff, dict(params or {}), sleep
+    self._lock = threading.Lock()
+    self.usage = {e.name: Usage() for e in self.endpoints}
+    self._jitter = random.Random()
+    self._direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    self._default = urllib.request.build_opener()
+
+  def pick(self, key: str) -> Endpoint:
+    total = sum(e.weight for e in self.endpoints)
+    x = random.Random(f"{self.seed}\0endpoint\0{key}").random() * total
+    for e in self.endpoints:
+      x -= e.weight
+      if x < 0:
+        return e
+    return self.endpoints[-1]
+
+  def total_usage(self) -> Usage:
+    out = Usage()
+    with self._lock:
+      for u in self.usage.values():
+        out.add(u)
+    return out
+
+  def _count(self, name: str, **delta: int) -> None:
+    with self._lock:
+      u = self.usage[name]
+      for k, v in delta.items():
+        setattr(u, k, getattr(u, k) + v)
+
+  def chat(self, messages: list[dict], *, key: Optional[str] = None, endpoint: Optional[Endpoint] = None,
+           **params: Any) -> ChatResult:
+    """One completion, retried on transient failures. Raises LLMError when it gives up."""
+    ep = endpoint or (self.pick(key) if key is not None else self.endpoints[0])
+    body = json.dumps({"model": ep.model, "messages": messages, **self.params, **params}).encode()
+    attempt = 0
+    while True:
+      attempt += 1
+      self._count(ep.name, requests=1)
+      try:
+        data = self._post(ep, body)
+        choice = data["choices"][0]
+        text = (choice.get("message") or {}).get("content") or ""
+        usage = data.get("usage") or {}
+        result = ChatResult(text, ep.name, ep.model, int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or 0), choice.get("finish_reason"), attempt)
+        self._count(ep.name, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+        return result
+      except (KeyError, IndexError, TypeError, AttributeError) as e:
+        err = LLMError(f"endpoint {ep.name}: response without choices[0].message ({e!r})", retryable=True)
+      except LLMError as e:
+        err = e
+      if not err.retryable or attempt > self.max_retries:
+        self._count(ep.name, failures=1)
+        raise LLMError(f"{err} (after {attempt} attempt(s))", status=err.status, retryable=err.retryable)
+      delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + 0.5 * self._jitter.random())
+      delay = max(delay, min(self.max_backoff, getattr(err, "retry_after", 0.0)))
+      log.warning("%s; retry %d/%d in %.2fs", err, attempt, self.max_retries, delay)
+      self._count(ep.name, retries=1)
+      self._sleep(delay)
+
+  def _post(self, ep: Endpoint, body: bytes) -> dict:
+    key = ep.api_key()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if key:
+      headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(ep.url, data=body, headers=headers, method="POST")
+    opener = self._direct if _is_loopback(ep.url) else self._default
+
+    def fail(msg: str, status=None, retryable=True, retry_after=0.0):
+      if key:
+        msg = msg.replace(key, "***")
+      err = LLMError(f"endpoint {ep.name}: {msg}", status=status, retryable=retryable)
+      err.retry_after = retry_after
+      return err
+
+    try:
+      with opener.open(req, timeout=self.timeout) as resp:
+        raw = resp.read()
+    except urllib.error.HTTPError as e:
+      detail = e.read(300).decode("utf-8", "replace") if e.fp else ""
+      try:
+        retry_after = float(e.headers.get("Retry-After", 0) or 0)
+      except ValueError:
+        retry_after = 0.0
+      raise fail(f"HTTP {e.code} {detail.strip()[:200]!r}", e.code, e.code in RETRY_STATUS or e.code >= 500,
+                 retry_after) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
+      reason = getattr(e, "reason", e)
+      raise fail(f"connection failed or timed out ({type(reason).__name__}: {reason})") from None
+    try:
+      return json.loads(raw)
+    except ValueError:
+      raise fail(f"response is not JSON: {raw[:120]!r}") from None
+
+
+def add_client_args(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
+  """The request flags every LLM job shares."""
+  g = p.add_argument_group("LLM requests")
+  g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+  g.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+  g.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts per request")
+  g.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
+  g.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (default %(default)s)")
+  g.add_argument("--max-tokens", type=int, default=max_tokens, help="completion length limit")
+  g.add_argument("--limit", type=int, default=None, help="process at most N pending rows, then stop")
+
+
+def client_from_args(args: argparse.Namespace, endpoints: list[Endpoint], seed: int = 0) -> ChatClient:
+  return ChatClient(endpoints, timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff,
+                    seed=seed, params={"temperature": args.temperature, "max_tokens": args.max_tokens})
+
+
+def run_pool(tasks: list, work: Callable[[Any], Any], on_done: Callable[[Any, Any, Optional[BaseException]], None],
+             *, concurrency: int, description: str) -> None:
+  """Run `work(task)` on a thread pool with at most `concurrency` in flight; `on_done(task, result, error)`
+  runs on the calling thread (so file writes need no locking) and a rich bar shows progress."""
+  from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+  concurrency = max(1, concurrency)
+  with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=console(), transient=False) as bar, \
+      futures.ThreadPoolExecutor(concurrency) as pool:
+    tid = bar.add_task(description, total=len(tasks))
+    it, pending = iter(tasks), {}
+    try:
+      while True:
+        while len(pending) < 2 * concurrency:
+          task = next(it, _END)
+          if task is _END:
+            break
+          pending[pool.submit(work, task)] = task
+        if not pending:
+          break
+        done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+        for f in done:
+          task = pending.pop(f)
+          err = f.exception()
+          on_done(task, None if err else f.result(), err)
+          bar.advance(tid)
+    except BaseException:
+      for f in pending:
+        f.cancel()
+      raise
+
+
+_END = object()
+
+
+def console():
+  """stderr console; 120 columns when not a terminal so summary tables in logs do not wrap."""
+  from rich.console import Console
+  con = Console(stderr=True)
+  if not con.is_terminal:
+    con.width = max(con.width, 120)
+  return con
+
+
+def usage_table(client: ChatClient, title: str = "tokens used (this run)"):
+  from rich.table import Table
+  t = Table(title=title)
+  t.add_column("endpoint")
+  t.add_column("model", overflow="fold")
+  for col in ("requests", "retries", "failed", "tokens in", "tokens out"):
+    t.add_column(col, justify="right", no_wrap=True)
+  for e in client.endpoints:
+    u = client.usage[e.name]
+    t.add_row(e.name, e.model, *(str(x) for x in (u.requests, u.retries, u.failures, u.prompt_tokens,
+                                                   u.completion_tokens)))
+  return t
+
+
+def counts_table(title: str, counts: dict):
+  from rich.table import Table
+  t = Table(title=title)
+  t.add_column("what")
+  t.add_column("count", justify="right")
+  for k, v in counts.items():
+    t.add_row(str(k), str(v))
+  return t
+
+
+def find_named_file(name_or_path: str, directory: Path, names: dict, what: str) -> Path:
+  """A path as given, else a short name from `names` (or a file name, `.json` optional) in `directory`."""
+  path = Path(name_or_path)
+  if path.exists():
+    return path
+  name = names.get(name_or_path, name_or_path)
+  path = directory / (name if name.endswith(".json") else name + ".json")
+  if not path.exists():
+    raise FileNotFoundError(f"{what} {name_or_path!r} not found (names: {', '.join(names)}, or a JSON path)")
+  return path
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+  """Yield (line number, object) for each non-blank line; a malformed line is a BadSample naming it."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        raise BadSample("bad_json", f"line {n} is not JSON ({e})", path=str(path)) from None
+      if not isinstance(obj, dict):
+        raise BadSample("bad_json", f"line {n} is not a JSON object", path=str(path))
+      yield n, obj
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, jsonl: bool = False) -> None:
+  """Write a whole output file via a temp file and rename, so a reader never sees half of it."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    if jsonl:
+      for row in obj:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+      json.dump(obj, f, ensure_ascii=False, indent=1)
+  os.replace(tmp, path)
+
+
+class JsonlStore:
+  """Append-only JSONL of finished rows keyed by `key`: what a resumed run skips.
+
+  Each append is one `write` of a full line followed by `flush`, so a killed process leaves at most one
+  torn last line, which `load` cuts off (that row is simply redone). Later rows win over earlier ones
+  with the same id (used to redo recorded failures on request).
+  """
+
+  def __init__(self, path: str | os.PathLike, key: str = "id"):
+    self.path, self.key = Path(path), key
+    self._lock = threading.Lock()
+    self._f = None
+
+  def load(self) -> dict:
+    rows: dict = {}
+    if not self.path.exists():
+      return rows
+    data = self.path.read_bytes()
+    end = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+    if end < len(data):
+      log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - end)
+      with open(self.path, "r+b") as f:
+        f.truncate(end)
+    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        rows[row[self.key]] = row
+      except (ValueError, KeyError, TypeError) as e:
+        raise BadSample("corrupt_progress", f"line {n} is not a JSON row with {self.key!r} ({e}); "
+                        "fix or delete the file to start over", path=str(self.path)) from None
+    return rows
+
+  def append(self, row: dict) -> None:
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    with self._lock:
+      if self._f is None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+      self._f.write(line)
+      self._f.flush()
+
+  def close(self) -> None:
+    with self._lock:
+      if self._f is not None:
+        self._f.close()
+        self._f = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

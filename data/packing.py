@@ -1,0 +1,148 @@
+"""Static-shape batches from variable-length samples, as grain IterDatasets.
+
+A sample is {"input_ids": int32[T], "labels": int32[T], "pixel_values": uint8[n, ...]} (plus
+`image_sizes` int32[n, 2] for anyres). Both modes emit `input_ids`, `labels` (-100 where not
+trained), `positions`, `segment_ids` (0 = padding) [B, L] and images padded with zero images to a
+fixed count per row:
+- `LengthGroupedBatch`: one sample per row; each window of `window` batches is sorted by length and
+  cut into batches padded to the smallest bucket that fits (few distinct shapes, little padding).
+- `packed_batches`: grain's first-fit packing of whole samples into rows of `max_len` tokens and
+  `max_images` images; segment ids 1..k per sample, positions restart at 0 for every sample.
+Both save and restore their state exactly (JSON-serializable dicts).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import grain.python as gp
+import numpy as np
+
+IGNORE = -100
+TEXT = ("input_ids", "labels")
+IMAGE = ("pixel_values", "image_sizes")
+
+
+def _pad_to(x: np.ndarray, n: int, fill) -> np.ndarray:
+  out = np.full((n, *x.shape[1:]), fill, x.dtype)
+  out[:len(x)] = x
+  return out
+
+
+def pad_row(sample: dict, length: int, n_images: int) -> dict:
+  """One sample as a padded row: tokens to `length`, images to `n_images` (zeros)."""
+  t = len(sample["input_ids"])
+  row = {"input_ids": _pad_to(sample["input_ids"], length, 0),
+         "labels": _pad_to(sample["labels"], length, IGNORE),
+         "positions": _pad_to(np.arange(t, dtype=np.int32), length, 0),
+         "segment_ids": _pad_to(np.ones(t, np.int32), length, 0)}
+  for k in IMAGE:
+    if k in sample:
+      row[k] = _pad_to(sample[k], n_images, 0)
+  return row
+
+
+def stack(rows: Sequence[dict]) -> dict:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"sample of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+class _LengthGroupedIterator(gp.DatasetIterator):
+  """Reads a window of samples, sorts it by length, emits its batches in a seeded order.
+
+  State = (parent state at the window's start, window number, batches already emitted): restoring
+  re-reads that one window, which regroups identically."""
+
+  def __init__(self, parent, *, batch_size, buckets, window, n_images, seed, drop_remainder):
+    super().__init__(parent)
+    self._b, self._buckets, self._window = batch_size, list(buckets), window
+    self._n_images, self._seed, self._drop = n_images, seed, drop_remainder
+    self._start_state = self._parent.get_state()
+    self._window_no, self._emitted, self._batches = 0, 0, None
+
+  def _fill(self):
+    self._start_state = self._parent.get_state()
+    samples = []
+    for s in self._parent:
+      samples.append(s)
+      if len(samples) == self._b * self._window:
+        break
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    groups = [order[i:i + self._b] for i in range(0, len(order), self._b)]
+    if groups and len(groups[-1]) < self._b and self._drop:
+      groups.pop()
+    rng = np.random.default_rng([self._seed, self._window_no])
+    self._batches = [groups[i] for i in rng.permutation(len(groups))], samples
+
+  def __next__(self) -> dict:
+    if self._batches is None:
+      self._fill()
+    groups, samples = self._batches
+    if self._emitted >= len(groups):
+      if len(samples) < self._b * self._window:   # the parent ran dry
+        raise StopIteration
+      self._window_no, self._emitted = self._window_no + 1, 0
+      self._fill()
+      groups, samples = self._batches
+      if not groups:
+        raise StopIteration
+    group = groups[self._emitted]
+    self._emitted += 1
+    length = bucket_for(max(len(samples[i]["input_ids"]) for i in group), self._buckets)
+    rows = [pad_row(samples[i], length, self._n_images) for i in group]
+    while len(rows) < self._b:   # only when drop_remainder=False at the very end
+      rows.append({k: np.zeros_like(v) if k != "labels" else np.full_like(v, IGNORE)
+                   for k, v in rows[0].items()})
+    return stack(rows)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._start_state, "window": self._window_no, "emitted": self._emitted}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._window_no, self._emitted = state["window"], state["emitted"]
+    self._batches = None   # refilled from the restored parent on the next call
+
+
+class LengthGroupedBatch(gp.IterDataset):
+  """Length-grouped, bucket-padded batches (see module docstring)."""
+
+  def __init__(self, parent, *, batch_size: int, buckets: Sequence[int], window: int = 32,
+               n_images: int = 1, seed: int = 0, drop_remainder: bool = True):
+    super().__init__(parent)
+    if not buckets or list(buckets) != sorted(buckets):
+      raise ValueError(f"buckets must be a non-empty ascending list, got {buckets}")
+    self._kw = dict(batch_size=batch_size, buckets=buckets, window=window, n_images=n_images,
+                    seed=seed, drop_remainder=drop_remainder)
+
+  def __iter__(self):
+    return _LengthGroupedIterator(self._parent.__iter__(), **self._kw)
+
+
+def _rename_packed(row: dict) -> dict:
+  out = {k: row[k] for k in (*TEXT, *IMAGE) if k in row}
+  out["segment_ids"] = row["input_ids_segment_ids"]
+  out["positions"] = row["input_ids_positions"]
+  return out
+
+
+def packed_batches(parent: gp.IterDataset, *, batch_size: int, max_len: int, max_images: int,
+                   bins: Optional[int] = None, anyres: bool = False,
+                   seed: int = 0) -> gp.IterDataset:
+  """First-fit packing (grain) of whole samples into rows, then batches of `batch_size` rows.
+
+  A sample longer than `max_len` or with more than `max_images` images cannot be packed and must
+  be filtered out before (the pipeline counts it as 'too_long' / 'too_many_images')."""
+  length = {"input_ids": max_len, "labels": max_len, "pixel_values": max_images}
+  padding = {"input_ids": 0, "labels": IGNORE, "pixel_values": 0}
+  if anyres:
+    length["image_sizes"], padding["image_sizes"] = max_images, 0
+  ds = gp.experimental.FirstFitPackIterDataset(
+      parent, length_struct=length, padding_struct=padding,
+      num_packing_bins=bins or batch_size, seed=seed, shuffle_bins=True)
+  return ds.map(_rename_packed).batch(batch_size, drop_remainder=True)

@@ -1,0 +1,26 @@
+"""`python -m data.tfds build NAME --src DIR --out DIR`: builds a VQA benchmark (array_record)."""
+import argparse
+import os
+
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+
+def main(argv=None):
+  from data import tfds as ours
+  p = argparse.ArgumentParser(prog="python -m data.tfds", description=__doc__)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  b = sub.add_parser("build", help="build one dataset from local source files")
+  b.add_argument("name", choices=sorted(ours.BUILDERS))
+  b.add_argument("--src", required=True,
+                 help="local copy of the source (HF parquet export or original JSON + images)")
+  b.add_argument("--out", required=True, help="TFDS data dir to write (read it back with "
+                 "tfds.data_source(NAME, split=..., data_dir=OUT))")
+  args = p.parse_args(argv)
+  builder = ours.build(args.name, args.src, args.out)
+  for split, info in sorted(builder.info.splits.items()):
+    print(f"{args.name}/{split}: {info.num_examples} examples")
+  print(f"written to {builder.data_dir}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,48 @@
+"""SLAKE (English part: q_lang == "en") from BoKelvin/SLAKE or the original release:
+{train,validation,test}.json (img_name, question, answer, answer_type, q_lang, qid) + imgs/."""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow_datasets as tfds
+
+from data.image import resolve_path
+from data.tfds import common
+
+SPLITS = ("train", "validation", "validate", "test")
+
+
+class Slake(tfds.core.GeneratorBasedBuilder):
+  """SLAKE bilingual medical VQA, English questions only."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Point --src at a copy of BoKelvin/SLAKE with imgs.zip extracted: train.json, "
+      "validation.json, test.json and imgs/xmlabN/source.jpg.")
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=common.features(),
+                                          homepage="https://www.med-vqa.com/slake/")
+
+  def _split_generators(self, dl_manager):
+    src = os.fspath(dl_manager.manual_dir)
+    # Older copies call the validation split validate.json.
+    by_split = {("validation" if s == "validate" else s): os.path.join(src, f"{s}.json")
+                for s in SPLITS if os.path.isfile(os.path.join(src, f"{s}.json"))}
+    return {s: self._generate_examples(path, os.path.join(src, "imgs"))
+            for s, path in common.require(self, src, by_split).items()}
+
+  def _generate_examples(self, json_path, images):
+    with open(json_path, encoding="utf-8") as f:
+      records = json.load(f)
+    for r in records:
+      if r.get("q_lang") != "en":
+        continue
+      key = str(r["qid"])
+      image = os.fspath(resolve_path(r["img_name"], images, key))
+      answer = str(r["answer"]).strip()
+      raw = common.read_file(image, key)
+      yield key, {"id": key, "image": common.image_bytes(raw, where=image, key=key),
+                  "question": str(r["question"]).strip(), "answer": answer,
+                  "answer_type": common.answer_type(answer, r.get("answer_type"))}

@@ -1,0 +1,109 @@
+"""One attention entry point for every layer of the project.
+
+`attend(q, k, v, ...)` takes q [B, T, Hq, D] and k, v [B, S, Hkv, D] (Hq a multiple of Hkv: GQA
+without repeating K/V per query head) and returns [B, T, Hq, D]. Masks are built from indices and
+segment ids, never passed as dense [T, S] tensors, so the fused kernels can skip masked blocks.
+
+Implementations:
+- 'xla': plain einsum + float32 softmax; runs everywhere, the reference for the others.
+- 'cudnn': jax.nn.dot_product_attention's cuDNN flash kernel (GPU only).
+- 'pallas': this project's Pallas flash kernel (vlm/kernels/flash_attention.py); interpret mode on CPU.
+- 'splash': JAX's TPU splash-attention kernel behind the same signature.
+- 'auto': the fastest measured path for the backend (see `_auto`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
+
+
+def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None, kv_segment_ids=None,
+                   q_offset=0, sliding_window: Optional[int] = None):
+  """Boolean [B or 1, T, S] mask: query i (absolute index q_offset + i) sees key j when allowed."""
+  qi = jnp.arange(t)[:, None] + q_offset
+  kj = jnp.arange(s)[None, :]
+  mask = jnp.ones((t, s), bool)
+  if causal:
+    mask = kj <= qi
+  if sliding_window is not None:
+    mask = mask & (qi - kj < sliding_window)
+  mask = mask[None]
+  if segment_ids is not None:
+    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+    mask = mask & (segment_ids[:, :, None] == kv_seg[:, None, :])
+  return mask
+
+
+def _xla(q, k, v, mask, scale):
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # A row with no visible key (pure padding) gets zeros, not a uniform average of garbage.
+  probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, hq, d)
+
+
+def _cudnn(q, k, v, *, causal, segment_ids, scale):
+  if segment_ids is not None:
+    # cuDNN takes no segment ids through this API: use the dense mask (correct, slower; the
+    # Pallas kernel is the packed-sequence path).
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                        implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                      implementation="cudnn")
+
+
+def _auto(backend: str) -> str:
+  # GPU: cuDNN until the Pallas kernel is measured faster by `python -m bench.attention` on an
+  # H100 (docs/benchmarks.md). No GPU measurement of the kernel exists yet (2026-11-28); the
+  # packed case (segment ids) is where it should win first: cuDNN then needs a dense mask.
+  if backend == "gpu":
+    return "cudnn"
+  if backend == "tpu":
+    return "splash"
+  return "xla"
+
+
+def attend(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+           sliding_window: Optional[int] = None, scale: Optional[float] = None,
+           impl: str = "xla"):
+  """Scaled dot-product attention; see the module docstring for shapes and implementations.
+
+  segment_ids [B, T] int32: a query sees only keys with its own id (packing; padding has its own
+  id). kv_segment_ids [B, S] when keys differ from queries (KV-cache decode). q_offset shifts the
+  queries' absolute index for the causal test (decode step at cache position q_offset).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl {impl!r} not in {IMPLS}")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  t, s = q.shape[1], k.shape[1]
+  fused_ok = t == s and kv_segment_ids is None and sliding_window is None and (
+      isinstance(q_offset, int) and q_offset == 0)
+  if impl == "auto":
+    impl = _auto(jax.default_backend())
+  if impl != "xla" and not fused_ok:
+    impl = "xla"  # decode steps and sliding windows take the reference path
+  if impl == "cudnn":
+    return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
+  if impl == "pallas":
+    from vlm.kernels import flash_attention
+    return flash_attention.flash_attention(
+        q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
+        interpret=jax.default_backend() != "gpu")  # Triton kernels: GPU only, else interpreted
+  if impl == "splash":
+    from vlm.kernels import splash
+    return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
+                                   interpret=jax.default_backend() != "tpu")
+  mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
+                        kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                        sliding_window=sliding_window)
+  return _xla(q, k, v, mask, scale)

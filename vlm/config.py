@@ -1,0 +1,242 @@
+"""Model configuration: one frozen dataclass per part, composed into `VLMConfig`.
+
+Configs are plain data (JSON round-trippable) so a checkpoint's `config.json` fully describes the
+network; presets below reproduce the published shapes (DFN5B ViT-H/14-378, CLIP ViT-L/14-336,
+Llama-3-8B, Vicuna, Mistral-7B-Instruct-v0.2, Llama3-Med, LLaVA-1.5/1.6-13B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LLAVA16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP ViT vision tower (HF CLIPVisionModel and open_clip VisionTransformer share this shape)."""
+  image_size: int = 336
+  patch_size: int = 14
+  width: int = 1024
+  layers: int = 24
+  heads: int = 16
+  mlp_dim: int = 4096
+  act: str = "quick_gelu"  # quick_gelu | gelu (exact erf)
+  norm_eps: float = 1e-5
+  # Index into HF's `hidden_states` tuple (0 = embeddings after ln_pre, L = last layer); negative
+  # counts from the end, so -2 is the penultimate layer's output, the LLaVA default.
+  select_layer: int = -2
+  keep_cls: bool = False
+  mean: tuple = OPENAI_CLIP_MEAN
+  std: tuple = OPENAI_CLIP_STD
+  proj_dim: Optional[int] = None  # open_clip/HF visual projection, kept only for round trips
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens(self) -> int:
+    return self.grid ** 2 + (1 if self.keep_cls else 0)
+
+  @property
+  def layers_used(self) -> int:
+    """Number of transformer layers that must run to produce the selected hidden state."""
+    n = self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
+    if not 0 <= n <= self.layers:
+      raise ValueError(f"select_layer={self.select_layer} out of range for {self.layers} layers")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class TilerConfig:
+  """How an image becomes tower inputs: one tile, S2 multi-scale, or LLaVA-1.6 anyres."""
+  kind: str = "single"  # single | s2 | anyres
+  scales: tuple = ()  # s2: ascending sizes, each a multiple of the tower's image_size
+  resize_mode: str = "squash"  # host-side geometry: squash | center_crop | pad
+  grid_pinpoints: tuple = LLAVA16_PINPOINTS  # anyres: (height, width) candidates
+
+  def input_size(self, vision: VisionConfig) -> int:
+    """Side of the square image the host ships (largest S2 scale, else the tower's size)."""
+    return max(self.scales) if self.kind == "s2" else vision.image_size
+
+  def max_tiles(self, vision: VisionConfig) -> int:
+    """anyres: tiles per image the model is given (base image + the largest pinpoint grid)."""
+    b = vision.image_size
+    return 1 + max((h // b) * (w // b) for h, w in self.grid_pinpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+  kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama 2/3, Vicuna and Mistral decoders (HF LlamaForCausalLM / MistralForCausalLM)."""
+  vocab_size: int = 32000
+  hidden: int = 4096
+  layers: int = 32
+  heads: int = 32
+  kv_heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) or None.
+  rope_scaling: Optional[tuple] = None
+  max_positions: int = 4096
+  tie_embeddings: bool = False
+  sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters: rank 0 disables them. Targets name decoder projections; vision_targets name
+  tower projections (q, k, v, o, fc1, fc2) as the LDRT recipe does."""
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+  vision_targets: tuple = ()
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """The whole model. `vision=None` gives a text-only LLM (a HF Llama dir loads that way)."""
+  llm: LlamaConfig = LlamaConfig()
+  vision: Optional[VisionConfig] = None
+  tiler: TilerConfig = TilerConfig()
+  connector: ConnectorConfig = ConnectorConfig()
+  lora: LoraConfig = LoraConfig()
+  image_token_id: int = -1
+  template: str = "vicuna_v1"
+  dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
+  remat: str = "none"  # none | full | save_dots | save_attn_proj
+  attention: str = "xla"  # xla | cudnn | pallas | splash | auto
+
+  @property
+  def feature_dim(self) -> int:
+    """Channels the connector receives per image token."""
+    n = len(self.tiler.scales) if self.tiler.kind == "s2" else 1
+    return self.vision.width * n
+
+  def image_tokens(self, image_hw: Optional[tuple] = None) -> int:
+    """Placeholder ids one image expands to; anyres needs the original (height, width)."""
+    if self.vision is None:
+      return 0
+    if self.tiler.kind == "anyres":
+      if image_hw is None:
+        raise ValueError("anyres: the placeholder count depends on the image size")
+      from vlm import tiler  # local: tiler imports jax
+      return tiler.anyres_num_features(image_hw, self.tiler.grid_pinpoints, self.vision)
+    return self.vision.tokens
+
+  def replace(self, **kw) -> "VLMConfig":
+    return dataclasses.replace(self, **kw)
+
+  # --- serialization -------------------------------------------------------------------------
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "VLMConfig":
+    d = dict(d)
+    parts = {"llm": LlamaConfig, "vision": VisionConfig, "tiler": TilerConfig,
+             "connector": ConnectorConfig, "lora": LoraConfig}
+    for key, typ in parts.items():
+      if d.get(key) is not None:
+        d[key] = _build(typ, d[key])
+    return _build(cls, d)
+
+
+def _tuplify(v: Any) -> Any:
+  if isinstance(v, list):
+    return tuple(_tuplify(x) for x in v)
+  return v
+
+
+def _build(typ, d: dict):
+  names = {f.name for f in dataclasses.fields(typ)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"{typ.__name__}: unknown keys {sorted(unknown)}")
+  return typ(**{k: (v if dataclasses.is_dataclass(v) else _tuplify(v)) for k, v in d.items()})
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+DFN5B_CLIP_VIT_H_14_378 = VisionConfig(
+    image_size=378, patch_size=14, width=1280, layers=32, heads=16, mlp_dim=5120,
+    act="quick_gelu", proj_dim=1024)
+CLIP_VIT_L_14_336 = VisionConfig(
+    image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096,
+    act="quick_gelu", proj_dim=768)
+
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp_dim=14336,
+    norm_eps=1e-5, rope_theta=500000.0, max_positions=8192)
+LLAMA3_8B_INSTRUCT = LLAMA3_8B
+VICUNA_7B = LlamaConfig(
+    vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
+    norm_eps=1e-5, rope_theta=10000.0, max_positions=4096)
+VICUNA_13B = LlamaConfig(
+    vocab_size=32000, hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, mlp_dim=13824,
+    norm_eps=1e-5, rope_theta=10000.0, max_positions=4096)
+MISTRAL_7B_INSTRUCT_V02 = LlamaConfig(
+    vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp_dim=14336,
+    norm_eps=1e-5, rope_theta=1e6, max_positions=32768)
+
+
+def _grow_vocab(llm: LlamaConfig, n: int = 1) -> LlamaConfig:
+  """LLaVA adds `<image>` as a new token and grows the embeddings by that many rows."""
+  return dataclasses.replace(llm, vocab_size=llm.vocab_size + n)
+
+
+# Llama3-Med: S2 (378, 756, 1134) DFN5B tower -> 729 x 3840 -> mlp2x_gelu -> Llama-3-8B-Instruct.
+LLAMA3_MED = VLMConfig(
+    llm=_grow_vocab(LLAMA3_8B_INSTRUCT), vision=DFN5B_CLIP_VIT_H_14_378,
+    tiler=TilerConfig(kind="s2", scales=(378, 756, 1134)), connector=ConnectorConfig("mlp2x_gelu"),
+    image_token_id=LLAMA3_8B.vocab_size, template="llama3")
+LLAMA3_MED_MISTRAL = LLAMA3_MED.replace(
+    llm=_grow_vocab(MISTRAL_7B_INSTRUCT_V02), image_token_id=MISTRAL_7B_INSTRUCT_V02.vocab_size,
+    template="mistral_instruct")
+# LLaVA-1.5/1.6 as the llava-hf checkpoints ship them: vocab padded to 32064, <image> = 32000.
+LLAVA15_13B = VLMConfig(
+    llm=dataclasses.replace(VICUNA_13B, vocab_size=32064), vision=CLIP_VIT_L_14_336,
+    tiler=TilerConfig(kind="single"), connector=ConnectorConfig("mlp2x_gelu"),
+    image_token_id=32000, template="vicuna_v1")
+LLAVA16_VICUNA_13B = LLAVA15_13B.replace(tiler=TilerConfig(kind="anyres"))
+LLAVA15_7B = LLAVA15_13B.replace(llm=dataclasses.replace(VICUNA_7B, vocab_size=32064))
+
+PRESETS = {
+    "llama3_med": LLAMA3_MED,
+    "llama3_med_mistral": LLAMA3_MED_MISTRAL,
+    "llava15_7b": LLAVA15_7B,
+    "llava15_13b": LLAVA15_13B,
+    "llava16_vicuna_13b": LLAVA16_VICUNA_13B,
+    "llama3_8b": VLMConfig(llm=LLAMA3_8B, template="llama3"),
+    "vicuna_7b": VLMConfig(llm=VICUNA_7B),
+    "vicuna_13b": VLMConfig(llm=VICUNA_13B),
+    "mistral_7b_instruct_v02": VLMConfig(llm=MISTRAL_7B_INSTRUCT_V02, template="mistral_instruct"),
+}
+VISION_PRESETS = {"dfn5b_clip_vit_h_14_378": DFN5B_CLIP_VIT_H_14_378,
+                  "clip_vit_l_14_336": CLIP_VIT_L_14_336}
+
+
+def preset(name: str) -> VLMConfig:
+  try:
+    return PRESETS[name]
+  except KeyError:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None

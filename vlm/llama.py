@@ -1,0 +1,216 @@
+"""Llama 2/3, Vicuna and Mistral decoder (HF LlamaForCausalLM / MistralForCausalLM numerics).
+
+RoPE uses HF's rotate-half convention so q/k kernels import without permutation; inverse frequencies
+are computed in float32 exactly as HF does (llama3 scaling included) so logits match to float32
+rounding. Layers are one `nn.scan` over a remat'ed block. An optional explicit KV cache (k, v per
+layer, stacked on the layer axis) makes the same code serve prefill and decode.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from vlm.attention import attend
+from vlm.config import LlamaConfig, LoraConfig
+from vlm.lora import Dense
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_proj": jax.checkpoint_policies.save_only_these_names(
+        "q_proj", "k_proj", "v_proj", "attn_out"),
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {name!r} not in {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """[head_dim // 2] float32 inverse frequencies, HF's default or llama3-scaled variant."""
+  d = cfg.head_dim
+  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+         ).astype(np.float32)
+  if cfg.rope_scaling is None:
+    return inv
+  kind, factor, low, high, old_ctx = cfg.rope_scaling
+  if kind != "llama3":
+    raise ValueError(f"rope scaling {kind!r} not supported")
+  factor, low, high, old_ctx = (np.float32(factor), np.float32(low), np.float32(high),
+                                np.float32(old_ctx))
+  low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+  wavelen = np.float32(2 * np.pi) / inv
+  scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """x [B, T, H, D], positions [B, T] -> rotated x (rotate-half convention)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos, sin = jnp.cos(emb)[:, :, None].astype(x.dtype), jnp.sin(emb)[:, :, None].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def _dense(name, features, axes, lora: LoraConfig, dtype, **kw):
+  rank = lora.rank if name in lora.targets else 0
+  return Dense(features, axes, dtype=dtype, lora_rank=rank, lora_alpha=lora.alpha,
+               lora_dropout=lora.dropout, name=name, **kw)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  lora: LoraConfig
+  dtype: Any
+  impl: str
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, kv, cache_meta, deterministic):
+    c, b, t = self.cfg, x.shape[0], x.shape[1]
+    dense = lambda n, f, ax: _dense(n, f, ax, self.lora, self.dtype)
+    q = dense("q", c.heads * c.head_dim, ("embed", "heads"))(x, deterministic)
+    k = dense("k", c.kv_heads * c.head_dim, ("embed", "kv"))(x, deterministic)
+    v = dense("v", c.kv_heads * c.head_dim, ("embed", "kv"))(x, deterministic)
+    inv = rope_inv_freq(c)
+    q = apply_rope(q.reshape(b, t, c.heads, c.head_dim), positions, inv)
+    k = apply_rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, inv)
+    v = v.reshape(b, t, c.kv_heads, c.head_dim)
+    q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
+    if kv is None:
+      out = attend(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=c.sliding_window,
+                   impl=self.impl)
+      new_kv = None
+    else:  # write this chunk at the cache index, attend over the whole cache
+      idx = cache_meta["index"]
+      ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, idx, 0, 0))
+      cv = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, idx, 0, 0))
+      out = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, segment_ids=segment_ids,
+                   kv_segment_ids=cache_meta["segment_ids"], q_offset=idx,
+                   sliding_window=c.sliding_window, impl=self.impl)
+      new_kv = (ck, cv)
+    out = checkpoint_name(out.reshape(b, t, c.heads * c.head_dim), "attn_out")
+    return dense("o", c.hidden, ("heads", "embed"))(out, deterministic), new_kv
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+  lora: LoraConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    c = self.cfg
+    gate = _dense("gate", c.mlp_dim, ("embed", "mlp"), self.lora, self.dtype)(x, deterministic)
+    up = _dense("up", c.mlp_dim, ("embed", "mlp"), self.lora, self.dtype)(x, deterministic)
+    return _dense("down", c.hidden, ("mlp", "embed"), self.lora, self.dtype)(
+        nn.silu(gate) * up, deterministic)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+  lora: LoraConfig
+  dtype: Any
+  impl: str
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, kv, cache_meta, deterministic):
+    c = self.cfg
+    h, new_kv = Attention(c, self.lora, self.dtype, self.impl, name="attn")(
+        RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, segment_ids, kv, cache_meta,
+        deterministic)
+    x = x + h
+    x = x + MLP(c, self.lora, self.dtype, name="mlp")(
+        RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x), deterministic)
+    return x, new_kv
+
+
+class _ScanBody(nn.Module):
+  """scan-friendly wrapper: carry = hidden states, per-layer input/output = KV cache slice."""
+  cfg: LlamaConfig
+  lora: LoraConfig
+  dtype: Any
+  impl: str
+  remat: str
+
+  @nn.compact
+  def __call__(self, x, kv, positions, segment_ids, cache_meta, deterministic):
+    layer = DecoderLayer
+    if self.remat != "none":
+      layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False,
+                       static_argnums=(6,))
+    return layer(self.cfg, self.lora, self.dtype, self.impl, name="layer")(
+        x, positions, segment_ids, kv, cache_meta, deterministic)
+
+
+class Llama(nn.Module):
+  """Token embedding, decoder stack and LM head. `embed()` and `__call__()` are separate so the VLM
+  can write image features into the embeddings in between."""
+  cfg: LlamaConfig
+  lora: LoraConfig = LoraConfig()
+  dtype: Any = jnp.float32
+  impl: str = "xla"
+  remat: str = "none"
+
+  def setup(self):
+    c = self.cfg
+    self.embedding = self.param(
+        "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (c.vocab_size, c.hidden), jnp.float32)
+    self.layers = nn.scan(
+        _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, self.lora, self.dtype, self.impl, self.remat, name="layers")
+    self.norm = RMSNorm(c.norm_eps, self.dtype, name="norm")
+    if not c.tie_embeddings:
+      self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="lm_head")
+
+  def embed(self, input_ids):
+    ids = jnp.clip(input_ids, 0, self.cfg.vocab_size - 1)
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def __call__(self, h, positions, segment_ids=None, cache=None, deterministic=True,
+               return_hidden=False):
+    """h [B, T, D] embeddings -> float32 logits [B, T, V] (and the updated cache when given).
+
+    cache: {"k", "v": [L, B, S, Hkv, Dh], "segment_ids": [B, S] (already holding this chunk's ids),
+    "index": int32 scalar}."""
+    kv = None if cache is None else (cache["k"], cache["v"])
+    meta = None if cache is None else {"index": cache["index"], "segment_ids": cache["segment_ids"]}
+    h, new_kv = self.layers(h, kv, positions, segment_ids, meta, deterministic)
+    h = self.norm(h)
+    out = h if return_hidden else self.logits(h)
+    if cache is None:
+      return out
+    return out, dict(cache, k=new_kv[0], v=new_kv[1])
+
+  def logits(self, h):
+    """Hidden states (after the final norm) -> float32 logits; used by chunked losses."""
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("btd,vd->btv", h, self.embedding.astype(self.dtype)).astype(jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)
