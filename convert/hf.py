@@ -73,6 +73,16 @@ def _to_ours(kind, x):
   return x
 
 
+def _hf_shape(kind, shape):
+  """The HF-layout shape of one of our (per-layer) shapes."""
+  shape = tuple(shape)
+  if kind == "linear":
+    return shape[::-1]
+  if kind == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape
+
+
 def _to_hf(kind, x):
   if kind == "linear":
     return x.T
@@ -163,41 +173,61 @@ def import_weights(cfg: VLMConfig, tensors: dict, *, source: str = "<memory>",
         continue
       raise ConversionError(f"missing key {rule.component}:{missing[0]} in {source} "
                             f"(needed for {'/'.join(rule.path)})")
-    arrs = []
-    for nm in names:
-      t = tensors[(rule.component, nm)]
-      arrs.append(_to_ours(rule.kind, np.asarray(t() if callable(t) else t)))
-      used.add((rule.component, nm))
-    x = np.stack(arrs) if rule.stacked else arrs[0]
     want = tuple(shapes[rule.path].shape)
-    if x.shape != want:
-      raise ConversionError(f"shape mismatch for {rule.component}:{names[0]} in {source}: "
-                            f"checkpoint {x.shape} vs model {want} ({'/'.join(rule.path)})")
-    flat[rule.path] = x.astype(dtype) if dtype is not None else x
+    per = want[1:] if rule.stacked else want
+    x = None
+    for j, nm in enumerate(names):  # one source tensor at a time, written into the stacked result
+      t = tensors[(rule.component, nm)]
+      where = getattr(t, "file", source)
+      raw = t() if callable(t) and not hasattr(t, "shape") else t  # a Lazy knows its shape unread
+      expect = _hf_shape(rule.kind, per)
+      shape = tuple(raw.shape) if callable(raw) else np.shape(raw)
+      if shape != expect:
+        key = getattr(t, "key", f"{rule.component}:{nm}")
+        raise ConversionError(f"shape mismatch for {key} in {where}: checkpoint {shape} vs model "
+                              f"{expect} ({'/'.join(rule.path)})")
+      a = _to_ours(rule.kind, np.asarray(raw() if callable(raw) else raw))
+      if dtype is not None:
+        from convert.tensors import cast
+        a = cast(a, dtype, f"{getattr(t, 'key', nm)} in {where}")
+      if not rule.stacked:
+        x = np.ascontiguousarray(a)
+        break
+      if x is None:
+        x = np.empty(want, a.dtype)
+      x[j] = a
+    used.update((rule.component, nm) for nm in names)
+    flat[rule.path] = x
   unexpected = sorted(set(tensors) - used)
   if unexpected and strict:
     comp, nm = unexpected[0]
-    raise ConversionError(f"unexpected key {comp}:{nm} in {source} "
-                          f"({len(unexpected)} unexpected in all)")
+    t = tensors[unexpected[0]]
+    raise ConversionError(f"unexpected key {getattr(t, 'key', f'{comp}:{nm}')} in "
+                          f"{getattr(t, 'file', source)} ({len(unexpected)} unexpected in all)")
   return traverse_util.unflatten_dict(flat)
 
 
-def export_weights(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]) -> dict:
-  """Our params -> {full HF name: numpy array}; `name_fn(component, canonical)` spells the layout."""
+def iter_export(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]):
+  """Our params -> (full HF name, numpy array) pairs, one tensor at a time (streaming writers);
+  `name_fn(component, canonical)` spells the layout. Paths absent from `params` are skipped."""
   from flax import traverse_util
   flat = traverse_util.flatten_dict(params)
-  out = {}
   for rule in rules(cfg):
     if rule.path not in flat:
       continue
-    x = np.asarray(flat[rule.path])
+    x = np.asarray(flat[rule.path])  # host arrays: no copy; slicing below stays in numpy
     if rule.stacked:
       for i in range(x.shape[0]):
-        out[name_fn(rule.component, rule.name.format(i=i))] = np.ascontiguousarray(
-            _to_hf(rule.kind, x[i]))
+        yield (name_fn(rule.component, rule.name.format(i=i)),
+               np.ascontiguousarray(_to_hf(rule.kind, x[i])))
     else:
-      out[name_fn(rule.component, rule.name)] = np.ascontiguousarray(_to_hf(rule.kind, x))
-  return out
+      yield name_fn(rule.component, rule.name), np.ascontiguousarray(_to_hf(rule.kind, x))
+
+
+def export_weights(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]) -> dict:
+  """Our params -> {full HF name: numpy array}; `name_fn(component, canonical)` spells the
+  layout."""
+  return dict(iter_export(cfg, params, name_fn))
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -266,6 +296,30 @@ def vlm_config(d: dict, *, image_mean=None, image_std=None) -> VLMConfig:
                    image_token_id=tok, template="llama3" if llm.vocab_size >= 128000 else "vicuna_v1")
 
 
+def clip_vision_config(v: VisionConfig) -> dict:
+  """VisionConfig -> a transformers CLIPVisionConfig dict."""
+  return {"model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+          "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+          "intermediate_size": v.mlp_dim, "hidden_act": v.act, "layer_norm_eps": v.norm_eps,
+          "projection_dim": v.proj_dim or v.width}
+
+
+def preprocessor_config(cfg: VLMConfig) -> dict:
+  """preprocessor_config.json of the tower: CLIPImageProcessor (LlavaNextImageProcessor for
+  anyres)."""
+  v = cfg.vision
+  size = cfg.tiler.input_size(v)
+  out = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+         "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
+         "crop_size": {"height": size, "width": size}, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean),
+         "image_std": list(v.std), "do_convert_rgb": True}
+  if cfg.tiler.kind == "anyres":
+    out.update(image_processor_type="LlavaNextImageProcessor", do_pad=True,
+               image_grid_pinpoints=[list(p) for p in cfg.tiler.grid_pinpoints])
+  return out
+
+
 def hf_config(cfg: VLMConfig) -> dict:
   """VLMConfig -> the config.json transformers expects (Llama / Mistral / Llava / LlavaNext)."""
   c = cfg.llm
@@ -292,10 +346,7 @@ def hf_config(cfg: VLMConfig) -> dict:
   if cfg.connector.kind != "mlp2x_gelu":
     raise ConversionError(f"connector {cfg.connector.kind!r}: transformers Llava needs mlp2x_gelu")
   v = cfg.vision
-  vision = {"model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
-            "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
-            "intermediate_size": v.mlp_dim, "hidden_act": v.act, "layer_norm_eps": v.norm_eps,
-            "projection_dim": v.proj_dim or v.width}
+  vision = clip_vision_config(v)
   out = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
          "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
          "projector_hidden_act": "gelu", "vision_feature_layer": v.select_layer,
@@ -342,33 +393,41 @@ def weight_files(path) -> list:
 
 
 def lazy_tensors(files: list) -> dict:
-  """{(component, canonical name): loader} over safetensors files, memory-mapped, read on demand."""
-  from safetensors import safe_open
-  out = {}
-  for fname in files:
-    handle = safe_open(fname, "np")
-    for key in handle.keys():
-      canon = canonical_name(key)
-      if canon is None:
-        raise ConversionError(f"unexpected key {key} in {fname}")
-      out[canon] = (lambda h=handle, k=key: h.get_tensor(k))
-  return out
+  """{(component, canonical name): loader} over weight files (safetensors; `.bin` through torch),
+  read on demand one tensor at a time, bfloat16 included (see convert/tensors.py)."""
+  from convert import tensors
+  return tensors.canonicalize(tensors.read_files(files), canonical_name, source=", ".join(files))
 
 
-def load_dir(path, *, dtype=None):
-  """A HF Llama / Mistral / Llava / LlavaNext dir -> (VLMConfig, numpy params)."""
+def dir_config(path) -> VLMConfig:
+  """VLMConfig of a HF dir: config.json, plus image mean/std from preprocessor_config.json."""
   import json
   import os
-  with open(os.path.join(path, "config.json")) as f:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise ConversionError(f"no config.json in {path}")
+  with open(cfg_file) as f:
     d = json.load(f)
+  if "mm_vision_tower" in d or "mm_projector_type" in d:
+    raise ConversionError(f"{cfg_file} is a LLaVA code-base config (mm_* keys): use --from llava")
   mean = std = None
   pp = os.path.join(path, "preprocessor_config.json")
   if os.path.exists(pp):
     with open(pp) as f:
       p = json.load(f)
     mean, std = p.get("image_mean"), p.get("image_std")
-  cfg = vlm_config(d, image_mean=mean, image_std=std)
-  tensors = lazy_tensors(weight_files(path))
+  return vlm_config(d, image_mean=mean, image_std=std)
+
+
+def dir_tensors(path, cfg: VLMConfig, files=None) -> dict:
+  """Lazy canonical tensors of a HF dir; `files` overrides the safetensors found in `path`."""
+  tensors = lazy_tensors(files or weight_files(path))
   if cfg.llm.tie_embeddings:  # some writers store the tied head too; it is the embedding
     tensors.pop(("llm", "lm_head.weight"), None)
-  return cfg, import_weights(cfg, tensors, source=path, dtype=dtype)
+  return tensors
+
+
+def load_dir(path, *, dtype=None, files=None):
+  """A HF Llama / Mistral / Llava / LlavaNext dir -> (VLMConfig, numpy params)."""
+  cfg = dir_config(path)
+  return cfg, import_weights(cfg, dir_tensors(path, cfg, files), source=path, dtype=dtype)

@@ -22,27 +22,25 @@ TEXT = ("input_ids", "labels")
 IMAGE = ("pixel_values", "image_sizes")
 
 
-def _pad_to(x: np.ndarray, n: int, fill) -> np.ndarray:
-  out = np.full((n, *x.shape[1:]), fill, x.dtype)
-  out[:len(x)] = x
-  return out
-
-
-def pad_row(sample: dict, length: int, n_images: int) -> dict:
-  """One sample as a padded row: tokens to `length`, images to `n_images` (zeros)."""
-  t = len(sample["input_ids"])
-  row = {"input_ids": _pad_to(sample["input_ids"], length, 0),
-         "labels": _pad_to(sample["labels"], length, IGNORE),
-         "positions": _pad_to(np.arange(t, dtype=np.int32), length, 0),
-         "segment_ids": _pad_to(np.ones(t, np.int32), length, 0)}
+def pad_batch(samples: Sequence[dict], batch_size: int, length: int, n_images: int) -> dict:
+  """One sample per row, tokens padded to `length`, images to `n_images` (zeros); rows past the
+  samples are all padding. Each array is written once, straight into the batch."""
+  out = {"input_ids": np.zeros((batch_size, length), np.int32),
+         "labels": np.full((batch_size, length), IGNORE, np.int32),
+         "positions": np.zeros((batch_size, length), np.int32),
+         "segment_ids": np.zeros((batch_size, length), np.int32)}
   for k in IMAGE:
-    if k in sample:
-      row[k] = _pad_to(sample[k], n_images, 0)
-  return row
-
-
-def stack(rows: Sequence[dict]) -> dict:
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if k in samples[0]:
+      x = samples[0][k]
+      out[k] = np.zeros((batch_size, n_images, *x.shape[1:]), x.dtype)
+  for r, s in enumerate(samples):
+    t = len(s["input_ids"])
+    out["input_ids"][r, :t], out["labels"][r, :t] = s["input_ids"], s["labels"]
+    out["positions"][r, :t], out["segment_ids"][r, :t] = np.arange(t), 1
+    for k in IMAGE:
+      if k in out:
+        out[k][r, :len(s[k])] = s[k]
+  return out
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -94,11 +92,7 @@ class _LengthGroupedIterator(gp.DatasetIterator):
     group = groups[self._emitted]
     self._emitted += 1
     length = bucket_for(max(len(samples[i]["input_ids"]) for i in group), self._buckets)
-    rows = [pad_row(samples[i], length, self._n_images) for i in group]
-    while len(rows) < self._b:   # only when drop_remainder=False at the very end
-      rows.append({k: np.zeros_like(v) if k != "labels" else np.full_like(v, IGNORE)
-                   for k, v in rows[0].items()})
-    return stack(rows)
+    return pad_batch([samples[i] for i in group], self._b, length, self._n_images)
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._start_state, "window": self._window_no, "emitted": self._emitted}
@@ -134,14 +128,16 @@ def _rename_packed(row: dict) -> dict:
 def packed_batches(parent: gp.IterDataset, *, batch_size: int, max_len: int, max_images: int,
                    bins: Optional[int] = None, anyres: bool = False,
                    seed: int = 0) -> gp.IterDataset:
-  """First-fit packing (grain) of whole samples into rows, then batches of `batch_size` rows.
+  """First-fit packing (grain) of whole samples into rows, then batches of `batch_size` rows
+  (`max_images` 0: text only, no images in the batch).
 
   A sample longer than `max_len` or with more than `max_images` images cannot be packed and must
   be filtered out before (the pipeline counts it as 'too_long' / 'too_many_images')."""
-  length = {"input_ids": max_len, "labels": max_len, "pixel_values": max_images}
-  padding = {"input_ids": 0, "labels": IGNORE, "pixel_values": 0}
-  if anyres:
-    length["image_sizes"], padding["image_sizes"] = max_images, 0
+  length = {"input_ids": max_len, "labels": max_len}
+  padding = {"input_ids": 0, "labels": IGNORE}
+  if max_images:   # 0: text-only rows carry no images
+    for k in IMAGE if anyres else IMAGE[:1]:
+      length[k], padding[k] = max_images, 0
   ds = gp.experimental.FirstFitPackIterDataset(
       parent, length_struct=length, padding_struct=padding,
       num_packing_bins=bins or batch_size, seed=seed, shuffle_bins=True)

@@ -44,7 +44,7 @@ class DataConfig:
   max_len: int = 2048
   global_batch: int = 128
   per_process_batch: Optional[int] = None   # default: global_batch // jax.process_count()
-  mode: str = "pack"                 # 'pad' (length-grouped buckets) | 'pack'
+  mode: str = "pad"                  # 'pad' (length-grouped buckets) | 'pack'
   pad_buckets: Sequence[int] = ()    # pad mode row lengths; default: quarters of max_len
   group_window: int = 32             # pad mode: batches per length-grouping window
   pack_bins: Optional[int] = None    # pack mode: rows packed at once (default: the batch size)
@@ -65,7 +65,8 @@ class DataConfig:
   patch_size: int = 14               # anyres: tile/patch = feature grid side per tile
   image_tokens: int = 729            # placeholders per image (square tilers)
   image_token_id: int = -1
-  max_images_per_row: Optional[int] = None   # default: pad 1; pack as many as max_len could hold
+  max_images_per_row: Optional[int] = None   # default: pad 1, pack as many as max_len could hold;
+                                             # 0: text only (batches carry no pixel_values)
   system: Optional[str] = None
   cache_dir: Optional[str] = None    # where JSON indexes are cached (never next to the data)
   tfds_data_dir: Optional[str] = None
@@ -86,7 +87,7 @@ class DataConfig:
     return sorted({max(1, self.max_len * k // 4) for k in (1, 2, 3, 4)})
 
   def images_per_row(self) -> int:
-    if self.max_images_per_row:
+    if self.max_images_per_row is not None:
       return self.max_images_per_row
     if self.mode == "pad" or self.tiler == "anyres":
       return 1
@@ -201,6 +202,8 @@ class SampleProcessor:
                  image_token_id=cfg.image_token_id, system=cfg.system, max_len=cfg.max_len)
     out = {"input_ids": enc["input_ids"].astype(np.int32),
            "labels": enc["labels"].astype(np.int32)}
+    if cfg.images_per_row() == 0:
+      return out
     if images is None:   # decoded only once the text is known to be usable
       images = [self._load(r, sid, src) for r in refs]
     if cfg.tiler == "anyres":
@@ -213,10 +216,8 @@ class SampleProcessor:
       out["pixel_values"], out["image_sizes"] = pix, sizes
     else:
       s = cfg.image_size
-      pix = np.zeros((len(images), s, s, 3), np.uint8)
-      for k, im in enumerate(images):
-        pix[k] = resize_square(im, s, cfg.resize_mode)
-      out["pixel_values"] = pix
+      out["pixel_values"] = (np.stack([resize_square(im, s, cfg.resize_mode) for im in images])
+                             if images else np.zeros((0, s, s, 3), np.uint8))
     return out
 
 

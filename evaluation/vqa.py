@@ -209,7 +209,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m evaluation.vqa", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  # ---- `run` (zero-shot generation, issue 10) is registered here: _add_run_parser(sub) ----
+  from evaluation import vqa_run  # `run`: zero-shot generation (jax is imported when it runs)
+  vqa_run.add_parser(sub)
   _add_score_parser(sub)
   args = parser.parse_args(argv)
   try:

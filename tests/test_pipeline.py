@@ -32,9 +32,9 @@ def colour(i):
   return (i * 37 % 256, i * 11 % 256, 255 - i)
 
 
-def sample(i, image=True, words=None):
+def sample(i, image=True):
   """A distinct one- or two-turn sample; the i-th image is a solid colour."""
-  q = f"Case {i}: " + " ".join(["is the heart enlarged?"] * (words if words else 1 + i % 4))
+  q = f"Case {i}: " + " ".join(["is the heart enlarged?"] * (1 + i % 4))
   conv = [{"from": "human", "value": ("<image>\n" if image else "") + q},
           {"from": "gpt", "value": "No, it is not. " * (1 + i % 3)}]
   if i % 5 == 0:
@@ -67,11 +67,11 @@ def config(path, tok_dir, **kw):
   return DataConfig(**{**base, **kw})
 
 
-def reference(recs, tok_dir, **kw):
+def reference(recs, tok_dir):
   """{token tuple: (sample index, labels)} from encoding every sample on its own."""
   tok, out = load(tok_dir), {}
   for i, r in enumerate(recs):
-    e = encode(r, tok, "llama3", image_tokens=IMG_TOKENS, image_token_id=IMG_ID, **kw)
+    e = encode(r, tok, "llama3", image_tokens=IMG_TOKENS, image_token_id=IMG_ID)
     out[tuple(e["input_ids"].tolist())] = (i, e["labels"].tolist())
   return out
 
@@ -242,6 +242,17 @@ def test_restored_state_continues_with_the_identical_batch(tmp_path, tok_dir, mo
   assert want[-1]["skipped"] == {"one_sided": 1}
 
 
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_text_only_batches_carry_no_images(tmp_path, tok_dir, mode):
+  recs = [sample(i, image=i == 3) for i in range(10)]
+  path = write_data(str(tmp_path), recs)
+  cfg = config(path, tok_dir, mode=mode, max_images_per_row=0, per_process_batch=2)
+  batches = list(make_iterator(cfg, shard=gp.ShardOptions(0, 1)))
+  assert batches and all("pixel_values" not in b for b in batches)
+  assert batches[-1]["skipped"] == {"too_many_images": 1}
+  assert not (np.concatenate([b["input_ids"].ravel() for b in batches]) == IMG_ID).any()
+
+
 def test_worker_processes_give_the_same_batches(tmp_path, tok_dir):
   recs = [sample(i) for i in range(12)]
   path = write_data(str(tmp_path), recs)
@@ -372,3 +383,15 @@ def test_to_global_places_the_batch_on_the_mesh(tmp_path, tok_dir):
       assert out[k].shape == v.shape and out[k].sharding.spec == PartitionSpec(("data", "fsdp"))
       assert len(out[k].addressable_shards) == 8
       np.testing.assert_array_equal(np.asarray(out[k]), v)
+
+
+def test_config_from_model_matches_the_model():
+  from vlm.config import preset
+  c = DataConfig.from_model(preset("llama3_med"), paths=["x.json"], per_process_batch=2)
+  assert (c.image_size, c.image_tokens, c.tiler, c.template) == (1134, 729, "s2", "llama3")
+  assert c.image_token_id == 128256 and c.images_per_row() == 1
+  assert c.buckets() == [512, 1024, 1536, 2048]
+  assert DataConfig.from_model(preset("llama3_med"), mode="pack").images_per_row() == 2
+  a = DataConfig.from_model(preset("llava16_vicuna_13b"))
+  assert (a.tiler, a.anyres_tile, a.patch_size, a.max_tiles, a.template) == (
+      "anyres", 336, 14, 5, "vicuna_v1")

@@ -22,16 +22,38 @@ def is_checkpoint(path) -> bool:
       os.path.join(path, "config.json"))
 
 
+# orbax files are split into pieces of this size so a save never buffers a whole 8B tree.
+SAVE_FILE_BYTES = 16 * 2**20
+
+
+def save_params(path, params):
+  """Write a params tree (orbax, OCDBT). Host numpy trees are written without orbax's defensive
+  deep copy (an 8B import would otherwise peak at ~3x its size); device arrays, sharded or not,
+  go through the standard handler, each process writing its own shards."""
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  leaves = jax.tree_util.tree_leaves(params)
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as ckptr:
+      ckptr.save(path, args=ocp.args.PyTreeSave(params,
+                                                ocdbt_target_data_file_size=SAVE_FILE_BYTES))
+    return
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, params)
+
+
 def save(path, config: VLMConfig, params, tokenizer_dir: Optional[str] = None):
+  """config.json + params/ (+ a copy of tokenizer_dir as tokenizer/)."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config.to_json())
-  target = os.path.join(path, "params")
-  if os.path.exists(target):
-    shutil.rmtree(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, params)
+  save_params(os.path.join(path, "params"), params)
   if tokenizer_dir is not None and os.path.abspath(tokenizer_dir) != os.path.join(path, "tokenizer"):
     shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
 

@@ -1,20 +1,22 @@
-"""`python -m data.tfds build NAME --src DIR --out DIR`: builds a VQA benchmark (array_record)."""
+"""`python -m data.tfds build NAME --src DIR --out DIR`: builds a VQA benchmark from local files
+into array_record (no TensorFlow); read it back with tfds.data_source(NAME, split=..., data_dir=OUT)
+or train on it with the data path `tfds:NAME:SPLIT`."""
 import argparse
-import os
-
-os.environ.setdefault("NO_GCE_CHECK", "true")
 
 
 def main(argv=None):
   from data import tfds as ours
   p = argparse.ArgumentParser(prog="python -m data.tfds", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
-  b = sub.add_parser("build", help="build one dataset from local source files")
+  b = sub.add_parser(
+      "build", help="build one dataset from local source files",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="source layouts:\n" + "\n".join(f"  {n}: {c.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+                                             for n, c in sorted(ours.BUILDERS.items())))
   b.add_argument("name", choices=sorted(ours.BUILDERS))
   b.add_argument("--src", required=True,
                  help="local copy of the source (HF parquet export or original JSON + images)")
-  b.add_argument("--out", required=True, help="TFDS data dir to write (read it back with "
-                 "tfds.data_source(NAME, split=..., data_dir=OUT))")
+  b.add_argument("--out", required=True, help="TFDS data dir to write")
   args = p.parse_args(argv)
   builder = ours.build(args.name, args.src, args.out)
   for split, info in sorted(builder.info.splits.items()):

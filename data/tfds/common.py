@@ -27,12 +27,13 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-def answer_type(answer: str, given: Optional[str] = None) -> str:
+def answer_type(answer: str, given: Optional[str] = None, key=None) -> str:
   """The source's type when it has one, else CLOSED for yes/no answers and OPEN otherwise."""
   if given is not None and str(given).strip():
     t = str(given).strip().upper()
     if t not in ("OPEN", "CLOSED"):
-      raise ValueError(f"unknown answer_type {given!r}")
+      raise BadSample("malformed", f"answer_type {given!r} is neither OPEN nor CLOSED",
+                      sample_id=key)
     return t
   return "CLOSED" if answer.strip().lower().rstrip(".") in ("yes", "no") else "OPEN"
 

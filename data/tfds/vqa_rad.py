@@ -56,4 +56,4 @@ class VqaRad(tfds.core.GeneratorBasedBuilder):
       raw = common.read_file(image, key)
       yield key, {"id": key, "image": common.image_bytes(raw, where=image, key=key),
                   "question": str(r["question"]).strip(), "answer": answer,
-                  "answer_type": common.answer_type(answer, r.get("answer_type"))}
+                  "answer_type": common.answer_type(answer, r.get("answer_type"), key)}

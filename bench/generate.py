@@ -1,0 +1,238 @@
+"""Generation speed on one GPU: vlm.generate (JAX) vs HF transformers `generate` (PyTorch).
+
+A Llama-3-8B-shaped decoder with random bf16 weights, greedy, no stop tokens: a prompt of 1024
+tokens (729 of them where Llama3-Med puts its image features; the vision tower is left out, decode
+speed is the LLM's) + 256 new tokens, batch 1 and 32. Reported per side: prefill seconds, decode
+tokens/s (new tokens / decode time, prefill excluded) and end-to-end tokens/s, plus the weight
+bytes each decode step must read (the memory-bound ceiling is HBM bandwidth / that). Each side runs
+in its own process so the two frameworks never share GPU memory. HF uses a dynamic cache at batch
+1 and a static cache above (as the issue's reference measurement), `--hf-cache` overrides.
+
+  python -m bench.generate                    # both sides, batch 1 and 32 (GPU)
+  python -m bench.generate --impl jax --batch 1
+  python -m bench.generate --smoke            # tiny shapes on CPU: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+LLAMA3_8B = dict(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
+                 mlp=14336, theta=500000.0)
+SMOKE = dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128,
+             theta=500000.0)
+
+
+def _prompt(args, seed=0) -> np.ndarray:
+  """[batch, prompt] ids: some text, then a run of `image_tokens` placeholder ids, then text."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(10, args.shape["vocab"] - 1, size=(args.batch, args.prompt))
+  start = min(5, args.prompt - args.image_tokens)
+  ids[:, start:start + args.image_tokens] = args.shape["vocab"] - 1
+  return ids.astype(np.int32)
+
+
+def _weight_bytes(s) -> int:
+  per_layer = s["hidden"] * (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"] + (
+      s["heads"] * s["head_dim"] * s["hidden"]) + 3 * s["hidden"] * s["mlp"]
+  return 2 * (s["layers"] * per_layer + 2 * s["vocab"] * s["hidden"])  # bf16; embed + head
+
+
+# --- JAX ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _random_params(config):
+  """Pseudo-random bf16 weights (a sine hash of the index, ~U(-0.02, 0.02); norm scales 1) made
+  on the device in one elementwise program: no float32 copy of the model, and it compiles in a
+  blink where the threefry RNG over 8B values would not."""
+  import jax
+  import jax.numpy as jnp
+  from vlm.model import abstract_params
+  leaves, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config, boxed=False))
+
+  def leaf(i, path, x):
+    if "scale" in str(path[-1]):
+      return jnp.ones(x.shape, jnp.bfloat16)
+    t = jax.lax.iota(jnp.float32, int(np.prod(x.shape))).reshape(x.shape)
+    u = jnp.mod(jnp.sin(t * 12.9898 + 78.233 * (i + 1)) * 43758.5453, 1.0)
+    return ((u - 0.5) * 0.04).astype(jnp.bfloat16)
+  return jax.jit(lambda: jax.tree_util.tree_unflatten(
+      tree, [leaf(i, p, x) for i, (p, x) in enumerate(leaves)]))()
+
+
+def run_jax(args) -> dict:
+  import jax
+  from vlm.config import LlamaConfig, VLMConfig
+  from vlm.generate import GenerationConfig, Generator
+  from vlm.model import VLM
+  from vlm.prompt import Prompt
+  s = args.shape
+  llm = LlamaConfig(vocab_size=s["vocab"], hidden=s["hidden"], layers=s["layers"],
+                    heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
+                    mlp_dim=s["mlp"], rope_theta=s["theta"], max_positions=8192)
+  dtype = "float32" if args.smoke else "bfloat16"
+  config = VLMConfig(llm=llm, template="llama3", dtype=dtype)
+  params = _random_params(config)
+  gen = Generator(VLM(config), params)
+  prompts = [Prompt(row) for row in _prompt(args)]
+  gc = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
+  gen.generate(prompts, gc, batch_size=args.batch)  # compile
+  runs = []
+  for _ in range(args.repeats):
+    out = gen.generate(prompts, gc, batch_size=args.batch)
+    assert all(len(o.tokens) == args.new_tokens for o in out)
+    runs.append(dict(gen.timings))
+  best = min(runs, key=lambda t: t["prefill_s"] + t["decode_s"])
+  return {"impl": "jax", "prefill_s": best["prefill_s"], "decode_s": best["decode_s"],
+          "device": str(jax.devices()[0].device_kind), "cache_len": best["cache_len"]}
+
+
+# --- HF transformers ---------------------------------------------------------------------------
+
+def run_hf(args) -> dict:
+  import torch
+  import transformers as T
+  s = args.shape
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if not args.smoke and dev != "cuda":
+    raise SystemExit("the HF side needs torch with CUDA on this machine")
+  dtype = torch.float32 if args.smoke else torch.bfloat16
+  cfg = T.LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
+                      intermediate_size=s["mlp"], max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": s["theta"]},
+                      eos_token_id=None, pad_token_id=0, bos_token_id=None)
+  torch.manual_seed(0)
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(dtype)
+  with torch.device(dev):
+    model = T.LlamaForCausalLM(cfg).eval()
+  torch.set_default_dtype(default)
+  ids = torch.tensor(_prompt(args), device=dev)
+  cache = args.hf_cache if args.hf_cache != "auto" else ("dynamic" if args.batch == 1 else
+                                                         "static")
+  kw = dict(do_sample=False, attention_mask=torch.ones_like(ids))
+  if cache == "static":
+    kw["cache_implementation"] = "static"
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+  def timed(n):
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad():
+      out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    sync()
+    assert out.shape[1] == ids.shape[1] + n
+    return time.perf_counter() - t
+
+  timed(args.new_tokens)  # warm-up (and compilation with a static cache)
+  timed(1)
+  prefill = min(timed(1) for _ in range(args.repeats))
+  total = min(timed(args.new_tokens) for _ in range(args.repeats))
+  return {"impl": f"hf ({cache} cache)", "prefill_s": prefill, "decode_s": total - prefill,
+          "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _child(args, impl, batch) -> dict:
+  """One side at one batch size in a fresh process (GPU memory is not shared)."""
+  cmd = [sys.executable, "-m", "bench.generate", "--impl", impl, "--batch", str(batch),
+         "--json", "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
+         "--image-tokens", str(args.image_tokens), "--repeats", str(args.repeats),
+         "--hf-cache", args.hf_cache]
+  res = subprocess.run(cmd, capture_output=True, text=True)
+  if res.returncode != 0:
+    return {"impl": impl, "batch": batch, "note": (res.stderr.strip().splitlines() or ["?"])[-1]}
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def measure(args, impl, batch) -> dict:
+  a = argparse.Namespace(**{**vars(args), "batch": batch})
+  try:
+    r = run_jax(a) if impl == "jax" else run_hf(a)
+  except Exception as e:  # noqa: BLE001 - an OOM or missing CUDA is a table note, not a crash
+    return {"impl": impl, "batch": batch, "note": f"{type(e).__name__}: {str(e)[:100]}"}
+  r.update(batch=batch, new_tokens=args.new_tokens)
+  r["decode_tok_s"] = batch * args.new_tokens / r["decode_s"]
+  r["e2e_tok_s"] = batch * args.new_tokens / (r["prefill_s"] + r["decode_s"])
+  r["step_ms"] = 1e3 * r["decode_s"] / args.new_tokens
+  return r
+
+
+def _versions() -> str:
+  vers = []
+  for mod in ("jax", "jaxlib", "torch", "transformers"):
+    try:
+      vers.append(f"{mod} {__import__(mod).__version__}")
+    except ImportError:
+      pass
+  return ", ".join(vers) + f", python {platform.python_version()}"
+
+
+def table(args, rows) -> str:
+  wb = _weight_bytes(args.shape)
+  device = next((r["device"] for r in rows if "device" in r), "?")
+  lines = [f"## Generation benchmark ({'smoke, CPU' if args.smoke else 'GPU'})", "",
+           f"- device: {device}", f"- versions: {_versions()}",
+           f"- date: {datetime.date.today().isoformat()}",
+           f"- command: `{' '.join(['python -m bench.generate'] + sys.argv[1:])}`",
+           f"- shape: {args.shape}, prompt {args.prompt} ({args.image_tokens} image positions), "
+           f"{args.new_tokens} new tokens, greedy; weights {wb / 1e9:.2f} GB read per decode step; "
+           f"best of {args.repeats} runs after a warm-up", "",
+           "| impl | batch | prefill s | decode ms/step | decode tok/s | end-to-end tok/s | "
+           "weight GB/s | decode vs HF |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "note" in r:
+      lines.append(f"| {r['impl']} | {r['batch']} | - | - | - | - | - | {r['note']} |")
+      continue
+    hf = next((h for h in rows if h["impl"].startswith("hf") and h["batch"] == r["batch"]
+               and "decode_tok_s" in h), None)
+    rel = f"{r['decode_tok_s'] / hf['decode_tok_s']:.2f}x" if hf else ""
+    lines.append(f"| {r['impl']} | {r['batch']} | {r['prefill_s']:.3f} | {r['step_ms']:.2f} | "
+                 f"{r['decode_tok_s']:.1f} | {r['e2e_tok_s']:.1f} | "
+                 f"{wb / (r['step_ms'] / 1e3) / 1e9:.0f} | {rel} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--impl", choices=("jax", "hf", "both"), default="both")
+  p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+  p.add_argument("--prompt", type=int, default=1024)
+  p.add_argument("--image-tokens", type=int, default=729)
+  p.add_argument("--new-tokens", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--hf-cache", choices=("auto", "dynamic", "static"), default="auto")
+  p.add_argument("--json", action="store_true", help="print one JSON result (child mode)")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in one process")
+  args = p.parse_args(argv)
+  args.shape = SMOKE if args.smoke else LLAMA3_8B
+  if args.smoke:
+    args.prompt, args.image_tokens, args.new_tokens, args.repeats = 24, 9, 6, 1
+    args.batch, args.hf_cache = [2], "dynamic"  # a static cache would torch.compile on CPU
+  impls = ("jax", "hf") if args.impl == "both" else (args.impl,)
+  if args.json:
+    print(json.dumps(measure(args, impls[0], args.batch[0])))
+    return
+  rows = []
+  for batch in args.batch:
+    for impl in impls:
+      r = measure(args, impl, batch) if args.smoke else _child(args, impl, batch)
+      rows.append(r)
+      print(json.dumps(r), file=sys.stderr, flush=True)  # progress
+  print(table(args, rows))
+
+
+if __name__ == "__main__":
+  main()

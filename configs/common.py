@@ -1,0 +1,78 @@
+"""Defaults shared by every training config; each config file's get_config() starts from `base()`.
+
+Fields (override any on the command line: `--config.optim.lr=1e-5`):
+  name                  run name (default workdir: runs/<name>)
+  model.init            where the weights come from: a checkpoint dir of this project (or a stage-1
+                        workdir, meaning its final/), a HF dir, "preset:NAME" (random init) or
+                        "scratch" (random init of model.arch; vocab_size 0 / image_token_id -1 are
+                        taken from the tokenizer)
+  model.preset          the architecture the recipe expects; used to plan a run (shapes, memory)
+                        when model.init is not on this machine
+  model.lora            rank > 0 adds adapters (rank, alpha, dropout, targets, vision_targets)
+  model.dtype           compute dtype; trainable weights always keep float32 masters
+  model.frozen_dtype    storage dtype of frozen weights ("" keeps the stored dtype)
+  model.remat / model.attention   vlm.config.VLMConfig.remat / .attention
+  model.loss_chunk      positions per vocabulary projection in the loss (0: all at once)
+  trainable             regexes over '/'-joined parameter paths; everything else is frozen
+  data.*                data.pipeline.DataConfig fields; None means the DataConfig / model default
+                        (template, image geometry and placeholder counts come from the model;
+                        num_epochs from train.epochs, or endless when train.steps is set)
+  eval.*                held-out loss: paths (empty: none), every (steps), batches (0: all)
+  optim.*               lr, groups ({name: {pattern, lr}} per-group rates), schedule (cosine |
+                        linear | constant), warmup_ratio, min_lr_ratio, weight_decay, no_decay
+                        (patterns exempt from decay), b1, b2, eps, clip_norm (0: none), grad_accum
+                        (micro-batches per optimizer step: the memory knob; the global batch is
+                        data.global_batch)
+  train.*               epochs, steps (0: epochs x samples / global batch), seed, max_nonfinite
+                        (abort after that many non-finite steps in a row), log_every, peak_tflops
+                        (per device, for MFU where the device is not known)
+  mesh.*                shape (data, fsdp, tensor; -1 takes the remaining devices), num_devices
+                        (0: all)
+  checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
+                        preemption checks)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+def data_defaults() -> dict:
+  """data.pipeline.DataConfig fields a config may set (None: pipeline or model default)."""
+  return dict(paths=(), image_root=None, template=None, tokenizer_dir=None, max_len=2048,
+              global_batch=128, per_process_batch=None, mode="pad", pad_buckets=None,
+              group_window=32, pack_bins=None, seed=0, shuffle=True, num_epochs=None,
+              worker_count=0, worker_buffer_size=4, read_threads=2, read_buffer=8, strict=False,
+              resize_mode=None, max_images_per_row=None, system=None, cache_dir=None,
+              tfds_data_dir=None, log_skips=3)
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.model = dict(
+      init="", preset="", arch=None, seed=0,
+      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=LLM_PROJECTIONS, vision_targets=()),
+      dtype="bfloat16", frozen_dtype="bfloat16", remat="full", attention="auto", loss_chunk=0)
+  c.trainable = (r"^connector/",)
+  c.data = data_defaults()
+  c.eval = dict(paths=(), every=0, batches=0, global_batch=0)
+  # Not stated in the papers (LLaVA runs HF Trainer defaults): betas, eps, clipping, no_decay.
+  c.optim = dict(lr=1e-3, groups={}, schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.0,
+                 weight_decay=0.0, no_decay=(r"bias$", r"norm", r"(^|/)ln", r"scale$"),
+                 b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1)
+  c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0)
+  c.mesh = dict(shape=(1, -1, 1), num_devices=0)
+  c.checkpoint = dict(every=500, keep=3, use_async=True, sync_every=10)
+  return c
+
+
+def lora(c: ml_collections.ConfigDict, *, rank: int, alpha: float, dropout: float,
+         vision: bool = False) -> None:
+  """LoRA on every decoder projection (LLaVA's find_all_linear_names), optionally on the tower's;
+  only the adapters and the connector train."""
+  c.model.lora.rank, c.model.lora.alpha, c.model.lora.dropout = rank, alpha, dropout
+  c.model.lora.vision_targets = VISION_PROJECTIONS if vision else ()
+  c.trainable = (r"/lora_[ab]$", r"^connector/")

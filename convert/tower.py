@@ -1,0 +1,69 @@
+"""A CLIP vision tower from a HF CLIP dir, an open_clip dir (e.g. apple/DFN5B-CLIP-ViT-H-14-378),
+or a tower checkpoint of this project (`python -m convert import --from open_clip`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from convert import hf, open_clip, tensors
+
+OPEN_CLIP_STEMS = ("open_clip_model", "open_clip_pytorch_model")
+_NOT_VISION = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+
+def is_open_clip(path) -> bool:
+  return os.path.exists(os.path.join(path, "open_clip_config.json"))
+
+
+def load(path, *, select_layer: int = -2, keep_cls: bool = False):
+  """-> (VisionConfig, {("vision", canonical HF name): loader})."""
+  from vlm import checkpoint
+  if is_open_clip(path):
+    with open(os.path.join(path, "open_clip_config.json")) as f:
+      vcfg = open_clip.vision_config(json.load(f), select_layer)
+    files = tensors.find_weights(path, OPEN_CLIP_STEMS)
+    if not files:
+      raise hf.ConversionError(f"no open_clip_model.safetensors or open_clip_pytorch_model.bin "
+                               f"in {path}")
+    raw = tensors.read_files(files)
+    return (dataclasses.replace(vcfg, keep_cls=keep_cls),
+            open_clip.canonical_vision(raw, source=files[0]))
+  if checkpoint.is_checkpoint(path):
+    cfg, params = checkpoint.load(path)
+    if cfg.vision is None or "vision" not in params:
+      raise hf.ConversionError(f"{path} has no vision tower")
+    vcfg = dataclasses.replace(cfg.vision, select_layer=select_layer, keep_cls=keep_cls)
+    sub = {"vision": params["vision"]}
+    return vcfg, dict(hf.iter_export(cfg, sub, lambda comp, nm: (comp, nm)))
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise hf.ConversionError(f"{path}: not a vision tower (no open_clip_config.json, config.json "
+                             "or medvlm-jax checkpoint)")
+  with open(cfg_file) as f:
+    d = json.load(f)
+  mt = d.get("model_type")
+  if mt == "clip":
+    d = d["vision_config"]
+  elif mt != "clip_vision_model":
+    raise hf.ConversionError(f"unknown architecture model_type={mt!r} in {cfg_file} "
+                             "(clip | clip_vision_model | open_clip)")
+  vcfg = hf.vision_config(d, select_layer, keep_cls)
+  pp = os.path.join(path, "preprocessor_config.json")
+  if os.path.exists(pp):
+    with open(pp) as f:
+      p = json.load(f)
+    if "image_mean" in p:
+      vcfg = dataclasses.replace(vcfg, mean=tuple(p["image_mean"]), std=tuple(p["image_std"]))
+  files = tensors.find_weights(path)
+  if not files:
+    raise hf.ConversionError(f"no model.safetensors or pytorch_model.bin in {path}")
+  out = {}
+  for key, t in tensors.read_files(files).items():
+    if key.startswith(_NOT_VISION):
+      continue
+    canon = hf.canonical_name(key)
+    if canon is None or canon[0] != "vision":
+      raise hf.ConversionError(f"unexpected key {key} in {t.file}")
+    out[canon] = t
+  return vcfg, out

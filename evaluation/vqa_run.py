@@ -1,0 +1,209 @@
+"""`python -m evaluation.vqa run`: zero-shot answers to a VQA benchmark, written as LLaVA-Med does.
+
+Questions come from a TFDS build (`python -m data.tfds build NAME ...`; --dataset + --data-dir) or
+a LLaVA-Med test.json + image folder (--test-json + --image-root). Each answer is appended to the
+output JSONL and flushed as soon as its batch is done, one row per question:
+  {"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}}
+so a rerun with the same --out skips the ids already answered (a row cut short by a kill is
+dropped and answered again). Defaults follow the papers: greedy, max_new_tokens 1024.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Callable, Iterator, NamedTuple
+
+from data.errors import BadSample
+
+DATASETS = ("vqa_rad", "slake", "path_vqa")
+IMAGE = "<image>"
+
+
+class Question(NamedTuple):
+  qid: object  # as the source spells it (answers keep the type: LLaVA-Med ids are ints)
+  text: str  # the human turn; an <image> marker, if any, says where the image goes
+  image: Callable  # () -> uint8 [H, W, 3]
+  answer: str
+  answer_type: str
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+def tfds_questions(name: str, data_dir: str, split: str = "test") -> Iterator[Question]:
+  import tensorflow_datasets as tfds
+
+  import data.tfds  # noqa: F401  (registers the builders)
+  if name not in DATASETS:
+    raise BadSample("bad_argument", f"--dataset must be one of {DATASETS}, got {name!r}")
+  try:
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises several types for a missing or partial build
+    raise BadSample("missing_dataset", f"no {name}/{split} build in {data_dir} ({e})"[:500],
+                    path=data_dir) from None
+  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  for i in range(len(src)):
+    r = src[i]
+    yield Question(text(r["id"]), text(r["question"]), (lambda img=r["image"]: img),
+                   text(r["answer"]), text(r["answer_type"]))
+
+
+def test_json_questions(path: str, image_root: str) -> Iterator[Question]:
+  """LLaVA-Med test.json: [{id, image, conversations|conversatons, answer_type}]."""
+  from data.image import load_image
+  from evaluation.vqa import gt_answer, index_by_id, read_records
+  rows = index_by_id(read_records(path), ("id",), path)  # duplicate ids are an error here
+  for key, r in rows.items():
+    kind, answer = gt_answer(r, key, path)
+    conv = r.get("conversations", r.get("conversatons"))
+    q = conv[0].get("value") if isinstance(conv[0], dict) else None
+    if not isinstance(q, str) or conv[0].get("from") != "human":
+      raise BadSample("malformed_sample", "conversations[0] must be the human question",
+                      sample_id=key, path=path)
+    if not isinstance(r.get("image"), str):
+      raise BadSample("malformed_sample", "no 'image' path", sample_id=key, path=path)
+    yield Question(r["id"], q, (lambda im=r["image"], k=key: load_image(im, root=image_root,
+                                                                         sample_id=k)),
+                   answer, kind)
+
+
+def write_gt(questions: list, path: str) -> None:
+  """The questions as a LLaVA-Med test.json, so `score --gt` can read a TFDS run's truth."""
+  rows = [{"id": q.qid, "image": str(q.qid), "answer_type": q.answer_type,
+           "conversations": [{"from": "human", "value": q.text},
+                             {"from": "gpt", "value": q.answer}]} for q in questions]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=1)
+
+
+# --- resumable answer file -----------------------------------------------------------------------
+
+def answered_ids(path: str) -> set:
+  """Ids already in `path`. A last line cut short by a kill (no newline, not JSON) is truncated
+  away; any other bad line is an error naming it (the file is not ours to repair)."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")  # the last item is what follows the final newline
+  done, keep = set(), 0
+  for n, line in enumerate(lines, 1):
+    tail = n == len(lines)
+    if line.strip():
+      try:
+        done.add(str(json.loads(line)["question_id"]))
+      except (ValueError, KeyError, TypeError):
+        if not tail:
+          raise BadSample("malformed_json", f"line {n} is not an answer row", path=path) from None
+        with open(path, "r+b") as f:
+          f.truncate(keep)
+        break
+      if tail:  # complete row, newline lost
+        with open(path, "ab") as f:
+          f.write(b"\n")
+    keep += len(line) + 1
+  return done
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def prompt_text(question: str) -> str:
+  """What LLaVA-Med writes as `prompt`: the question without the image marker."""
+  return question.replace(IMAGE, "").strip()
+
+
+def run(args) -> dict:
+  from vlm.generate import GenerationConfig, Generator
+  from vlm.prompt import build_prompt
+
+  if args.test_json:
+    if not args.image_root:
+      raise BadSample("bad_argument", "--test-json needs --image-root")
+    questions = list(test_json_questions(args.test_json, args.image_root))
+  elif args.dataset and args.data_dir:
+    questions = list(tfds_questions(args.dataset, args.data_dir, args.split))
+  else:
+    raise BadSample("bad_argument", "give --dataset and --data-dir, or --test-json and "
+                    "--image-root")
+  if args.gt_out:
+    write_gt(questions, args.gt_out)
+  done = answered_ids(args.out)
+  todo = [q for q in questions if str(q.qid) not in done]
+  if args.limit is not None:
+    todo = todo[:args.limit]
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  log(f"{len(questions)} questions, {len(done)} already answered in {args.out}, "
+      f"{len(todo)} to answer now")
+  stats = {"questions": len(questions), "answered_before": len(done), "answered": 0,
+           "skipped": 0}
+  if not todo:
+    return stats
+  mesh = None
+  if args.mesh:
+    from vlm.sharding import make_mesh
+    mesh = make_mesh([int(x) for x in args.mesh.split(",")])
+  overrides = {"dtype": args.dtype} if args.dtype else {}
+  try:
+    gen = Generator.from_checkpoint(args.ckpt, mesh=mesh, **overrides)
+  except FileNotFoundError as e:
+    raise BadSample("missing_checkpoint", str(e), path=args.ckpt) from None
+  gc = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop))
+  model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  t0 = time.time()
+  with open(args.out, "a", encoding="utf-8") as out:
+    for start in range(0, len(todo), args.batch_size):
+      batch, prompts = [], []
+      for q in todo[start:start + args.batch_size]:
+        try:
+          prompts.append(build_prompt(gen.config, gen.tokenizer, q.text, [q.image()],
+                                      system=args.system))
+          batch.append(q)
+        except BadSample as e:
+          if not args.lenient:
+            raise BadSample(e.reason, str(e).removeprefix(f"[{e.reason}] "),
+                            sample_id=q.qid, path=e.path) from None
+          stats["skipped"] += 1
+          log(f"skipped {q.qid}: {e}")
+      for q, res in zip(batch, gen.generate(prompts, gc, batch_size=args.batch_size)):
+        out.write(json.dumps({"question_id": q.qid, "prompt": prompt_text(q.text),
+                              "text": res.text, "answer_id": uuid.uuid4().hex,
+                              "model_id": model_id, "metadata": {}}) + "\n")
+        out.flush()
+      stats["answered"] += len(batch)
+      log(f"answered {stats['answered']}/{len(todo)} ({time.time() - t0:.0f} s)")
+  return stats
+
+
+def add_parser(sub) -> None:
+  p = sub.add_parser(
+      "run", help="zero-shot answers to a VQA benchmark (resumable JSONL, LLaVA-Med format)",
+      description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", required=True, help="checkpoint dir of this project or a HF model dir")
+  p.add_argument("--dataset", choices=DATASETS, help="TFDS build to read (with --data-dir)")
+  p.add_argument("--data-dir", help="TFDS data dir written by `python -m data.tfds build`")
+  p.add_argument("--split", default="test")
+  p.add_argument("--test-json", help="LLaVA-Med test.json instead of a TFDS build")
+  p.add_argument("--image-root", help="folder the test.json image paths are relative to")
+  p.add_argument("--out", required=True, help="answers JSONL (appended to; rerun to resume)")
+  p.add_argument("--gt-out", help="also write the questions as a LLaVA-Med test.json (the "
+                 "ground truth `score --gt` reads; useful with TFDS builds)")
+  p.add_argument("--model-id", help="model_id written in each row (default: the ckpt dir name)")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-new-tokens", type=int, default=1024)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                 help="extra stop string (repeatable); template stop tokens always apply")
+  p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--mesh", help="data,fsdp,tensor mesh shape, e.g. 1,-1,1 (default: one device)")
+  p.add_argument("--limit", type=int, help="answer at most this many new questions, then stop")
+  p.add_argument("--lenient", action="store_true",
+                 help="skip (and count) questions whose image cannot be read instead of failing")
+  p.set_defaults(func=lambda a: print(json.dumps(run(a))))

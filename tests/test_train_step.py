@@ -1,0 +1,207 @@
+"""The jitted train step (train/step.py, train/state.py): sharded = single device, gradient
+accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch, frozen
+weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite steps
+skipped and counted."""
+import jax
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from configs import common
+from train import state as state_lib
+from train.step import make_train_step, token_losses
+from train.trainer import batch_shardings
+from vlm import checkpoint, lora
+from vlm.config import VLMConfig
+from vlm.model import abstract_params
+from vlm.sharding import make_mesh
+
+VOCAB, IMG = 64, 63
+LLM = dict(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
+           max_positions=64)
+VISION = dict(image_size=28, patch_size=14, width=16, layers=1, heads=2, mlp_dim=32, select_layer=-1)
+TEXT = VLMConfig.from_dict(dict(llm=LLM, template="llama3"))
+VLM_CFG = VLMConfig.from_dict(dict(llm=LLM, vision=VISION, tiler=dict(kind="single"),
+                                   image_token_id=IMG, template="llama3"))
+
+
+def write_model(path, cfg: VLMConfig, seed=0) -> str:
+  """A random checkpoint of this project (numpy: no init program to compile)."""
+  rng = np.random.default_rng(seed)
+
+  def value(path, shape):
+    if path[-1] in ("scale",):
+      return np.ones(shape, np.float32)
+    return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+  flat = flatten_dict(abstract_params(cfg, boxed=False))
+  checkpoint.save(str(path), cfg, unflatten_dict({k: value(k, v.shape) for k, v in flat.items()}))
+  return str(path)
+
+
+def config(init, **kw):
+  c = common.base()
+  c.model.update(init=init, dtype="float32", frozen_dtype="", remat="none", attention="xla")
+  c.trainable = (r"^connector/", r"^llm/")
+  c.optim.update(lr=1e-4, warmup_ratio=0.0, grad_accum=1)
+  for k, v in kw.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def batches(n, b=4, t=16, seed=0, images=False):
+  """Random rows: trained answer spans of varying length, padding (segment 0) at the end; with
+  images: 4 placeholders and one uint8 image per row."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    ids = rng.integers(0, IMG, (b, t)).astype(np.int32)
+    labels = np.full((b, t), -100, np.int32)
+    seg = np.ones((b, t), np.int32)
+    for r in range(b):
+      end = t - int(rng.integers(0, 5))
+      start = int(rng.integers(6, end - 2))
+      labels[r, start:end] = ids[r, start:end]
+      seg[r, end:] = 0
+    row = {"input_ids": ids, "labels": labels, "segment_ids": seg,
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    if images:
+      ids[:, 1:5] = IMG
+      row["pixel_values"] = rng.integers(0, 256, (b, 1, 28, 28, 3), dtype=np.uint8)
+    out.append(row)
+  return out
+
+
+def one_device():
+  return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def train(c, data, mesh):
+  """(params before, params after, per-step metrics, final state) of len(data) steps."""
+  plan = state_lib.plan(c, mesh, total_steps=len(data))
+  st, frozen = state_lib.load(c, plan)
+  sh = batch_shardings(mesh, data[0])
+  fn = make_train_step(plan.model, plan.tx, mesh=mesh, state_shardings=plan.state_shardings,
+                       frozen_shardings=plan.frozen_shardings, batch_shardings=sh,
+                       grad_accum=c.optim.grad_accum)
+  first = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  metrics = []
+  for b in data:
+    st, m = fn(st, frozen, jax.device_put(b, sh))
+    metrics.append(jax.device_get(m))
+  last = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  return first, last, metrics, st
+
+
+def max_diff(a, b):
+  fa, fb = flatten_dict(a), flatten_dict(b)
+  assert fa.keys() == fb.keys()
+  return max(float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) for k in fa)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+  return write_model(tmp_path_factory.mktemp("text") / "ckpt", TEXT)
+
+
+@pytest.fixture(scope="module")
+def single(text_model):
+  c = config(text_model, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  return train(c, batches(3), one_device())
+
+
+def test_sharded_equals_single_device(text_model, single):
+  first, last, metrics, _ = single
+  s_first, s_last, s_metrics, st = train(config(text_model, **{"mesh.shape": (2, 2, 2)}),
+                                         batches(3), make_mesh((2, 2, 2)))
+  assert max_diff(first, s_first) == 0.0
+  assert max_diff(first, last) > 2e-4      # training moved the weights (3 Adam steps of 1e-4)
+  assert max_diff(last, s_last) <= 1e-5
+  np.testing.assert_allclose([m["loss"] for m in s_metrics], [m["loss"] for m in metrics],
+                             rtol=1e-5)
+  # the optimizer state lives sharded like its parameter
+  kernel = st["trainable"]["llm"]["layers"]["layer"]["mlp"]["up"]["kernel"]
+  mu = optax.tree_utils.tree_get(st["opt"], "mu")["llm"]["layers"]["layer"]["mlp"]["up"]["kernel"]
+  assert mu.sharding == kernel.sharding and len(kernel.sharding.device_set) == 8
+  assert not kernel.sharding.is_fully_replicated
+
+
+def test_accumulation_4x1_equals_one_microbatch_of_4(text_model, single):
+  _, last, metrics, _ = single
+  c = config(text_model, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1,
+                            "optim.grad_accum": 4})
+  _, acc_last, acc_metrics, _ = train(c, batches(3), one_device())
+  assert max_diff(last, acc_last) <= 1e-5
+  np.testing.assert_allclose([m["loss"] for m in acc_metrics], [m["loss"] for m in metrics],
+                             rtol=1e-5)
+  # the count behind the normalization is the whole global batch's trained tokens
+  assert int(metrics[0]["tokens"]) == int((batches(1)[0]["labels"][:, 1:] != -100).sum())
+
+
+def test_loss_is_sum_over_trained_tokens_over_their_count(text_model):
+  c = config(text_model)
+  plan = state_lib.plan(c, one_device(), 1)
+  _, params = checkpoint.load(text_model)
+  b = batches(1, b=2)[0]
+  total, n = jax.jit(lambda p: token_losses(plan.model, p, b, jax.random.key(0), train=False))(
+      params)
+  logits = plan.model.apply({"params": params}, b["input_ids"], positions=b["positions"],
+                            segment_ids=b["segment_ids"])
+  logp = np.asarray(jax.nn.log_softmax(logits[:, :-1]))
+  tgt = b["labels"][:, 1:]
+  mask = tgt != -100
+  picked = np.take_along_axis(logp, np.maximum(tgt, 0)[..., None], -1)[..., 0]
+  assert int(n) == int(mask.sum()) > 0
+  np.testing.assert_allclose(float(total), -np.sum(np.where(mask, picked, 0.0)), rtol=1e-5)
+  # the vocabulary-chunked loss (a chunk that does not divide T) agrees
+  chunked, n2 = jax.jit(lambda p: token_losses(plan.model, p, b, jax.random.key(0), chunk=5,
+                                               train=False))(params)
+  assert int(n2) == int(n)
+  np.testing.assert_allclose(float(chunked), float(total), rtol=1e-5)
+
+
+def test_lora_stage_moves_only_adapters_and_connector_and_skips_nonfinite(tmp_path):
+  """3 LoRA steps (adapters on the decoder and the tower) with frozen weights stored in bf16;
+  batch 2 carries a NaN pixel (float pixels are taken as normalized): that step is skipped."""
+  c = config(write_model(tmp_path / "vlm", VLM_CFG),
+             **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1, "model.frozen_dtype": "bfloat16"})
+  common.lora(c, rank=4, alpha=8.0, dropout=0.0, vision=True)
+  data = batches(3, images=True)
+  for b in data:
+    b["pixel_values"] = b["pixel_values"].astype(np.float32) / 255.0
+  data[1]["pixel_values"][0, 0, 3, 3, 0] = np.nan
+  mesh = one_device()
+  plan = state_lib.plan(c, mesh, total_steps=3)
+  st, frozen = state_lib.load(c, plan)
+  sh = batch_shardings(mesh, data[0])
+  fn = make_train_step(plan.model, plan.tx, mesh=mesh, state_shardings=plan.state_shardings,
+                       frozen_shardings=plan.frozen_shardings, batch_shardings=sh)
+  host = lambda s: jax.tree_util.tree_map(np.asarray, (s["trainable"], s["opt"]))
+  first_params = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
+  seen = []
+  for b in data:
+    before = host(st)
+    st, m = fn(st, frozen, jax.device_put(b, sh))
+    same = all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(before),
+                                                    jax.tree_util.tree_leaves(host(st))))
+    seen.append((bool(m["finite"]), same, int(m["nonfinite"]), int(m["skipped_steps"])))
+  assert seen == [(True, False, 0, 0),
+                  (False, True, 1, 1),    # skipped: parameters and optimizer state unchanged
+                  (True, False, 0, 1)]    # training goes on; the in-a-row counter resets
+  assert int(st["step"]) == 3
+
+  last = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  fa, fb = flatten_dict(first_params), flatten_dict(last)
+  changed = {"/".join(k) for k in fa if not np.array_equal(fa[k], fb[k])}
+  allowed = {"/".join(k) for k in fa if k[-1] in ("lora_a", "lora_b") or k[0] == "connector"}
+  assert changed == allowed   # every adapter (tower ones too) and the connector, nothing else
+  assert any(p.startswith("vision/") for p in changed)
+  ff = flatten_dict(jax.tree_util.tree_map(np.asarray, frozen))
+  assert all(np.array_equal(v, flatten_dict(frozen_before)[k]) for k, v in ff.items())
+  assert ff and all(v.dtype == jax.numpy.bfloat16 for v in ff.values())
+  assert all(v.dtype == np.float32 for v in flatten_dict(st["trainable"]).values())

@@ -1,0 +1,251 @@
+"""The model a run starts from and its train state, planned from shapes before anything is allocated.
+
+`plan()` resolves the network (checkpoint dir, HF dir, preset or scratch architecture, plus LoRA /
+dtype / remat / attention overrides), splits its parameter paths into trainable and frozen with
+vlm.lora, and derives every sharding (optimizer state sharded like its parameters) from
+`jax.eval_shape`, so a 13B recipe can be checked on a laptop. `load()` then reads or initializes
+the weights straight into those shardings: trainable float32 masters, frozen weights in the
+configured storage dtype.
+
+State layout: {"step", "rng" (key data), "trainable", "opt", "nonfinite", "skipped_steps"};
+the frozen tree is kept apart (never donated, never checkpointed: it is re-read from the source).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import optimizer
+from vlm import checkpoint, lora
+from vlm.config import LoraConfig, VLMConfig, preset
+from vlm.model import VLM, abstract_params, init_params
+from vlm.sharding import DEFAULT_RULES, shardings as tree_shardings
+
+log = logging.getLogger(__name__)
+# LoRA's rank axis is replicated by the model's rules; in training it carries fsdp where the
+# adapter's other axis does not (e.g. down's A [mlp, rank]), so no adapter or moment is replicated.
+RULES = tuple((k, "fsdp") if k == "lora" else (k, v) for k, v in DEFAULT_RULES)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_init(init: str) -> str:
+  """A stage-1 workdir stands for its final checkpoint (`WORKDIR/final`)."""
+  if init and os.path.isdir(os.path.join(init, "final")) and not checkpoint.is_checkpoint(init):
+    return os.path.join(init, "final")
+  return init
+
+
+def tokenizer_dir(config) -> str:
+  """data.tokenizer_dir, else the tokenizer that ships with the source checkpoint."""
+  if config.data.tokenizer_dir:
+    return config.data.tokenizer_dir
+  init = resolve_init(config.model.init)
+  for d in (os.path.join(init, "tokenizer"), init):
+    if os.path.exists(os.path.join(d, "tokenizer_config.json")):
+      return d
+  raise ValueError(f"no tokenizer: set data.tokenizer_dir (model.init {init!r} has none)")
+
+
+def source_config(config) -> VLMConfig:
+  """The network as stored at model.init (no training overrides)."""
+  m = config.model
+  init = resolve_init(m.init)
+  if init == "scratch":
+    arch = VLMConfig.from_dict(m.arch.to_dict() if hasattr(m.arch, "to_dict") else dict(m.arch))
+    if arch.llm.vocab_size <= 0 or arch.image_token_id < 0:   # take them from the tokenizer
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(tokenizer_dir(config))
+      vocab = arch.llm.vocab_size if arch.llm.vocab_size > 0 else len(tok)
+      image = arch.image_token_id if arch.image_token_id >= 0 else tok.convert_tokens_to_ids("<image>")
+      arch = arch.replace(llm=dataclasses.replace(arch.llm, vocab_size=vocab), image_token_id=image)
+    return arch
+  if init.startswith("preset:"):
+    return preset(init.split(":", 1)[1])
+  if checkpoint.is_checkpoint(init):
+    return checkpoint.load_config(init)
+  if os.path.exists(os.path.join(init, "config.json")):
+    from convert import hf
+    with open(os.path.join(init, "config.json")) as f:
+      return hf.vlm_config(json.load(f))
+  if m.get("preset"):   # the source is not here (e.g. a dry run): plan from the named shape
+    return preset(m.preset)
+  raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "
+                          "or 'scratch'")
+
+
+def train_config(config, src: VLMConfig) -> VLMConfig:
+  """The network trained: the source plus LoRA adapters and the run's compute settings."""
+  m = config.model
+  out = src.replace(dtype=m.dtype, remat=m.remat, attention=m.attention)
+  if m.lora.rank:
+    out = out.replace(lora=LoraConfig(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                      targets=tuple(m.lora.targets),
+                                      vision_targets=tuple(m.lora.vision_targets)))
+  return out
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything about a run's state that follows from shapes alone."""
+  source: VLMConfig
+  config: VLMConfig
+  model: VLM
+  mask: Any                 # bool tree over all params: trainable?
+  abstract: Any             # ShapeDtypeStruct tree of all params (float32)
+  param_shardings: Any
+  trainable_shardings: Any
+  frozen_shardings: Any
+  frozen_dtype: Any         # None: keep the stored dtype
+  tx: Any
+  schedule: Any
+  opt_shardings: Any
+  state_shardings: dict
+  mesh: Any
+
+
+def plan(config, mesh, total_steps: int) -> Plan:
+  src = source_config(config)
+  cfg = train_config(config, src)
+  boxed = abstract_params(cfg, boxed=True)
+  abstract = nn.unbox(boxed)
+  shard = tree_shardings(boxed, mesh, RULES)
+  mask = lora.select(abstract, tuple(config.trainable))
+  n_train = sum(math.prod(v.shape) for k, v in flatten_dict(abstract).items()
+                if flatten_dict(mask)[k])
+  if not n_train:
+    raise ValueError(f"trainable patterns {tuple(config.trainable)} match no parameter; paths look "
+                     f"like {sorted('/'.join(k) for k in flatten_dict(abstract))[:6]}")
+  trainable_sh, frozen_sh = lora.partition(shard, mask)
+  trainable_abs, _ = lora.partition(abstract, mask)
+  tx, sched = optimizer.make(config.optim, total_steps, trainable_abs)
+  replicated = NamedSharding(mesh, P())
+  opt_abs = jax.eval_shape(tx.init, trainable_abs)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, trainable_sh,
+                                 transform_non_params=lambda _: replicated)
+  state_sh = {"step": replicated, "rng": replicated, "trainable": trainable_sh, "opt": opt_sh,
+              "nonfinite": replicated, "skipped_steps": replicated}
+  fd = config.model.frozen_dtype
+  return Plan(src, cfg, VLM(cfg), mask, abstract, shard, trainable_sh, frozen_sh,
+              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh)
+
+
+def abstract_state(p: Plan) -> tuple:
+  """(state, frozen) as ShapeDtypeStructs with shardings: what `load` would allocate."""
+  sds = lambda x, s, dt=None: jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=s)
+  trainable, frozen = lora.partition(p.abstract, p.mask)
+  trainable = jax.tree_util.tree_map(lambda x, s: sds(x, s, jnp.float32), trainable,
+                                     p.trainable_shardings)
+  frozen = jax.tree_util.tree_map(lambda x, s: sds(x, s, p.frozen_dtype), frozen,
+                                  p.frozen_shardings)
+  opt = jax.tree_util.tree_map(sds, jax.eval_shape(p.tx.init, trainable), p.opt_shardings)
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=p.state_shardings["step"])
+  state = {"step": scalar(jnp.int32),
+           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=p.state_shardings["rng"]),
+           "trainable": trainable, "opt": opt, "nonfinite": scalar(jnp.int32),
+           "skipped_steps": scalar(jnp.int32)}
+  return state, frozen
+
+
+# --- reading / initializing weights --------------------------------------------------------------
+
+def _place(tree, sh):
+  """Host numpy tree -> global arrays (every process holds the same values)."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x[idx])),
+      tree, sh)
+
+
+def _source_shardings(p: Plan, stored: dict) -> dict:
+  flat = flatten_dict(p.param_shardings)
+  rep = NamedSharding(p.mesh, P())
+  return unflatten_dict({k: flat.get(k, rep) for k in flatten_dict(stored)})
+
+
+def _read_source(config, p: Plan, seed: int) -> dict:
+  init = resolve_init(config.model.init)
+  if init == "scratch" or init.startswith("preset:"):   # random init of the trained network
+    return jax.jit(lambda k: init_params(p.config, k), out_shardings=p.param_shardings)(
+        jax.random.key(seed))
+  if checkpoint.is_checkpoint(init):   # sharded restore: each process reads its shards
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(os.path.join(os.path.abspath(init), "params"))
+    meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    meta = getattr(meta, "tree", meta)
+    sh = flatten_dict(_source_shardings(p, meta))
+    target = unflatten_dict({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh[k])
+                             for k, m in flatten_dict(meta).items()})
+    return checkpoint.load(init, target=target)[1]
+  from vlm import from_pretrained
+  _, params = from_pretrained(init)
+  return _place(params, _source_shardings(p, params))
+
+
+def _add_missing(p: Plan, params: dict, seed: int) -> dict:
+  """Parameters the trained network has and the source lacks (new LoRA adapters) are freshly
+  initialized; the jitted init keeps only those, so XLA never builds the rest."""
+  have, want = flatten_dict(params), flatten_dict(p.abstract)
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f"model.init has parameters the configured network lacks: "
+                     f"{['/'.join(k) for k in extra[:5]]}")
+  missing = [k for k in want if k not in have]
+  if not missing:
+    return params
+  log.info("initializing %d new parameters (e.g. %s)", len(missing), "/".join(missing[0]))
+  sh = flatten_dict(p.param_shardings)
+
+  def fresh(key):
+    flat = flatten_dict(init_params(p.config, key))
+    return {"/".join(k): flat[k] for k in missing}
+  new = jax.jit(fresh, out_shardings={"/".join(k): sh[k] for k in missing})(
+      jax.random.key(seed + 1))
+  return unflatten_dict({**have, **{k: new["/".join(k)] for k in missing}})
+
+
+def _check_shapes(p: Plan, params: dict):
+  want = flatten_dict(p.abstract)
+  for k, v in flatten_dict(params).items():
+    if tuple(v.shape) != tuple(want[k].shape):
+      raise ValueError(f"model.init: {'/'.join(k)} has shape {tuple(v.shape)}, the configured "
+                       f"network expects {tuple(want[k].shape)}")
+
+
+def load(config, p: Plan) -> tuple:
+  """(state, frozen) on the mesh, from model.init."""
+  seed = int(config.model.seed)
+  params = _add_missing(p, _read_source(config, p, seed), seed)
+  _check_shapes(p, params)
+  trainable, frozen = lora.partition(params, p.mask)
+
+  def masters(t):
+    t = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), t)
+    return t, p.tx.init(t)
+  trainable, opt = jax.jit(masters, out_shardings=(p.trainable_shardings, p.opt_shardings))(
+      trainable)
+  if p.frozen_dtype is not None:
+    frozen = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(p.frozen_dtype), t),
+                     out_shardings=p.frozen_shardings)(frozen)
+  put = lambda x: _place(np.asarray(x), p.state_shardings["step"])
+  state = {"step": put(jnp.int32(0)),
+           "rng": put(jax.random.key_data(jax.random.key(int(config.train.seed)))),
+           "trainable": trainable, "opt": opt, "nonfinite": put(jnp.int32(0)),
+           "skipped_steps": put(jnp.int32(0))}
+  return state, frozen
+
+
+def export_config(p: Plan) -> VLMConfig:
+  """config.json of the trained network: its LoRA, the source's runtime defaults."""
+  return p.config.replace(dtype=p.source.dtype, remat=p.source.remat, attention=p.source.attention)

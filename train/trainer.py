@@ -1,0 +1,288 @@
+"""One training stage: plan the state, load or resume it, run the jitted steps over the grain
+iterator with periodic held-out loss and checkpoints, and write WORKDIR/final (a checkpoint dir
+that vlm.from_pretrained and `python -m convert export` read).
+
+The loop keeps one step in flight: it dispatches step s, takes batch s + 1 from the iterator while
+the device works, then reads step s's metrics. The iterator state saved with a checkpoint is the
+one recorded right after the last consumed batch, so a resume sees exactly the batches a straight
+run would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from data.pipeline import DataConfig, make_iterator, open_sources, to_global
+from train import state as state_lib
+from train.checkpoints import Checkpoints, Preemption
+from train.metrics import Flops, Logger, peak_flops
+from train.step import make_eval_step, make_train_step
+from vlm import checkpoint, lora
+from vlm.sharding import BATCH, make_mesh
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def mesh_for(config):
+  n = int(config.mesh.num_devices or 0)
+  return make_mesh(tuple(config.mesh.shape), jax.devices()[:n] if n else None)
+
+
+def data_config(config, model_cfg, *, eval_: bool = False) -> DataConfig:
+  kw = {k: v for k, v in config.data.to_dict().items() if v is not None}
+  kw["tokenizer_dir"] = state_lib.tokenizer_dir(config)
+  for k in ("paths", "pad_buckets"):
+    if k in kw:
+      kw[k] = tuple(kw[k])
+  if "num_epochs" not in kw:
+    kw["num_epochs"] = None if config.train.steps else math.ceil(config.train.epochs)
+  if eval_:
+    kw.update(paths=tuple(config.eval.paths), shuffle=False, num_epochs=1)
+    if config.eval.global_batch:
+      kw["global_batch"] = config.eval.global_batch
+  return DataConfig.from_model(model_cfg, **kw)
+
+
+def total_steps(config, dcfg: DataConfig) -> int:
+  if config.train.steps:
+    return int(config.train.steps)
+  n = len(open_sources(dcfg))
+  steps = int(n * config.train.epochs) // dcfg.global_batch
+  if steps < 1:
+    raise ValueError(f"{n} samples x {config.train.epochs} epochs is less than one global batch "
+                     f"of {dcfg.global_batch}")
+  return steps
+
+
+def batch_shardings(mesh, batch: dict) -> dict:
+  return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
+
+
+def _common_length(batch: dict, dcfg: DataConfig) -> dict:
+  """Pad mode on several processes: every process pads its rows to the longest bucket any of
+  them drew this step, so the global batch has one shape."""
+  if jax.process_count() == 1 or dcfg.mode != "pad" or len(dcfg.buckets()) == 1:
+    return batch
+  from jax.experimental import multihost_utils
+  t = batch["input_ids"].shape[1]
+  longest = int(np.max(multihost_utils.process_allgather(np.int32(t))))
+  if longest == t:
+    return batch
+  fill = {"labels": -100}
+  out = dict(batch)
+  for k in ("input_ids", "labels", "positions", "segment_ids"):
+    out[k] = np.pad(batch[k], ((0, 0), (0, longest - t)), constant_values=fill.get(k, 0))
+  return out
+
+
+def fetch(tree):
+  """Replicated device values -> numpy on every process (multi-process arrays are not fully
+  addressable, so read this process's copy)."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0)), tree)
+
+
+def host_batch(batch: dict, dcfg: DataConfig, text_only: bool) -> dict:
+  """The arrays the step takes: a text-only model gets no (all-padding) image slots."""
+  batch = {k: v for k, v in batch.items() if k != "skipped" and not (
+      text_only and k in ("pixel_values", "image_sizes"))}
+  return _common_length(batch, dcfg)
+
+
+class Batches:
+  """The iterator as the loop uses it: host batches with the iterator state after each one."""
+
+  def __init__(self, iterator, dcfg: DataConfig, text_only: bool):
+    self.it, self.dcfg, self.text_only = iterator, dcfg, text_only
+    self.skipped: dict = {}
+
+  def next(self) -> Optional[tuple]:
+    try:
+      batch = next(self.it)
+    except StopIteration:
+      return None
+    self.skipped = batch.pop("skipped", {}) or {}
+    return host_batch(batch, self.dcfg, self.text_only), self.it.get_state()
+
+
+class HeldOut:
+  """Periodic held-out loss: one pass over the eval data (or its first `batches` batches)."""
+
+  def __init__(self, config, plan, dcfg: DataConfig, mesh):
+    self.config, self.plan, self.dcfg, self.mesh = config, plan, dcfg, mesh
+    self._steps = {}
+
+  def _step(self, batch):
+    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if key not in self._steps:
+      sh = batch_shardings(self.mesh, batch)
+      self._steps[key] = (sh, make_eval_step(
+          self.plan.model, mesh=self.mesh, trainable_shardings=self.plan.trainable_shardings,
+          frozen_shardings=self.plan.frozen_shardings, batch_shardings=sh,
+          loss_chunk=self.config.model.loss_chunk))
+    return self._steps[key]
+
+  def __call__(self, trainable, frozen) -> tuple:
+    it = make_iterator(self.dcfg)
+    total, count = 0.0, 0
+    try:
+      for i, batch in enumerate(it):
+        if self.config.eval.batches and i >= self.config.eval.batches:
+          break
+        batch = host_batch(batch, self.dcfg, self.plan.config.vision is None)
+        sh, fn = self._step(batch)
+        s, n = fetch(fn(trainable, frozen, to_global(batch, self.mesh, sh)))
+        total, count = total + float(s), count + int(n)
+    finally:
+      it.close()
+    return total / max(count, 1), count
+
+
+def run(config, workdir: str) -> dict:
+  """Train one stage in `workdir`; returns {"final": path, "step": int, "preempted": bool}."""
+  workdir = os.path.abspath(workdir)
+  final = os.path.join(workdir, "final")
+  if checkpoint.is_checkpoint(final):
+    log.info("%s exists: stage already complete", final)
+    return {"final": final, "step": None, "preempted": False}
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = mesh_for(config)
+  src = state_lib.source_config(config)
+  dcfg = data_config(config, state_lib.train_config(config, src))
+  steps = total_steps(config, dcfg)
+  plan = state_lib.plan(config, mesh, steps)
+  accum = int(config.optim.grad_accum)
+  if dcfg.global_batch % accum:
+    raise ValueError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
+                     f"{accum}")
+
+  st, frozen = state_lib.load(config, plan)
+  batches = Batches(make_iterator(dcfg), dcfg, plan.config.vision is None)
+  ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+                      keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
+  start = 0
+  if ckpts.latest_step() is not None:
+    abstract, _ = state_lib.abstract_state(plan)
+    del st   # free the fresh trainable / optimizer state before reading the saved one
+    st, start = ckpts.restore(abstract, batches.it)
+    log.info("resumed from step %d", start)
+
+  logger = Logger(workdir, total_steps=steps, start_step=start, name=config.name,
+                  log_every=config.train.log_every, peak=peak_flops(config.train.peak_tflops),
+                  enabled=jax.process_index() == 0)
+  flops = Flops(plan.config, plan.abstract, plan.mask)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st["trainable"]))
+  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(frozen))
+  logger.message(f"{config.name}: {steps} steps of {dcfg.global_batch} ({accum} micro-batches), "
+                 f"{n_train:,} trainable / {n_frozen:,} frozen parameters, mesh "
+                 f"{dict(mesh.shape)}, from {state_lib.resolve_init(config.model.init)}")
+
+  held_out = None
+  if config.eval.paths:
+    eval_cfg = data_config(config, plan.config, eval_=True)
+    open_sources(eval_cfg)   # a missing held-out file fails now, not at the first evaluation
+    held_out = HeldOut(config, plan, eval_cfg, mesh)
+  preempt = Preemption(config.checkpoint.sync_every)
+  step_fn, step = None, start
+  preempted, t_last, pending = False, time.time(), None
+  data_state = batches.it.get_state()
+
+  def finish_metrics(m, at: int, data_skips: dict, shape, t_prev):
+    m = fetch(m)
+    now = time.time()
+    values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+              "lr": float(plan.schedule(at - 1)), "tokens": int(m["real_tokens"]),
+              "trained_tokens": int(m["tokens"]), "step_time": now - t_prev,
+              "flops": flops.step(*shape), "skipped_samples": int(sum(data_skips.values())),
+              "skipped_steps": int(m["skipped_steps"])}
+    if not bool(m["finite"]):
+      logger.message(f"step {at}: non-finite loss or gradients, update skipped "
+                     f"({int(m['nonfinite'])} in a row, {int(m['skipped_steps'])} in total)")
+    logger.step(at, values)
+    return now, int(m["nonfinite"])
+
+  def flush():
+    nonlocal pending, t_last
+    if pending is not None:
+      t_last, bad = finish_metrics(*pending, t_last)
+      if bad >= config.train.max_nonfinite:
+        raise NonFiniteError(pending[1])
+      pending = None
+
+  try:
+    got = batches.next()
+    while got is not None and step < steps:
+      batch, state_after = got
+      b, t = batch["input_ids"].shape
+      shape = (b * jax.process_count(), t,
+               b * jax.process_count() * batch["pixel_values"].shape[1]
+               if "pixel_values" in batch else 0)
+      sh = batch_shardings(mesh, batch)
+      if step_fn is None:
+        step_fn = make_train_step(plan.model, plan.tx, mesh=mesh,
+                                  state_shardings=plan.state_shardings,
+                                  frozen_shardings=plan.frozen_shardings, batch_shardings=sh,
+                                  grad_accum=accum, loss_chunk=config.model.loss_chunk)
+      st, m = step_fn(st, frozen, to_global(batch, mesh, sh))
+      step += 1
+      data_state = state_after
+      skips = dict(batches.skipped)
+      got = batches.next() if step < steps else None   # overlaps the device step
+      flush()
+      pending = (m, step, skips, shape)
+      if preempt.should_stop(step):
+        preempted = True
+        break
+      ckpts.save(step, st, data_state)
+      if held_out is not None and config.eval.every and step % config.eval.every == 0:
+        flush()
+        logger.eval(step, *held_out(st["trainable"], frozen))
+        t_last = time.time()
+    flush()
+    if not preempted and step < steps:
+      logger.message(f"data ran out after {step} of {steps} steps")
+  except NonFiniteError as e:
+    ckpts.save(step, st, data_state, force=True)
+    ckpts.close()
+    logger.close()
+    raise NonFiniteError(
+        f"{config.train.max_nonfinite} steps in a row (up to step {int(e.args[0])}) had non-finite "
+        f"loss or gradients; parameters are those of the last finite step, saved as step {step} "
+        f"in {ckpts.directory} (a resume continues after these batches). Check the data of those "
+        f"steps, lower optim.lr or raise optim.clip_norm / train.max_nonfinite.") from None
+  finally:
+    preempt.close()
+
+  if ckpts.latest_step() != step:
+    ckpts.save(step, st, data_state, force=True)
+  ckpts.close()
+  if preempted:
+    logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.directory}")
+    logger.close()
+    return {"final": None, "step": step, "preempted": True}
+  if held_out is not None and not (config.eval.every and step % config.eval.every == 0):
+    logger.eval(step, *held_out(st["trainable"], frozen))
+  params = lora.combine(frozen, st["trainable"])
+  checkpoint.save(final, state_lib.export_config(plan), params, dcfg.tokenizer_dir)
+  logger.message(f"{config.name}: done at step {step}; model in {final}")
+  logger.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"step": step, "final": final, "last": logger.last}, f, indent=2, default=float)
+  return {"final": final, "step": step, "preempted": False}

@@ -1,0 +1,68 @@
+"""Generation prompts: a question (+ images) -> token ids and model-ready pixels.
+
+The host side of inference, shared by `vlm.chat`, `evaluation.vqa run` and the benchmarks so that
+placeholder counts, image geometry and templates agree with training (data/pipeline.py): square
+tilers ship uint8 [S, S, 3] at the tiler's input size (normalized inside the model); anyres ships
+the base image + tiles padded to the tiler's maximum, with the original (height, width).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data.conversation import render_prompt
+from data.image import anyres_tiles, resize_square
+from vlm.config import VLMConfig
+
+
+@dataclasses.dataclass
+class Prompt:
+  """One row of a generation batch. pixels: uint8 [n_images, S, S, 3] (square tilers) or
+  [n_images, tiles, t, t, 3] (anyres) or None; image_sizes: int32 [n_images, 2] (anyres only)."""
+  ids: np.ndarray
+  pixels: Optional[np.ndarray] = None
+  image_sizes: Optional[np.ndarray] = None
+
+
+def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
+  """uint8 [H, W, 3] -> (pixels for one image, (height, width) or None, placeholder count)."""
+  v, t = config.vision, config.tiler
+  if v is None:
+    raise ValueError("this model has no vision tower; it cannot take an image")
+  if t.kind == "anyres":
+    tiles, hw = anyres_tiles(img, t.grid_pinpoints, v.image_size)
+    out = np.zeros((t.max_tiles(v),) + tiles.shape[1:], np.uint8)
+    out[:len(tiles)] = tiles
+    return out, hw, config.image_tokens(hw)
+  square = resize_square(img, t.input_size(v), t.resize_mode, mean=v.mean)
+  return square, None, config.image_tokens()
+
+
+def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),
+                 *, system: Optional[str] = None) -> Prompt:
+  """Render `question` with the model's template; each image is placed at an `<image>` marker in
+  the question or, without markers, in front of it (as LLaVA's eval does)."""
+  prepared = [image_inputs(config, im) for im in images]
+  counts = [c for _, _, c in prepared]
+  ids = render_prompt(question, tokenizer, config.template, image_tokens=counts or 0,
+                      image_token_id=config.image_token_id, system=system)
+  if not prepared:
+    return Prompt(ids)
+  pixels = np.stack([p for p, _, _ in prepared])
+  sizes = (np.asarray([hw for _, hw, _ in prepared], np.int32)
+           if config.tiler.kind == "anyres" else None)
+  return Prompt(ids, pixels, sizes)
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a checkpoint dir (CKPT/tokenizer) or of a HF model dir (the dir itself)."""
+  from transformers import AutoTokenizer
+  sub = os.path.join(path, "tokenizer")
+  where = sub if os.path.isdir(sub) else path
+  try:
+    return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
+  except (OSError, ValueError) as e:
+    raise FileNotFoundError(f"{path}: no usable tokenizer in {where} ({e})"[:400]) from None
