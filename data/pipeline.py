@@ -28,6 +28,7 @@ from data import packing, sources
 from data.conversation import encode
 from data.errors import BadSample
 from data.image import anyres_tiles, load_image, resize_square
+from vlm.config import OPENAI_CLIP_MEAN
 
 log = logging.getLogger(__name__)
 SKIP = "_skip"
@@ -58,6 +59,7 @@ class DataConfig:
   strict: bool = False
   image_size: int = 1134             # side of the square image shipped (S2: the largest scale)
   resize_mode: str = "pad"           # squash | center_crop | pad (pad-to-square, mean colour)
+  image_mean: Sequence[float] = OPENAI_CLIP_MEAN  # the tower's mean: pad mode's fill colour
   tiler: str = "s2"                  # s2 | single (square image) | anyres (LLaVA-1.6 tiles)
   anyres_pinpoints: Sequence[Sequence[int]] = ((336, 672), (672, 336), (672, 672), (1008, 336),
                                                (336, 1008))
@@ -105,6 +107,7 @@ class DataConfig:
     derived = dict(template=model_config.template, image_token_id=model_config.image_token_id)
     if v is not None:
       derived.update(image_size=t.input_size(v), resize_mode=t.resize_mode, tiler=t.kind,
+                     image_mean=tuple(v.mean),
                      anyres_pinpoints=tuple(tuple(p) for p in t.grid_pinpoints),
                      anyres_tile=v.image_size, patch_size=v.patch_size)
       if t.kind != "anyres":
@@ -216,7 +219,8 @@ class SampleProcessor:
       out["pixel_values"], out["image_sizes"] = pix, sizes
     else:
       s = cfg.image_size
-      out["pixel_values"] = (np.stack([resize_square(im, s, cfg.resize_mode) for im in images])
+      out["pixel_values"] = (np.stack([resize_square(im, s, cfg.resize_mode, mean=cfg.image_mean)
+                                     for im in images])
                              if images else np.zeros((0, s, s, 3), np.uint8))
     return out
 

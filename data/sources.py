@@ -11,6 +11,7 @@ import bisect
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from data.errors import BadSample
 
 _INDEX_CACHE: dict[str, np.ndarray] = {}
+_OPEN_LOCK = threading.Lock()
 
 
 def _index_key(path: str) -> str:
@@ -117,7 +119,9 @@ class JsonSource:
 
   def __getitem__(self, i: int) -> Any:
     if self._pid != os.getpid():   # file descriptors do not survive fork/spawn
-      self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+      with _OPEN_LOCK:   # grain reads with several threads; pread on one fd is thread-safe
+        if self._pid != os.getpid():
+          self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
     start, end = (int(x) for x in self._spans[i])
     raw = os.pread(self._fd, end - start, start)
     try:

@@ -146,21 +146,18 @@ def test_two_stages_chain_and_write_checkpoints_metrics_tensorboard(root):
 DRIVER = r"""
 import os, sys, time
 from train import main, trainer
-mode, at, start, ckdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+at, start, ckdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 real = trainer.make_iterator
 
-class Slow:
-  '''The real iterator. term: from its `at`-th batch on it prints READY and slows down. kill (a run
-  resumed at step `start`): when asked for the batch of step at + 2, which comes after the
-  checkpoint of step `at` was started, it waits for that checkpoint, prints READY and stalls.'''
+class Stall:
+  '''The real iterator of a run resumed at step `start`, until the loop asks for the batch of step
+  at + 3: the loop has then logged step `at` and started its checkpoint, which we wait for before
+  stalling, so the test can SIGKILL this process.'''
   def __init__(self, it):
     self.it, self.n = it, 0
   def __next__(self):
     self.n += 1
-    if mode == "term" and self.n >= at:
-      print("READY", flush=True)
-      time.sleep(0.5)
-    if mode == "kill" and self.n == at - start + 2:
+    if self.n == at - start + 3:
       while not os.path.isdir(os.path.join(ckdir, str(at))):
         time.sleep(0.05)
       print("READY", flush=True)
@@ -169,8 +166,8 @@ class Slow:
   def __getattr__(self, name):
     return getattr(self.it, name)
 
-trainer.make_iterator = lambda cfg, **kw: Slow(real(cfg, **kw))
-main.entry(["train.main", "--config", sys.argv[5], "--workdir", sys.argv[6]])
+trainer.make_iterator = lambda cfg, **kw: Stall(real(cfg, **kw))
+main.entry(["train.main", "--config", sys.argv[4], "--workdir", sys.argv[5]])
 """
 
 
@@ -190,14 +187,6 @@ def _env(cache):
   return env
 
 
-def _driver(mode, at, start, cfg_file, workdir, cache):
-  ckdir = os.path.join(workdir, "checkpoints")
-  return subprocess.Popen([sys.executable, "-c", DRIVER, mode, str(at), str(start), ckdir, cfg_file,
-                           workdir],
-                          cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
 def _wait_ready(proc, timeout=240):
   t0, lines = time.time(), []
   while time.time() - t0 < timeout:
@@ -211,7 +200,7 @@ def _wait_ready(proc, timeout=240):
   raise AssertionError("driver never became ready:\n" + "".join(lines[-40:]))
 
 
-def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache):
+def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypatch, capsys):
   base = os.path.join(root, "resume")
   c = stage("stage2", root, init=os.path.join(root, "init"), **{
       "eval.paths": (), "checkpoint.every": 2, "checkpoint.keep": 10})
@@ -219,35 +208,48 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache):
   assert straight["step"] == 8
   want = {r["step"]: r["loss"] for r in records(os.path.join(base, "straight"))}
 
+  # 1. SIGTERM arrives while the loop takes the batch of step 3: step 2 is saved and the run stops
   w = os.path.join(base, "interrupted")
-  cfg_file = _write_config(c, os.path.join(base, "config.py"))
-  # 1. SIGTERM mid-run: the current step is saved and the process exits 143
-  p = _driver("term", 3, 0, cfg_file, w, compile_cache)
-  _wait_ready(p)
-  p.send_signal(signal.SIGTERM)
-  out, _ = p.communicate(timeout=240)
-  assert p.returncode == 143, out
+  real = trainer.make_iterator
+
+  class Term:
+    def __init__(self, it):
+      self.it, self.n = it, 0
+
+    def __next__(self):
+      self.n += 1
+      if self.n == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return next(self.it)
+
+    def __getattr__(self, name):
+      return getattr(self.it, name)
+  monkeypatch.setattr(trainer, "make_iterator", lambda cfg, **kw: Term(real(cfg, **kw)))
+  assert trainer.run(c, w) == {"final": None, "step": 2, "preempted": True}
+  monkeypatch.undo()
+  assert "preempted: checkpoint of step 2 saved" in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2"]
   first = records(w)
-  s = first[-1]["step"]
-  assert 2 <= s < 8 and f"checkpoint of step {s} saved" in out
-  assert max(int(x) for x in os.listdir(os.path.join(w, "checkpoints")) if x.isdigit()) == s
-  # 2. resumed from that step, then SIGKILLed once the next even step's checkpoint is written
-  k = s + 2 - s % 2
-  p = _driver("kill", k, s, cfg_file, w, compile_cache)
+  assert [r["step"] for r in first] == [1, 2]
+
+  # 2. the command resumes at step 2 and is SIGKILLed once step 4's checkpoint is written
+  cfg_file = _write_config(c, os.path.join(base, "config.py"))
+  p = subprocess.Popen([sys.executable, "-c", DRIVER, "4", "2", os.path.join(w, "checkpoints"),
+                        cfg_file, w], cwd=ROOT, env=_env(compile_cache), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
   _wait_ready(p)
   p.send_signal(signal.SIGKILL)
   p.wait(timeout=60)
   second = records(w)[len(first):]
-  assert second and second[0]["step"] == s + 1 and second[-1]["step"] >= k
-  # 3. resumed again (in this process) to the end
-  done = trainer.run(c, w)
-  assert done["step"] == 8
+  assert [r["step"] for r in second] == [3, 4]
+  # 3. resumed again, in this process, to the end
+  assert trainer.run(c, w)["step"] == 8
   third = records(w)[len(first) + len(second):]
-  assert third[0]["step"] == k + 1 and third[-1]["step"] == 8
-  for r in first + second + third:   # the same loss at every step, re-run steps included
+  assert [r["step"] for r in third] == [5, 6, 7, 8]
+  for r in first + second + third:   # the straight run's loss at every step
     assert r["loss"] == want[r["step"]], (r["step"], r["loss"], want[r["step"]])
   a, b = params_of(os.path.join(base, "straight", "final")), params_of(os.path.join(w, "final"))
-  assert a.keys() == b.keys() and all(np.array_equal(a[k_], b[k_]) for k_ in a)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_abort_after_m_nonfinite_steps_in_a_row(root, monkeypatch, capsys):
