@@ -30,6 +30,9 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
                         (0: all)
   checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
                         preemption checks)
+A chained config (configs/demo.py) instead holds `chain` (stage names, run in order, each in
+WORKDIR/<name>), one such config per stage, and optionally `prepare` ("module:function" called with
+WORKDIR first). "{workdir}" in any string stands for WORKDIR.
 """
 from __future__ import annotations
 

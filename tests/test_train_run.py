@@ -33,7 +33,8 @@ def compile_cache(tmp_path_factory):
   programs are compiled once."""
   from jax.experimental.compilation_cache import compilation_cache as cc
   path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs,
          jax.config.jax_persistent_cache_min_entry_size_bytes)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -141,6 +142,10 @@ def test_two_stages_chain_and_write_checkpoints_metrics_tensorboard(root):
     assert np.array_equal(two[k], v) == (k[0] == "vision"), k
   # a finished stage is skipped when the chain runs again
   assert [r["step"] for r in train_main.run(c, run)] == [None, None]
+  # `python -m convert export` takes the final output (S2 towers go out in the LLaVA layout)
+  from convert import cli
+  cli.main(["export", "--to", "llava", f"{run}/stage2/final", "--out", f"{run}/exported"])
+  assert os.path.exists(os.path.join(run, "exported", "config.json"))
 
 
 DRIVER = r"""
@@ -177,14 +182,15 @@ def _write_config(c, path):
     f.write(c.to_json())
   with open(path, "w") as f:
     f.write("import json, ml_collections\n"
-            f"def get_config():\n  return ml_collections.ConfigDict(json.load(open({path + '.json'!r})))\n")
+            "def get_config():\n"
+            f"  return ml_collections.ConfigDict(json.load(open({path + '.json'!r})))\n")
   return path
 
 
 def _env(cache):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
-  return env
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=ROOT,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def _wait_ready(proc, timeout=240):

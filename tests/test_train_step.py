@@ -20,7 +20,8 @@ from vlm.sharding import make_mesh
 VOCAB, IMG = 64, 63
 LLM = dict(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
            max_positions=64)
-VISION = dict(image_size=28, patch_size=14, width=16, layers=1, heads=2, mlp_dim=32, select_layer=-1)
+VISION = dict(image_size=28, patch_size=14, width=16, layers=1, heads=2, mlp_dim=32,
+              select_layer=-1)
 TEXT = VLMConfig.from_dict(dict(llm=LLM, template="llama3"))
 VLM_CFG = VLMConfig.from_dict(dict(llm=LLM, vision=VISION, tiler=dict(kind="single"),
                                    image_token_id=IMG, template="llama3"))

@@ -60,7 +60,8 @@ def records(n: int, seed: int, root: str, prefix: str) -> tuple:
     caps.append({"id": f"{prefix}cap{i}", "image": name, "conversations": [
         {"from": "human", "value": "<image>"},
         {"from": "gpt", "value": f"A {colour} {shape} on the {place} of a dark image."}]})
-    qa = [("What shape is shown?", f"A {shape}."), ("What colour is the shape?", f"It is {colour}."),
+    qa = [("What shape is shown?", f"A {shape}."),
+          ("What colour is the shape?", f"It is {colour}."),
           ("Where is the shape?", f"On the {place} side.")]
     order = rng.permutation(len(qa))[:int(rng.integers(1, 4))]
     turns = []

@@ -22,7 +22,8 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
 
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py or NAME.py).")
+config_flags.DEFINE_config_file("config", None,
+                                "Training config file (configs/NAME.py, or just NAME.py).")
 flags.DEFINE_string("workdir", None, "Run directory (default runs/<config.name>).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize: auto = when a cluster environment (TPU pod, SLURM "

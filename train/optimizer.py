@@ -1,7 +1,8 @@
-"""AdamW with warmup + cosine by ratio, a weight-decay mask, per-group learning rates and global-norm
-clipping, matching HF Trainer's AdamW (decoupled decay scaled by the group's lr, bias-corrected
-moments, eps outside the square root) and `get_cosine_schedule_with_warmup` (linear warm-up from 0
-over ceil(ratio * steps), then a half cosine to `min_lr_ratio * lr`).
+"""AdamW with warmup + cosine by ratio, a weight-decay mask, per-group learning rates and
+global-norm clipping, matching torch's AdamW as HF Trainer runs it (decoupled decay scaled by the
+group's lr, bias-corrected moments, eps outside the square root) and HF's
+`get_cosine_schedule_with_warmup` (linear warm-up from 0 over ceil(ratio * steps), then a half
+cosine to `min_lr_ratio * lr`).
 
 Per-group rates (LLaVA's `mm_projector_lr`) are one schedule scaled per parameter by
 group_lr / lr, so every group shares the warm-up and decay shape as torch param groups do.

@@ -1,4 +1,4 @@
-"""The model a run starts from and its train state, planned from shapes before anything is allocated.
+"""The model a run starts from and its train state, planned from shapes before any allocation.
 
 `plan()` resolves the network (checkpoint dir, HF dir, preset or scratch architecture, plus LoRA /
 dtype / remat / attention overrides), splits its parameter paths into trainable and frozen with
@@ -68,7 +68,8 @@ def source_config(config) -> VLMConfig:
       from transformers import AutoTokenizer
       tok = AutoTokenizer.from_pretrained(tokenizer_dir(config))
       vocab = arch.llm.vocab_size if arch.llm.vocab_size > 0 else len(tok)
-      image = arch.image_token_id if arch.image_token_id >= 0 else tok.convert_tokens_to_ids("<image>")
+      image = (arch.image_token_id if arch.image_token_id >= 0 else
+               tok.convert_tokens_to_ids("<image>"))
       arch = arch.replace(llm=dataclasses.replace(arch.llm, vocab_size=vocab), image_token_id=image)
     return arch
   if init.startswith("preset:"):
@@ -160,17 +161,24 @@ def abstract_state(p: Plan) -> tuple:
 
 # --- reading / initializing weights --------------------------------------------------------------
 
-def _place(tree, sh):
-  """Host numpy tree -> global arrays (every process holds the same values)."""
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x[idx])),
-      tree, sh)
+def _place(x, sharding):
+  """A host array -> a global array (every process holds the same value)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
 
 
-def _source_shardings(p: Plan, stored: dict) -> dict:
-  flat = flatten_dict(p.param_shardings)
-  rep = NamedSharding(p.mesh, P())
-  return unflatten_dict({k: flat.get(k, rep) for k in flatten_dict(stored)})
+def _check_source(p: Plan, stored: dict):
+  """A stored tree (arrays or their metadata) fits the configured network before it is read."""
+  want, have = flatten_dict(p.abstract), flatten_dict(stored)
+  extra = sorted(set(have) - set(want))
+  if extra:
+    hint = (" (a LoRA checkpoint: fold the adapters in with `python -m convert merge-lora` or set "
+            "model.lora)" if any(k[-1].startswith("lora_") for k in extra) else "")
+    raise ValueError(f"model.init has parameters the configured network lacks: "
+                     f"{['/'.join(k) for k in extra[:5]]}{hint}")
+  for k, v in have.items():
+    if tuple(v.shape) != tuple(want[k].shape):
+      raise ValueError(f"model.init: {'/'.join(k)} has shape {tuple(v.shape)}, the configured "
+                       f"network expects {tuple(want[k].shape)}")
 
 
 def _read_source(config, p: Plan, seed: int) -> dict:
@@ -178,30 +186,29 @@ def _read_source(config, p: Plan, seed: int) -> dict:
   if init == "scratch" or init.startswith("preset:"):   # random init of the trained network
     return jax.jit(lambda k: init_params(p.config, k), out_shardings=p.param_shardings)(
         jax.random.key(seed))
+  sh = flatten_dict(p.param_shardings)
   if checkpoint.is_checkpoint(init):   # sharded restore: each process reads its shards
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(os.path.join(os.path.abspath(init), "params"))
     meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     meta = getattr(meta, "tree", meta)
-    sh = flatten_dict(_source_shardings(p, meta))
+    _check_source(p, meta)
     target = unflatten_dict({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh[k])
                              for k, m in flatten_dict(meta).items()})
     return checkpoint.load(init, target=target)[1]
   from vlm import from_pretrained
   _, params = from_pretrained(init)
-  return _place(params, _source_shardings(p, params))
+  _check_source(p, params)
+  flat = flatten_dict(params)
+  return unflatten_dict({k: _place(v, sh[k]) for k, v in flat.items()})
 
 
 def _add_missing(p: Plan, params: dict, seed: int) -> dict:
   """Parameters the trained network has and the source lacks (new LoRA adapters) are freshly
   initialized; the jitted init keeps only those, so XLA never builds the rest."""
-  have, want = flatten_dict(params), flatten_dict(p.abstract)
-  extra = sorted(set(have) - set(want))
-  if extra:
-    raise ValueError(f"model.init has parameters the configured network lacks: "
-                     f"{['/'.join(k) for k in extra[:5]]}")
-  missing = [k for k in want if k not in have]
+  have = flatten_dict(params)
+  missing = [k for k in flatten_dict(p.abstract) if k not in have]
   if not missing:
     return params
   log.info("initializing %d new parameters (e.g. %s)", len(missing), "/".join(missing[0]))
@@ -215,19 +222,10 @@ def _add_missing(p: Plan, params: dict, seed: int) -> dict:
   return unflatten_dict({**have, **{k: new["/".join(k)] for k in missing}})
 
 
-def _check_shapes(p: Plan, params: dict):
-  want = flatten_dict(p.abstract)
-  for k, v in flatten_dict(params).items():
-    if tuple(v.shape) != tuple(want[k].shape):
-      raise ValueError(f"model.init: {'/'.join(k)} has shape {tuple(v.shape)}, the configured "
-                       f"network expects {tuple(want[k].shape)}")
-
-
 def load(config, p: Plan) -> tuple:
   """(state, frozen) on the mesh, from model.init."""
   seed = int(config.model.seed)
   params = _add_missing(p, _read_source(config, p, seed), seed)
-  _check_shapes(p, params)
   trainable, frozen = lora.partition(params, p.mask)
 
   def masters(t):

@@ -70,21 +70,29 @@ def batch_shardings(mesh, batch: dict) -> dict:
   return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
 
 
-def _common_length(batch: dict, dcfg: DataConfig) -> dict:
-  """Pad mode on several processes: every process pads its rows to the longest bucket any of
-  them drew this step, so the global batch has one shape."""
-  if jax.process_count() == 1 or dcfg.mode != "pad" or len(dcfg.buckets()) == 1:
-    return batch
-  from jax.experimental import multihost_utils
+def _pad_to(batch: dict, length: int) -> dict:
   t = batch["input_ids"].shape[1]
-  longest = int(np.max(multihost_utils.process_allgather(np.int32(t))))
-  if longest == t:
+  if length == t:
     return batch
   fill = {"labels": -100}
-  out = dict(batch)
-  for k in ("input_ids", "labels", "positions", "segment_ids"):
-    out[k] = np.pad(batch[k], ((0, 0), (0, longest - t)), constant_values=fill.get(k, 0))
-  return out
+  return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill.get(k, 0))
+          if k in ("input_ids", "labels", "positions", "segment_ids") else v
+          for k, v in batch.items()}
+
+
+def agree(batch: Optional[dict]) -> Optional[dict]:
+  """Several processes step together: all stop when any runs out of data (bad samples are skipped
+  per process, so shards can end a batch apart), and in pad mode every process pads its rows to
+  the longest bucket any of them drew, so the global batch has one shape."""
+  if jax.process_count() == 1:
+    return batch
+  from jax.experimental import multihost_utils
+  mine = np.array([batch is not None, 0 if batch is None else batch["input_ids"].shape[1]],
+                  np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+  if not every[:, 0].all():
+    return None
+  return _pad_to(batch, int(every[:, 1].max()))
 
 
 def fetch(tree):
@@ -94,27 +102,28 @@ def fetch(tree):
       lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0)), tree)
 
 
-def host_batch(batch: dict, dcfg: DataConfig, text_only: bool) -> dict:
-  """The arrays the step takes: a text-only model gets no (all-padding) image slots."""
-  batch = {k: v for k, v in batch.items() if k != "skipped" and not (
-      text_only and k in ("pixel_values", "image_sizes"))}
-  return _common_length(batch, dcfg)
+def host_batch(batch: Optional[dict], text_only: bool) -> Optional[dict]:
+  """The arrays the step takes (a text-only model gets no all-padding image slots), agreed on by
+  every process."""
+  if batch is not None:
+    batch = {k: v for k, v in batch.items() if k != "skipped" and not (
+        text_only and k in ("pixel_values", "image_sizes"))}
+  return agree(batch)
 
 
 class Batches:
   """The iterator as the loop uses it: host batches with the iterator state after each one."""
 
-  def __init__(self, iterator, dcfg: DataConfig, text_only: bool):
-    self.it, self.dcfg, self.text_only = iterator, dcfg, text_only
+  def __init__(self, iterator, text_only: bool):
+    self.it, self.text_only = iterator, text_only
     self.skipped: dict = {}
 
   def next(self) -> Optional[tuple]:
-    try:
-      batch = next(self.it)
-    except StopIteration:
-      return None
-    self.skipped = batch.pop("skipped", {}) or {}
-    return host_batch(batch, self.dcfg, self.text_only), self.it.get_state()
+    batch = next(self.it, None)
+    if batch is not None:
+      self.skipped = batch.pop("skipped", {}) or {}
+    batch = host_batch(batch, self.text_only)
+    return None if batch is None else (batch, self.it.get_state())
 
 
 class HeldOut:
@@ -136,12 +145,13 @@ class HeldOut:
 
   def __call__(self, trainable, frozen) -> tuple:
     it = make_iterator(self.dcfg)
-    total, count = 0.0, 0
+    total, count, i = 0.0, 0, 0
     try:
-      for i, batch in enumerate(it):
-        if self.config.eval.batches and i >= self.config.eval.batches:
+      while not self.config.eval.batches or i < self.config.eval.batches:
+        batch = host_batch(next(it, None), self.plan.config.vision is None)
+        if batch is None:
           break
-        batch = host_batch(batch, self.dcfg, self.plan.config.vision is None)
+        i += 1
         sh, fn = self._step(batch)
         s, n = fetch(fn(trainable, frozen, to_global(batch, self.mesh, sh)))
         total, count = total + float(s), count + int(n)
@@ -173,7 +183,7 @@ def run(config, workdir: str) -> dict:
                      f"{accum}")
 
   st, frozen = state_lib.load(config, plan)
-  batches = Batches(make_iterator(dcfg), dcfg, plan.config.vision is None)
+  batches = Batches(make_iterator(dcfg), plan.config.vision is None)
   ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
   start = 0
@@ -268,6 +278,7 @@ def run(config, workdir: str) -> dict:
         f"steps, lower optim.lr or raise optim.clip_norm / train.max_nonfinite.") from None
   finally:
     preempt.close()
+    batches.it.close()
 
   if ckpts.latest_step() != step:
     ckpts.save(step, st, data_state, force=True)
