@@ -114,13 +114,14 @@ def _vqa(key: str, rng: np.random.Generator) -> list:
   return out
 
 
-def write(out_dir: str, *, train_views: int = 24, test_views: int = 2, seed: int = 0,
+def write(out_dir: str, *, train_views: int = 32, test_views: int = 4, seed: int = 0,
           side: Optional[int] = 112) -> dict:
-  """Write images/ and the JSON files; returns their paths. `side` bounds the stored image size."""
+  """Write images/ and stage{1,2}_{train,eval}.json + vqa_test.json; returns their paths.
+  Held-out views feed the eval files and the VQA split. `side` bounds the stored image size."""
   rng = np.random.default_rng(seed)
   img_dir = os.path.join(out_dir, "images")
   os.makedirs(img_dir, exist_ok=True)
-  stage1, stage2, test = [], [], []
+  stage1, stage2, test, held1, held2 = [], [], [], [], []
   for key, img in _raw_images().items():
     for v in range(train_views + test_views):
       view = _view(img, rng)
@@ -130,12 +131,16 @@ def write(out_dir: str, *, train_views: int = 24, test_views: int = 2, seed: int
       name = f"{key}_{v:02d}.png"
       pil.save(os.path.join(img_dir, name))
       rel = f"images/{name}"
+      caption = {"id": f"{key}-{v}-cap", "image": rel, "conversations": [
+          {"from": "human", "value": "<image>"},
+          {"from": "gpt", "value": str(rng.choice(CAPTIONS[key]))}]}
+      chat = {"id": f"{key}-{v}-qa", "image": rel, "conversations": _qa(key, rng)}
       if v < train_views:
-        stage1.append({"id": f"{key}-{v}-cap", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>"},
-            {"from": "gpt", "value": str(rng.choice(CAPTIONS[key]))}]})
-        stage2.append({"id": f"{key}-{v}-qa", "image": rel, "conversations": _qa(key, rng)})
+        stage1.append(caption)
+        stage2.append(chat)
       else:
+        held1.append(caption)
+        held2.append(chat)
         for j, (q, a, kind) in enumerate(_vqa(key, rng)):
           test.append({"id": f"{key}-{v}-q{j}", "image": rel, "answer_type": kind,
                        "conversations": [{"from": "human", "value": f"<image>\n{q}"},
@@ -143,7 +148,8 @@ def write(out_dir: str, *, train_views: int = 24, test_views: int = 2, seed: int
   order = rng.permutation(len(stage1))
   paths = {}
   for name, rows in (("stage1_train", [stage1[i] for i in order]),
-                     ("stage2_train", [stage2[i] for i in order]), ("vqa_test", test)):
+                     ("stage2_train", [stage2[i] for i in order]), ("stage1_eval", held1),
+                     ("stage2_eval", held2), ("vqa_test", test)):
     paths[name] = os.path.join(out_dir, f"{name}.json")
     with open(paths[name], "w") as f:
       json.dump(rows, f, indent=1)
