@@ -31,8 +31,9 @@ def save_params(path, params):
   deep copy (an 8B import would otherwise peak at ~3x its size); device arrays, sharded or not,
   go through the standard handler, each process writing its own shards."""
   path = os.path.abspath(path)
-  if os.path.exists(path):
+  if jax.process_index() == 0 and os.path.exists(path):
     shutil.rmtree(path)
+  _barrier("medvlm_checkpoint_rm")
   leaves = jax.tree_util.tree_leaves(params)
   if all(isinstance(x, np.ndarray) for x in leaves):
     th = ocp.type_handlers
@@ -48,14 +49,25 @@ def save_params(path, params):
 
 
 def save(path, config: VLMConfig, params, tokenizer_dir: Optional[str] = None):
-  """config.json + params/ (+ a copy of tokenizer_dir as tokenizer/)."""
+  """config.json + params/ (+ a copy of tokenizer_dir as tokenizer/). Every process writes its
+  params shards; process 0 alone writes the small files."""
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    f.write(config.to_json())
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+      f.write(config.to_json())
   save_params(os.path.join(path, "params"), params)
-  if tokenizer_dir is not None and os.path.abspath(tokenizer_dir) != os.path.join(path, "tokenizer"):
+  if lead and tokenizer_dir is not None and (
+      os.path.abspath(tokenizer_dir) != os.path.join(path, "tokenizer")):
     shutil.copytree(tokenizer_dir, os.path.join(path, "tokenizer"), dirs_exist_ok=True)
+  _barrier("medvlm_checkpoint_done")
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def load_config(path) -> VLMConfig:
