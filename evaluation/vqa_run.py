@@ -51,21 +51,25 @@ def tfds_questions(name: str, data_dir: str, split: str = "test") -> Iterator[Qu
 
 
 def test_json_questions(path: str, image_root: str) -> Iterator[Question]:
-  """LLaVA-Med test.json: [{id, image, conversations|conversatons, answer_type}]."""
+  """LLaVA-Med test.json ([{id, image, conversations|conversatons, answer_type}]), or the flat rows
+  `data.ldrt` writes to eval.jsonl ({question_id, image, question, answer}; open-ended)."""
   from data.image import load_image
   from evaluation.vqa import gt_answer, index_by_id, read_records
-  rows = index_by_id(read_records(path), ("id",), path)  # duplicate ids are an error here
+  rows = index_by_id(read_records(path), ("id", "question_id"), path)  # duplicate ids: error
   for key, r in rows.items():
-    kind, answer = gt_answer(r, key, path)
-    conv = r.get("conversations", r.get("conversatons"))
-    q = conv[0].get("value") if isinstance(conv[0], dict) else None
-    if not isinstance(q, str) or conv[0].get("from") != "human":
-      raise BadSample("malformed_sample", "conversations[0] must be the human question",
-                      sample_id=key, path=path)
+    if "conversations" not in r and "conversatons" not in r and isinstance(r.get("question"), str):
+      q, kind, answer = r["question"], str(r.get("answer_type", "OPEN")), str(r.get("answer", ""))
+    else:
+      kind, answer = gt_answer(r, key, path)
+      conv = r.get("conversations", r.get("conversatons"))
+      q = conv[0].get("value") if isinstance(conv[0], dict) else None
+      if not isinstance(q, str) or conv[0].get("from") != "human":
+        raise BadSample("malformed_sample", "conversations[0] must be the human question",
+                        sample_id=key, path=path)
     if not isinstance(r.get("image"), str):
       raise BadSample("malformed_sample", "no 'image' path", sample_id=key, path=path)
-    yield Question(r["id"], q, (lambda im=r["image"], k=key: load_image(im, root=image_root,
-                                                                         sample_id=k)),
+    yield Question(r.get("id", r.get("question_id")), q,
+                   (lambda im=r["image"], k=key: load_image(im, root=image_root, sample_id=k)),
                    answer, kind)
 
 

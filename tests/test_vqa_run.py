@@ -123,6 +123,22 @@ def test_llava_med_test_json(ckpt, test_json, tmp_path):
   vqa.main(["score", "--gt", str(path), "--pred", out])
 
 
+def test_ldrt_eval_rows_are_answered(ckpt, test_json, tmp_path):
+  """data.ldrt's eval.jsonl rows (question_id, image, question, answer) are valid --test-json input."""
+  _, root, recs = test_json
+  flat = tmp_path / "eval.jsonl"
+  flat.write_text("".join(json.dumps({"question_id": f"q{i}", "image": r["image"],
+                                      "question": QUESTIONS[i][0], "answer": QUESTIONS[i][1]}) + "\n"
+                          for i, r in enumerate(recs)))
+  out = str(tmp_path / "a.jsonl")
+  vqa.main(["run", "--ckpt", ckpt, "--test-json", str(flat), "--image-root", str(root),
+            "--out", out, *FLAGS])
+  got = rows(out)
+  assert [r["question_id"] for r in got] == ["q0", "q1", "q2"]
+  img = load_image(png(10))
+  assert got[0]["text"] == answer_alone(ckpt, QUESTIONS[0][0], img)
+
+
 def test_image_outside_root_fails_or_is_skipped(ckpt, test_json, tmp_path):
   path, root, recs = test_json
   recs[1]["image"] = "../secret.png"
