@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from vlm.config import (ConnectorConfig, LlamaConfig, LoraConfig, TilerConfig, VisionConfig,
+from vlm.config import (ConnectorConfig, LlamaConfig, TilerConfig, VisionConfig,
                         VLMConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 

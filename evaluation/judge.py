@@ -94,15 +94,9 @@ class Rule:
 
 
 def _load_rows(path: str) -> list[tuple[int, dict]]:
-  if str(path).endswith(".json"):
-    try:
-      data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as e:
-      raise BadSample("bad_json", f"not valid JSON ({e})", path=str(path)) from None
-    if not isinstance(data, list):
-      raise BadSample("bad_json", "expected a JSON list", path=str(path))
-    return list(enumerate(data, 1))
-  return list(lc.read_jsonl(path))
+  """(record number, row) for a JSON list or JSONL file (one reader with evaluation.vqa)."""
+  from evaluation.vqa import read_records
+  return list(enumerate(read_records(path), 1))
 
 
 def _domain(d) -> Optional[str]:

@@ -34,9 +34,6 @@ from vlm.model import VLM, abstract_params, init_params
 from vlm.sharding import DEFAULT_RULES, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
-# LoRA's rank axis is replicated by the model's rules; in training it carries fsdp where the
-# adapter's other axis does not (e.g. down's A [mlp, rank]), so no adapter or moment is replicated.
-RULES = tuple((k, "fsdp") if k == "lora" else (k, v) for k, v in DEFAULT_RULES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -121,7 +118,7 @@ def plan(config, mesh, total_steps: int) -> Plan:
   cfg = train_config(config, src)
   boxed = abstract_params(cfg, boxed=True)
   abstract = nn.unbox(boxed)
-  shard = tree_shardings(boxed, mesh, RULES)
+  shard = tree_shardings(boxed, mesh, DEFAULT_RULES)
   mask = lora.select(abstract, tuple(config.trainable))
   n_train = sum(math.prod(v.shape) for k, v in flatten_dict(abstract).items()
                 if flatten_dict(mask)[k])

@@ -7,7 +7,7 @@ layer, stacked on the layer axis) makes the same code serve prefill and decode.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,6 @@ features; the k-th placeholder of a row receives the k-th feature of that row's 
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax

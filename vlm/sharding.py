@@ -27,7 +27,9 @@ DEFAULT_RULES = (
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
     ("layers", None),
-    ("lora", None),
+    # LoRA's rank axis takes fsdp where the adapter's other axis does not (B [rank, heads], A of
+    # down [mlp, rank]), so no adapter or its optimizer moments sit whole on every device.
+    ("lora", "fsdp"),
     ("norm", None),
 )
 
