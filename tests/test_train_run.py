@@ -52,7 +52,7 @@ def root(tmp_path_factory):
   """Demo data + tokenizer, and a random starting checkpoint of the demo architecture (written
   from numpy, so frozen weights can be compared bit for bit)."""
   d = str(tmp_path_factory.mktemp("train"))
-  demo_data.prepare(d, train=48, held_out=8)
+  demo_data.prepare(d, train_views=10, test_views=4)
   c = stage("stage1", d, init="scratch")
   cfg = state_lib.source_config(c)
   from vlm.model import abstract_params

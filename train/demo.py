@@ -45,14 +45,15 @@ def tokenizer(path: str, texts: list) -> str:
   return path
 
 
-def prepare(workdir: str) -> str:
-  """Write DIR/data/{tokenizer, images, stage{1,2}_{train,eval}.json, vqa_test.json} once."""
+def prepare(workdir: str, *, train_views: int = 32, test_views: int = 4) -> str:
+  """Write DIR/data/{tokenizer, images, stage{1,2}_{train,eval}.json, vqa_test.json} once
+  (train_views / test_views views of each of the 5 source images)."""
   from data import demo_data
   root = os.path.join(workdir, "data")
   done = os.path.join(root, "DONE")
   if os.path.exists(done):
     return root
-  paths = demo_data.write(root)
+  paths = demo_data.write(root, train_views=train_views, test_views=test_views)
   tokenizer(os.path.join(root, "tokenizer"), demo_data.corpus(paths) + ["user", "assistant", "system"])
   open(done, "w").close()
   return root

@@ -1,0 +1,497 @@
+"""Training-step speed on one GPU: this project's jitted train step vs the PyTorch LLaVA stack.
+
+On one H100 (each case and side in its own process; about 8-10 minutes for all four cases, so a
+short device session may run them in two calls, e.g. `--cases llm vision` then `--cases lora stage1`):
+
+  python -m bench.train_step --cases lora llm stage1 vision --steps 5 --warmup 2
+
+  python -m bench.train_step --smoke          # tiny shapes on CPU, both sides: checks the script
+
+Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/14-378 at 378/756/1134
+= 14 tiles per image, mlp2x_gelu connector, Llama-3-8B), micro-batch 8, sequence 2048, one image
+per row (BOS, 729 image positions, text):
+  lora    (a) stage-2 LoRA step: tower frozen, connector + LoRA r=128 alpha=256 on
+              q,k,v,o,gate,up,down train
+  llm     (b) the LLM alone with the same LoRA (text only)
+  stage1  (c) stage-1 step: only the connector trains, gradients flow through the frozen LLM
+  vision  (d) the frozen S2 tower alone (forward, images/s)
+
+Ours is train.step.make_train_step as train.main builds it (train.state.plan: trainable float32
+masters + AdamW state, frozen weights bf16, loss over trained tokens, vocabulary-chunked loss,
+remat / attention from the flags), on random weights made on the device and a device-resident
+batch. The reference is what the papers' code runs: HF LlamaForCausalLM (+ peft LoRA) and
+CLIPVisionModel, SDPA, non-reentrant gradient checkpointing, bf16 frozen weights with float32
+trainable weights under torch.autocast(bfloat16), torch AdamW + grad-norm clipping; the tower runs
+under no_grad with LLaVA's S2 wrapper (one tower call per scale, hidden_states[select_layer]).
+
+FLOPs (the same count for both sides, so TFLOP/s ratio = speed ratio): 6 N per LLM token, N = the
+decoder's matmul parameters incl. LoRA adapters + the LM head (embedding lookup and attention scores
+not counted; frozen weights need no weight gradient, the 6N convention counts it anyway);
+6 N_connector per image feature; 2 N_vit per tower token for the frozen tower forward, N_vit = the
+layers that run up to select_layer + patch embedding, 730 tokens x 14 tiles per image.
+MFU = TFLOP/s / --peak-tflops (989: H100 SXM bf16 dense). Peak memory is the process's peak device
+allocation (JAX memory_stats / torch.cuda.max_memory_allocated), init included.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CASES = {"lora": "(a) stage-2 LoRA step", "llm": "(b) LLM alone, LoRA",
+         "stage1": "(c) stage-1 step (connector)", "vision": "(d) S2 tower alone (frozen)"}
+SIDES = ("ours", "reference")
+HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"}
+SMOKE_ARCH = dict(
+    llm=dict(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=128,
+             rope_theta=500000.0, max_positions=128),
+    vision=dict(image_size=28, patch_size=14, width=32, layers=2, heads=2, mlp_dim=64),
+    tiler=dict(kind="s2", scales=(28, 56, 84)), image_token_id=255, template="llama3")
+SMOKE_FLAGS = dict(micro_batch=2, seq=32, steps=1, warmup=1, lora_rank=8, lora_alpha=16.0,
+                   dtype="float32", loss_chunk=8)
+
+
+# --- shapes, batches, FLOPs ----------------------------------------------------------------------
+
+def arch(args, case):
+  """The network of a case (vlm.config.VLMConfig, before LoRA)."""
+  from vlm.config import VLMConfig, preset
+  cfg = VLMConfig.from_dict(SMOKE_ARCH) if args.smoke else preset(args.preset)
+  if case == "llm":
+    cfg = cfg.replace(vision=None)
+  return cfg
+
+
+def batch(args, cfg, case) -> dict:
+  """Host arrays shared by both sides: ids, labels (-100 on BOS and image slots, as LLaVA masks
+  them), uint8 pixels at the largest S2 scale."""
+  rng = np.random.default_rng(0)
+  b, s = args.micro_batch, args.seq
+  img = cfg.image_token_id
+  out = {}
+  if case != "llm" and cfg.vision is not None:
+    side = cfg.tiler.input_size(cfg.vision)
+    out["pixel_values"] = rng.integers(0, 256, (b, 1, side, side, 3), dtype=np.uint8)
+  if case == "vision":
+    return out
+  ids = rng.integers(0, min(img if img > 0 else cfg.llm.vocab_size, cfg.llm.vocab_size),
+                     (b, s)).astype(np.int32)
+  start = 1
+  if case != "llm":
+    f = cfg.image_tokens()
+    if s < 1 + f + 2:
+      raise ValueError(f"--seq {s} leaves no text after BOS + {f} image positions")
+    ids[:, 1:1 + f] = img
+    start = 1 + f
+  labels = ids.copy()
+  labels[:, :start] = -100
+  out.update(input_ids=ids, labels=labels)
+  return out
+
+
+def _llm_params(cfg, rank) -> int:
+  c = cfg.llm
+  q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+  shapes = {"q": (c.hidden, q), "k": (c.hidden, kv), "v": (c.hidden, kv), "o": (q, c.hidden),
+            "gate": (c.hidden, c.mlp_dim), "up": (c.hidden, c.mlp_dim), "down": (c.mlp_dim, c.hidden)}
+  per = sum(i * o + (rank * (i + o) if t in cfg.lora.targets else 0) for t, (i, o) in shapes.items())
+  return c.layers * per + c.vocab_size * c.hidden
+
+
+def _vit_params(cfg) -> int:
+  v = cfg.vision
+  return v.layers_used * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim)
+
+
+def work(args, cfg, case) -> dict:
+  """Tokens, images and model FLOPs of one step (see the module docstring)."""
+  b, s = args.micro_batch, args.seq
+  images = 0 if case == "llm" else b
+  tokens = 0 if case == "vision" else b * s
+  flops = 6 * _llm_params(cfg, args.lora_rank if case in ("lora", "llm") else 0) * tokens
+  if images:
+    v = cfg.vision
+    tiles = sum((sc // v.image_size) ** 2 for sc in cfg.tiler.scales) if cfg.tiler.kind == "s2" else 1
+    per_tile = 2 * (v.grid ** 2 + 1) * _vit_params(cfg) + 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+    flops += images * tiles * per_tile
+    if case != "vision":
+      conn = cfg.feature_dim * cfg.llm.hidden + cfg.llm.hidden ** 2
+      flops += 6 * conn * images * cfg.image_tokens()
+  return {"tokens": tokens, "images": images, "flops": flops}
+
+
+# --- ours ----------------------------------------------------------------------------------------
+
+def _train_config(args, case, cfg, total):
+  from configs import common
+  c = common.base()
+  arch_dict = cfg.to_dict()
+  c.model.update(init="scratch", arch=arch_dict, dtype=args.dtype, frozen_dtype=args.dtype,
+                 remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk)
+  if case in ("lora", "llm"):
+    common.lora(c, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+  else:
+    c.trainable = (r"^connector/",)
+  c.optim.update(lr=2e-4, warmup_ratio=0.0, grad_accum=1)
+  c.mesh.update(shape=(1, 1, 1), num_devices=1)
+  c.train.steps = total
+  return c
+
+
+def _random(abstract, seed):
+  """Pseudo-random weights in each leaf's dtype and sharding (a sine hash of the index, about
+  U(-0.02, 0.02); norm scales 1), made on the device in one elementwise program: no float32 copy
+  of the frozen model, and no threefry over 8B values to compile."""
+  import jax
+  import jax.numpy as jnp
+  leaves, tree = jax.tree_util.tree_flatten_with_path(abstract)
+
+  def leaf(i, path, x):
+    if "scale" in str(path[-1]):
+      return jnp.ones(x.shape, x.dtype)
+    t = jax.lax.iota(jnp.float32, int(np.prod(x.shape))).reshape(x.shape)
+    u = jnp.mod(jnp.sin(t * 12.9898 + 78.233 * (i + 1 + 1000 * seed)) * 43758.5453, 1.0)
+    return ((u - 0.5) * 0.04).astype(x.dtype)
+  fill = jax.jit(lambda: jax.tree_util.tree_unflatten(
+      tree, [leaf(i, p, x) for i, (p, x) in enumerate(leaves)]),
+      out_shardings=jax.tree_util.tree_unflatten(tree, [x.sharding for _, x in leaves]))
+  return fill()
+
+
+def _peak_jax():
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _timed(step, carry, warmup, steps, sync):
+  """(seconds of the first call (compile + run), mean seconds of `steps` calls after warm-up)."""
+  t = time.perf_counter()
+  carry = step(carry)
+  sync(carry)
+  first = time.perf_counter() - t
+  for _ in range(warmup - 1):
+    carry = step(carry)
+  sync(carry)
+  t = time.perf_counter()
+  for _ in range(steps):
+    carry = step(carry)
+  sync(carry)
+  return first, (time.perf_counter() - t) / steps, carry
+
+
+def run_ours(args, case) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from train import state as state_lib
+  from train.step import make_train_step
+  from train.trainer import batch_shardings, mesh_for
+  from vlm import tiler
+  from vlm.model import VLM, normalize_pixels
+  if not args.smoke and jax.default_backend() != "gpu":
+    raise RuntimeError("our side needs jax with a GPU (use --smoke on CPU)")
+  cfg = arch(args, case)
+  c = _train_config(args, case, cfg, args.warmup + args.steps)
+  mesh = mesh_for(c)
+  p = state_lib.plan(c, mesh, args.warmup + args.steps)
+  state_abs, frozen_abs = state_lib.abstract_state(p)
+  host = batch(args, cfg, case)
+  sh = batch_shardings(mesh, host)
+  dev_batch = {k: jax.device_put(v, sh[k]) for k, v in host.items()}
+  sync = jax.block_until_ready
+  if case == "vision":
+    params = _random({"vision": frozen_abs["vision"]}, 2)
+    v = p.config.vision
+    dtype = jnp.dtype(args.dtype)
+
+    def s2(m, px):
+      x = normalize_pixels(px, v.mean, v.std).reshape((-1,) + px.shape[2:])
+      return tiler.s2_features(lambda t: m.vision(t.astype(dtype), True), x, p.config.tiler.scales,
+                               v.image_size, v.grid)
+    fn = jax.jit(lambda prm, px: VLM(p.config).apply({"params": prm}, px, method=s2))
+    first, dt, _ = _timed(lambda _: fn(params, dev_batch["pixel_values"]), None, args.warmup,
+                          args.steps, sync)
+    return {"first_s": first, "step_s": dt, "peak": _peak_jax(), "loss": None,
+            "device": _device()}
+  trainable = _random(state_abs["trainable"], 1)
+  frozen = _random(frozen_abs, 2)
+  rep = p.state_shardings["step"]
+  put = lambda x: jax.device_put(x, rep)
+  state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(0))),
+           "trainable": trainable,
+           "opt": jax.jit(p.tx.init, out_shardings=p.opt_shardings)(trainable),
+           "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}
+  step = make_train_step(p.model, p.tx, mesh=mesh, state_shardings=p.state_shardings,
+                         frozen_shardings=p.frozen_shardings, batch_shardings=sh,
+                         loss_chunk=c.model.loss_chunk)
+  metrics = {}
+
+  def one(st):
+    st, m = step(st, frozen, dev_batch)
+    metrics.update(m)
+    return st
+  first, dt, _ = _timed(one, state, args.warmup, args.steps, sync)
+  return {"first_s": first, "step_s": dt, "peak": _peak_jax(), "loss": float(metrics["loss"]),
+          "device": _device()}
+
+
+# --- reference (PyTorch) -------------------------------------------------------------------------
+
+def _s2_torch(tower, x, scales, tile, grid, layer):
+  """LLaVA's S2 wrapper: per scale, bicubic resize, cut tiles, one tower call, stitch, area-pool."""
+  import einops
+  import torch
+  import torch.nn.functional as F
+  outs = []
+  for s in scales:
+    xs = x if s == x.shape[-1] else F.interpolate(x.float(), size=(s, s), mode="bicubic",
+                                                  align_corners=False).to(x.dtype)
+    k = s // tile
+    tiles = einops.rearrange(xs, "n c (i h) (j w) -> (n i j) c h w", i=k, j=k)
+    h = tower(tiles, output_hidden_states=True).hidden_states[layer][:, 1:]
+    f = einops.rearrange(h, "(n i j) (h w) c -> n c (i h) (j w)", i=k, j=k, h=grid)
+    f = F.interpolate(f.float(), size=(grid, grid), mode="area").to(h.dtype)
+    outs.append(einops.rearrange(f, "n c h w -> n (h w) c"))
+  return torch.cat(outs, -1)
+
+
+def run_reference(args, case) -> dict:
+  import torch
+  import transformers as T
+  cfg = arch(args, case)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if not args.smoke and dev != "cuda":
+    raise RuntimeError("the reference side needs torch with CUDA")
+  low = torch.float32 if args.dtype == "float32" else torch.bfloat16
+  torch.manual_seed(0)
+  host = batch(args, cfg, case)
+  tower = llm = connector = None
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(low)   # frozen weights made straight in bf16
+  try:
+    with torch.device(dev):
+      if cfg.vision is not None:
+        v = cfg.vision
+        tower = T.CLIPVisionModel(T.CLIPVisionConfig(
+            image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.width,
+            intermediate_size=v.mlp_dim, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+            hidden_act=v.act, layer_norm_eps=v.norm_eps, attn_implementation="sdpa")).eval()
+        tower.requires_grad_(False)
+      if case != "vision":
+        L = cfg.llm
+        llm = T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=L.vocab_size, hidden_size=L.hidden, num_hidden_layers=L.layers,
+            num_attention_heads=L.heads, num_key_value_heads=L.kv_heads, head_dim=L.head_dim,
+            intermediate_size=L.mlp_dim, rms_norm_eps=L.norm_eps, max_position_embeddings=L.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": L.rope_theta},
+            tie_word_embeddings=L.tie_embeddings, use_cache=False, attn_implementation="sdpa",
+            pad_token_id=0, bos_token_id=None, eos_token_id=None))
+        llm.requires_grad_(False)
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  finally:
+    torch.set_default_dtype(default)
+  params = []
+  if case in ("lora", "llm"):
+    import peft
+    llm = peft.get_peft_model(llm, peft.LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=[HF_TARGETS[t] for t in cfg.lora.targets], task_type="CAUSAL_LM"))
+    params += [p for p in llm.parameters() if p.requires_grad]
+  if case in ("lora", "stage1"):
+    h = cfg.llm.hidden
+    connector = torch.nn.Sequential(torch.nn.Linear(cfg.feature_dim, h), torch.nn.GELU(),
+                                    torch.nn.Linear(h, h)).to(dev)   # float32 trainable
+    params += list(connector.parameters())
+  if llm is not None:
+    llm.train()
+  to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+  pixels = None
+  if "pixel_values" in host:
+    v = cfg.vision
+    mean, std = (torch.tensor(m, device=dev).view(1, 3, 1, 1) for m in (v.mean, v.std))
+    px = to(host["pixel_values"][:, 0]).permute(0, 3, 1, 2).float() / 255.0
+    pixels = ((px - mean) / std).to(low)   # what the HF image processor ships
+  ids = to(host["input_ids"]).long() if "input_ids" in host else None
+  labels = to(host["labels"]).long() if "labels" in host else None
+  autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=low != torch.float32)
+  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+  s2 = lambda: _s2_torch(tower, pixels, cfg.tiler.scales, cfg.vision.image_size,
+                         cfg.vision.grid, cfg.vision.select_layer)
+  if case == "vision":
+    def fwd(_):
+      with torch.no_grad(), autocast:
+        return s2()
+    first, dt, _ = _timed(fwd, None, args.warmup, args.steps, sync)
+    return {"first_s": first, "step_s": dt, "peak": _peak_torch(dev), "loss": None}
+  opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+  loss_box = []
+
+  def step(_):
+    with autocast:
+      if case == "llm":
+        loss = llm(input_ids=ids, labels=labels).loss
+      else:
+        with torch.no_grad():
+          feats = s2()
+        emb = llm.get_input_embeddings()(ids)
+        feats = connector(feats.to(connector[0].weight.dtype))
+        emb = emb.masked_scatter((ids == cfg.image_token_id)[..., None], feats.to(emb.dtype))
+        loss = llm(inputs_embeds=emb, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss_box[:] = [loss.detach()]
+  first, dt, _ = _timed(step, None, args.warmup, args.steps, sync)
+  return {"first_s": first, "step_s": dt, "peak": _peak_torch(dev),
+          "loss": float(loss_box[0].float())}
+
+
+def _peak_torch(dev):
+  import torch
+  return torch.cuda.max_memory_allocated() if dev == "cuda" else None
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+def measure(args, case, side) -> dict:
+  """One case on one side; a failure (OOM, missing CUDA) becomes a note."""
+  r = {"case": case, "side": side}
+  try:
+    r.update(work(args, arch(args, case), case))
+    r.update((run_ours if side == "ours" else run_reference)(args, case))
+  except Exception as e:  # noqa: BLE001 - a failed case is a table note, not a crash
+    r["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+  return r
+
+
+def _child(args, argv, case, side) -> dict:
+  """One case on one side in a fresh process: the frameworks never share device memory, and a
+  peak is that case's alone."""
+  cmd = [sys.executable, "-m", "bench.train_step", *argv, "--cases", case, "--side", side,
+         "--json"]
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    return {"case": case, "side": side, "note": f"timed out after {args.timeout} s"}
+  lines = res.stdout.strip().splitlines()
+  if res.returncode != 0 or not lines:
+    err = (res.stderr.strip().splitlines() or ["?"])[-1]
+    return {"case": case, "side": side, "note": f"exit {res.returncode}: {err[:120]}"}
+  return json.loads(lines[-1])
+
+
+def _versions() -> str:
+  vers = []
+  for mod in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
+    try:
+      vers.append(f"{mod} {__import__(mod).__version__}")
+    except ImportError:
+      pass
+  return ", ".join(vers) + f", python {platform.python_version()}"
+
+
+def _device() -> str:
+  import jax
+  d = jax.devices()[0]
+  return f"{getattr(d, 'device_kind', d.platform)} ({jax.default_backend()})"
+
+
+def table(args, rows, argv) -> str:
+  # The parent never starts a GPU backend (JAX would preallocate the memory the children need).
+  device = _device() if args.smoke else next((r["device"] for r in rows if "device" in r), "?")
+  lines = [f"## Training-step benchmark ({'smoke, CPU' if args.smoke else 'GPU'})", "",
+           f"- device: {device}", f"- versions: {_versions()}",
+           f"- date: {datetime.date.today().isoformat()}",
+           f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
+           f"- shape: {'smoke' if args.smoke else args.preset}, micro-batch {args.micro_batch}, "
+           f"sequence {args.seq}, {args.dtype}; ours: remat {args.remat}, attention "
+           f"{args.attention}, loss chunk {args.loss_chunk}; LoRA r={args.lora_rank} "
+           f"alpha={args.lora_alpha:g} dropout {args.lora_dropout:g}; mean of {args.steps} steps "
+           f"after {args.warmup} warm-up; FLOPs: 6N per LLM token, 6N per connector feature, 2N "
+           f"per frozen tower token (module docstring); MFU vs {args.peak_tflops:g} TFLOP/s", "",
+           "| case | side | step s | first step s | tokens/s | images/s | TFLOP/s | MFU | peak GB "
+           "| loss | ours / reference | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    name = CASES[r["case"]]
+    if "step_s" not in r:
+      lines.append(f"| {name} | {r['side']} | - | - | - | - | - | - | - | - | - | "
+                   f"{r.get('note', '')} |")
+      continue
+    dt = r["step_s"]
+    tf = r["flops"] / dt / 1e12
+    ratio = ""
+    if r["side"] == "ours":
+      ref = next((x for x in rows if x["case"] == r["case"] and x["side"] == "reference"
+                  and "step_s" in x), None)
+      ratio = f"{ref['step_s'] / dt:.2f}x" if ref else "-"
+    fmt = lambda x, f: "-" if not x else format(x, f)
+    peak = f"{r['peak'] / 2 ** 30:.1f}" if r.get("peak") else "-"
+    loss = "-" if r.get("loss") is None else f"{r['loss']:.3f}"
+    lines.append(f"| {name} | {r['side']} | {dt:.4f} | {r['first_s']:.1f} | "
+                 f"{fmt(r['tokens'] / dt, ',.0f')} | {fmt(r['images'] / dt, '.2f')} | {tf:.3g} | "
+                 f"{100 * tf / args.peak_tflops:.1f}% | {peak} | {loss} | {ratio} | "
+                 f"{r.get('note', '')} |")
+  return "\n".join(lines)
+
+
+def parser():
+  p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+  p.add_argument("--side", choices=("both",) + SIDES, default="both")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per case and side")
+  p.add_argument("--warmup", type=int, default=2, help="steps before timing (the first compiles)")
+  p.add_argument("--micro-batch", type=int, default=8, help="rows (= images) per step")
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--preset", default="llama3_med")
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                 help="compute dtype and frozen-weight storage (both sides)")
+  p.add_argument("--remat", default="full", choices=("none", "full", "save_dots",
+                                                     "save_attn_proj"), help="ours only")
+  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas",
+                                                         "splash"), help="ours only")
+  p.add_argument("--loss-chunk", type=int, default=512,
+                 help="positions per vocabulary projection in our loss (0: all at once)")
+  p.add_argument("--lora-rank", type=int, default=128)
+  p.add_argument("--lora-alpha", type=float, default=256.0)
+  p.add_argument("--lora-dropout", type=float, default=0.05)
+  p.add_argument("--peak-tflops", type=float, default=989.0,
+                 help="device peak for MFU (989: H100 SXM bf16 dense)")
+  p.add_argument("--timeout", type=int, default=400, help="seconds per case and side (GPU)")
+  p.add_argument("--json", action="store_true", help="print one JSON result (child mode)")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny shapes on CPU, float32, 1 step, both sides in this process")
+  return p
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parser().parse_args(argv)
+  if args.smoke:   # tiny defaults; flags given explicitly still win
+    defaults = parser().parse_args([])
+    for k, v in SMOKE_FLAGS.items():
+      if getattr(args, k) == getattr(defaults, k):
+        setattr(args, k, v)
+  sides = SIDES if args.side == "both" else (args.side,)
+  if args.json:
+    print(json.dumps(measure(args, args.cases[0], sides[0])))
+    return
+  rows = []
+  for case in args.cases:
+    for side in sides:
+      r = measure(args, case, side) if args.smoke else _child(args, argv, case, side)
+      rows.append(r)
+      print(json.dumps(r), file=sys.stderr, flush=True)  # progress
+  print(table(args, rows, argv))
+
+
+if __name__ == "__main__":
+  main()
