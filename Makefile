@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # Default suite: CPU, 8 simulated devices, heavy cases marked `slow` are skipped.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Everything, slow cases included.
 test-all: $(STAMP)

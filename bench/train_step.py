@@ -1,15 +1,15 @@
 """Training-step speed on one GPU: this project's jitted train step vs the PyTorch LLaVA stack.
 
-On one H100 (each case and side in its own process; about 8-10 minutes for all four cases, so a
-short device session may run them in two calls, e.g. `--cases llm vision` then `--cases lora stage1`):
+On one H100 (each case and side in its own process; roughly 8-10 minutes for all four cases, so
+a short device session may run two calls: `--cases llm vision`, then `--cases lora stage1`):
 
   python -m bench.train_step --cases lora llm stage1 vision --steps 5 --warmup 2
 
   python -m bench.train_step --smoke          # tiny shapes on CPU, both sides: checks the script
 
-Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/14-378 at 378/756/1134
-= 14 tiles per image, mlp2x_gelu connector, Llama-3-8B), micro-batch 8, sequence 2048, one image
-per row (BOS, 729 image positions, text):
+Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/14-378 at
+378/756/1134 = 14 tiles per image, mlp2x_gelu connector, Llama-3-8B), micro-batch 8, sequence
+2048, one image per row (BOS, 729 image positions, text):
   lora    (a) stage-2 LoRA step: tower frozen, connector + LoRA r=128 alpha=256 on
               q,k,v,o,gate,up,down train
   llm     (b) the LLM alone with the same LoRA (text only)
@@ -100,8 +100,10 @@ def _llm_params(cfg, rank) -> int:
   c = cfg.llm
   q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
   shapes = {"q": (c.hidden, q), "k": (c.hidden, kv), "v": (c.hidden, kv), "o": (q, c.hidden),
-            "gate": (c.hidden, c.mlp_dim), "up": (c.hidden, c.mlp_dim), "down": (c.mlp_dim, c.hidden)}
-  per = sum(i * o + (rank * (i + o) if t in cfg.lora.targets else 0) for t, (i, o) in shapes.items())
+            "gate": (c.hidden, c.mlp_dim), "up": (c.hidden, c.mlp_dim),
+            "down": (c.mlp_dim, c.hidden)}
+  per = sum(i * o + (rank * (i + o) if t in cfg.lora.targets else 0)
+            for t, (i, o) in shapes.items())
   return c.layers * per + c.vocab_size * c.hidden
 
 
@@ -118,8 +120,10 @@ def work(args, cfg, case) -> dict:
   flops = 6 * _llm_params(cfg, args.lora_rank if case in ("lora", "llm") else 0) * tokens
   if images:
     v = cfg.vision
-    tiles = sum((sc // v.image_size) ** 2 for sc in cfg.tiler.scales) if cfg.tiler.kind == "s2" else 1
-    per_tile = 2 * (v.grid ** 2 + 1) * _vit_params(cfg) + 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+    tiles = (sum((sc // v.image_size) ** 2 for sc in cfg.tiler.scales)
+             if cfg.tiler.kind == "s2" else 1)
+    patch = 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+    per_tile = 2 * (v.grid ** 2 + 1) * _vit_params(cfg) + patch
     flops += images * tiles * per_tile
     if case != "vision":
       conn = cfg.feature_dim * cfg.llm.hidden + cfg.llm.hidden ** 2
@@ -289,7 +293,8 @@ def run_reference(args, case) -> dict:
         llm = T.LlamaForCausalLM(T.LlamaConfig(
             vocab_size=L.vocab_size, hidden_size=L.hidden, num_hidden_layers=L.layers,
             num_attention_heads=L.heads, num_key_value_heads=L.kv_heads, head_dim=L.head_dim,
-            intermediate_size=L.mlp_dim, rms_norm_eps=L.norm_eps, max_position_embeddings=L.max_positions,
+            intermediate_size=L.mlp_dim, rms_norm_eps=L.norm_eps,
+            max_position_embeddings=L.max_positions,
             rope_parameters={"rope_type": "default", "rope_theta": L.rope_theta},
             tie_word_embeddings=L.tie_embeddings, use_cache=False, attn_implementation="sdpa",
             pad_token_id=0, bos_token_id=None, eos_token_id=None))
@@ -418,7 +423,7 @@ def table(args, rows, argv) -> str:
            f"after {args.warmup} warm-up; FLOPs: 6N per LLM token, 6N per connector feature, 2N "
            f"per frozen tower token (module docstring); MFU vs {args.peak_tflops:g} TFLOP/s", "",
            "| case | side | step s | first step s | tokens/s | images/s | TFLOP/s | MFU | peak GB "
-           "| loss | ours / reference | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| loss | ours / reference | note |", "|---" * 12 + "|"]
   for r in rows:
     name = CASES[r["case"]]
     if "step_s" not in r:
