@@ -396,11 +396,7 @@ def main(argv=None) -> int:
     totals = finalize(kept, store, args.out_dir, matcher, eval_frac=args.eval_frac, seed=args.seed)
   con.print(lc.counts_table("this run", run))
   con.print(lc.counts_table(f"{args.out_dir} (all runs)", totals))
-  con.print(lc.usage_table(client))
-  if run["request failed"]:
-    con.print(f"[yellow]{run['request failed']} request(s) failed; run the same command again to retry them")
-    return 1
-  return 0
+  return lc.finish(con, client, run)
 
 
 if __name__ == "__main__":

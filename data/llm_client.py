@@ -299,6 +299,16 @@ def usage_table(client: ChatClient, title: str = "tokens used (this run)"):
   return t
 
 
+def finish(con, client: "ChatClient", run: dict) -> int:
+  """A command's last words: tokens used, then exit status 1 with a retry hint if requests failed
+  (the rerun picks them up; nothing finished is redone)."""
+  con.print(usage_table(client))
+  if run["request failed"]:
+    con.print(f"[yellow]{run['request failed']} request(s) failed; run the same command again to retry them")
+    return 1
+  return 0
+
+
 def counts_table(title: str, counts: dict):
   from rich.table import Table
   t = Table(title=title)

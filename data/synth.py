@@ -263,11 +263,7 @@ def main(argv=None) -> int:
   con = lc.console()
   con.print(lc.counts_table("this run", {**run, **{f"skipped input: {k}": v for k, v in skipped.items()}}))
   con.print(lc.counts_table(f"{args.out} (all runs)", totals))
-  con.print(lc.usage_table(client))
-  if run["request failed"]:
-    con.print(f"[yellow]{run['request failed']} request(s) failed; run the same command again to retry them")
-    return 1
-  return 0
+  return lc.finish(con, client, run)
 
 
 if __name__ == "__main__":

@@ -257,12 +257,8 @@ def main(argv=None) -> int:
   con = lc.console()
   con.print(lc.counts_table("this run", {**run, "skipped: no answer": len(missing)}))
   con.print(summary_table(summary, rule.kind))
-  con.print(lc.usage_table(client))
   con.print(f"summary written to {summary_path}")
-  if run["request failed"]:
-    con.print(f"[yellow]{run['request failed']} request(s) failed; run the same command again to retry them")
-    return 1
-  return 0
+  return lc.finish(con, client, run)
 
 
 if __name__ == "__main__":
