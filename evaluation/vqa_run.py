@@ -119,7 +119,7 @@ def prompt_text(question: str) -> str:
 
 
 def run(args) -> dict:
-  from vlm.generate import GenerationConfig, Generator
+  from vlm.generate import Generator, sampling_config
   from vlm.prompt import build_prompt
 
   if args.test_json:
@@ -153,8 +153,7 @@ def run(args) -> dict:
     gen = Generator.from_checkpoint(args.ckpt, mesh=mesh, **overrides)
   except FileNotFoundError as e:
     raise BadSample("missing_checkpoint", str(e), path=args.ckpt) from None
-  gc = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop))
+  gc = sampling_config(args)
   model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   t0 = time.time()
@@ -197,13 +196,8 @@ def add_parser(sub) -> None:
                  "ground truth `score --gt` reads; useful with TFDS builds)")
   p.add_argument("--model-id", help="model_id written in each row (default: the ckpt dir name)")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--max-new-tokens", type=int, default=1024)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--stop", action="append", default=[], metavar="STRING",
-                 help="extra stop string (repeatable); template stop tokens always apply")
-  p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+  from vlm.generate import add_sampling_args
+  add_sampling_args(p, max_new_tokens=1024)  # the papers' zero-shot setting: greedy, 1024
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the checkpoint's)")
   p.add_argument("--mesh", help="data,fsdp,tensor mesh shape, e.g. 1,-1,1 (default: one device)")

@@ -25,14 +25,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--ckpt", required=True, help="checkpoint dir of this project or a HF model dir")
   p.add_argument("--image", help="PNG / JPEG / DICOM file (omit for a text-only question)")
   p.add_argument("--frame", type=int, default=0, help="frame of a multi-frame DICOM / TIFF / GIF")
-  p.add_argument("--system", default=None, help="system prompt (default: the template's)")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--top-k", type=int, default=0, help="0 = off")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-new-tokens", type=int, default=512)
-  p.add_argument("--stop", action="append", default=[], metavar="STRING",
-                 help="extra stop string (repeatable); template stop tokens always apply")
+  from vlm.generate import add_sampling_args
+  add_sampling_args(p, max_new_tokens=512)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the checkpoint's)")
   return p
@@ -42,12 +36,10 @@ class Chat:
   """A loaded model + the current image; `ask` streams one answer to `out`."""
 
   def __init__(self, args):
-    from vlm.generate import GenerationConfig, Generator
+    from vlm.generate import Generator, sampling_config
     overrides = {"dtype": args.dtype} if args.dtype else {}
     self.gen = Generator.from_checkpoint(args.ckpt, **overrides)
-    self.gc = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               stop_strings=tuple(args.stop))
+    self.gc = sampling_config(args)
     self.system, self.frame, self.image = args.system, args.frame, None
     if args.image:
       self.set_image(args.image)

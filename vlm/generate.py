@@ -46,6 +46,25 @@ class GenerationConfig:
   stop_strings: Sequence[str] = ()
 
 
+def add_sampling_args(p, *, max_new_tokens: int) -> None:
+  """The sampling flags every generating command shares (chat, VQA runs)."""
+  p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+  p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                 help="extra stop string (repeatable); template stop tokens always apply")
+
+
+def sampling_config(args) -> "GenerationConfig":
+  """GenerationConfig from the flags of add_sampling_args."""
+  return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          stop_strings=tuple(args.stop))
+
+
 @dataclasses.dataclass
 class Generation:
   """tokens: generated ids before the stop token; text: decoded (special tokens skipped), cut at
