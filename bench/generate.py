@@ -50,22 +50,13 @@ def _weight_bytes(s) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _random_params(config):
-  """Pseudo-random bf16 weights (a sine hash of the index, ~U(-0.02, 0.02); norm scales 1) made
-  on the device in one elementwise program: no float32 copy of the model, and it compiles in a
-  blink where the threefry RNG over 8B values would not."""
+  """bf16 benchmark weights for `config`, made on the device (bench/weights.py)."""
   import jax
   import jax.numpy as jnp
+  from bench.weights import hash_fill
   from vlm.model import abstract_params
-  leaves, tree = jax.tree_util.tree_flatten_with_path(abstract_params(config, boxed=False))
-
-  def leaf(i, path, x):
-    if "scale" in str(path[-1]):
-      return jnp.ones(x.shape, jnp.bfloat16)
-    t = jax.lax.iota(jnp.float32, int(np.prod(x.shape))).reshape(x.shape)
-    u = jnp.mod(jnp.sin(t * 12.9898 + 78.233 * (i + 1)) * 43758.5453, 1.0)
-    return ((u - 0.5) * 0.04).astype(jnp.bfloat16)
-  return jax.jit(lambda: jax.tree_util.tree_unflatten(
-      tree, [leaf(i, p, x) for i, (p, x) in enumerate(leaves)]))()
+  return hash_fill(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                                          abstract_params(config, boxed=False)))
 
 
 def run_jax(args) -> dict:

@@ -150,23 +150,9 @@ def _train_config(args, case, cfg, total):
 
 
 def _random(abstract, seed):
-  """Pseudo-random weights in each leaf's dtype and sharding (a sine hash of the index, about
-  U(-0.02, 0.02); norm scales 1), made on the device in one elementwise program: no float32 copy
-  of the frozen model, and no threefry over 8B values to compile."""
-  import jax
-  import jax.numpy as jnp
-  leaves, tree = jax.tree_util.tree_flatten_with_path(abstract)
-
-  def leaf(i, path, x):
-    if "scale" in str(path[-1]):
-      return jnp.ones(x.shape, x.dtype)
-    t = jax.lax.iota(jnp.float32, int(np.prod(x.shape))).reshape(x.shape)
-    u = jnp.mod(jnp.sin(t * 12.9898 + 78.233 * (i + 1 + 1000 * seed)) * 43758.5453, 1.0)
-    return ((u - 0.5) * 0.04).astype(x.dtype)
-  fill = jax.jit(lambda: jax.tree_util.tree_unflatten(
-      tree, [leaf(i, p, x) for i, (p, x) in enumerate(leaves)]),
-      out_shardings=jax.tree_util.tree_unflatten(tree, [x.sharding for _, x in leaves]))
-  return fill()
+  """Weights in each leaf's dtype and sharding, made on the device (bench/weights.py)."""
+  from bench.weights import hash_fill
+  return hash_fill(abstract, seed)
 
 
 def _peak_jax():
