@@ -216,3 +216,16 @@ def anyres_tiles(img: np.ndarray, pinpoints, tile: int) -> tuple:
   tiles = canvas[:rows * tile, :cols * tile].reshape(rows, tile, cols, tile, 3)
   tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile, tile, 3)
   return np.concatenate([_resize(img, (tile, tile))[None], tiles]), (h, w)
+
+
+def model_pixels(img: np.ndarray, *, tiler: str, size: int, resize_mode: str,
+                 mean: Sequence[float], pinpoints=(), max_tiles: int = 0) -> tuple:
+  """One image as the model takes it (training and inference share this):
+  square tilers -> (uint8 [size, size, 3], None); anyres (size = the tile) -> (uint8 [max_tiles,
+  size, size, 3] zero-padded past the image's tiles, (height, width))."""
+  if tiler == "anyres":
+    tiles, hw = anyres_tiles(img, pinpoints, size)
+    out = np.zeros((max_tiles,) + tiles.shape[1:], np.uint8)
+    out[:len(tiles)] = tiles
+    return out, hw
+  return resize_square(img, size, resize_mode, mean=mean), None

@@ -27,7 +27,7 @@ import numpy as np
 from data import packing, sources
 from data.conversation import encode
 from data.errors import BadSample
-from data.image import anyres_tiles, load_image, resize_square
+from data.image import load_image, model_pixels
 from vlm.config import OPENAI_CLIP_MEAN
 
 log = logging.getLogger(__name__)
@@ -209,19 +209,16 @@ class SampleProcessor:
       return out
     if images is None:   # decoded only once the text is known to be usable
       images = [self._load(r, sid, src) for r in refs]
-    if cfg.tiler == "anyres":
-      t, n = cfg.anyres_tile, cfg.max_tiles
-      pix = np.zeros((len(images), n, t, t, 3), np.uint8)
-      sizes = np.zeros((len(images), 2), np.int32)
-      for k, im in enumerate(images):
-        tiles, hw = anyres_tiles(im, cfg.anyres_pinpoints, t)
-        pix[k, :len(tiles)], sizes[k] = tiles, hw
-      out["pixel_values"], out["image_sizes"] = pix, sizes
-    else:
-      s = cfg.image_size
-      out["pixel_values"] = (np.stack([resize_square(im, s, cfg.resize_mode, mean=cfg.image_mean)
-                                     for im in images])
-                             if images else np.zeros((0, s, s, 3), np.uint8))
+    anyres = cfg.tiler == "anyres"
+    s = cfg.anyres_tile if anyres else cfg.image_size
+    shape = (cfg.max_tiles, s, s, 3) if anyres else (s, s, 3)
+    made = [model_pixels(im, tiler=cfg.tiler, size=s, resize_mode=cfg.resize_mode,
+                         mean=cfg.image_mean, pinpoints=cfg.anyres_pinpoints,
+                         max_tiles=cfg.max_tiles if anyres else 0) for im in images]
+    out["pixel_values"] = (np.stack([p for p, _ in made]) if made
+                           else np.zeros((0,) + shape, np.uint8))
+    if anyres:
+      out["image_sizes"] = np.asarray([hw for _, hw in made], np.int32).reshape(len(made), 2)
     return out
 
 

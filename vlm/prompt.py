@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data.conversation import render_prompt
-from data.image import anyres_tiles, resize_square
+from data.image import model_pixels
 from vlm.config import VLMConfig
 
 
@@ -32,13 +32,11 @@ def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
   v, t = config.vision, config.tiler
   if v is None:
     raise ValueError("this model has no vision tower; it cannot take an image")
-  if t.kind == "anyres":
-    tiles, hw = anyres_tiles(img, t.grid_pinpoints, v.image_size)
-    out = np.zeros((t.max_tiles(v),) + tiles.shape[1:], np.uint8)
-    out[:len(tiles)] = tiles
-    return out, hw, config.image_tokens(hw)
-  square = resize_square(img, t.input_size(v), t.resize_mode, mean=v.mean)
-  return square, None, config.image_tokens()
+  anyres = t.kind == "anyres"
+  pixels, hw = model_pixels(img, tiler=t.kind, size=v.image_size if anyres else t.input_size(v),
+                            resize_mode=t.resize_mode, mean=v.mean, pinpoints=t.grid_pinpoints,
+                            max_tiles=t.max_tiles(v) if anyres else 0)
+  return pixels, hw, config.image_tokens(hw)
 
 
 def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),
