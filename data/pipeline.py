@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 import threading
-import types
 from typing import Any, Optional, Sequence
 
 import grain.python as gp
@@ -196,9 +195,8 @@ class SampleProcessor:
     if cfg.tiler == "anyres":   # the placeholder count depends on each image's size
       from vlm.tiler import anyres_num_features   # lazy: imports jax
       images = [self._load(r, sid, src) for r in refs]
-      grid = types.SimpleNamespace(image_size=cfg.anyres_tile,
-                                   grid=cfg.anyres_tile // cfg.patch_size)
-      tokens = [anyres_num_features(im.shape[:2], cfg.anyres_pinpoints, grid) for im in images]
+      tokens = [anyres_num_features(im.shape[:2], cfg.anyres_pinpoints, cfg.anyres_tile,
+                                    cfg.patch_size) for im in images]
     else:
       tokens = cfg.image_tokens
     enc = encode(sample, self.tokenizer, cfg.template, image_tokens=tokens,

@@ -277,7 +277,7 @@ def test_anyres_tiles_and_placeholders(tmp_path, tok_dir):
   pins = ((14, 28), (28, 14), (28, 28))
   cfg = config(path, tok_dir, tiler="anyres", anyres_pinpoints=pins, anyres_tile=14,
                patch_size=7, max_len=160, per_process_batch=2)
-  tok, grid = load(tok_dir), type("Vision", (), {"image_size": 14, "grid": 2})
+  tok = load(tok_dir)
   seen = set()
   for batch in make_iterator(cfg, shard=gp.ShardOptions(0, 1)):
     assert batch["pixel_values"].shape == (2, 1, 5, 14, 14, 3)
@@ -287,7 +287,7 @@ def test_anyres_tiles_and_placeholders(tmp_path, tok_dir):
       seen.add(i)
       h, w = batch["image_sizes"][b, 0]
       assert (h, w) == (4 + i % 2, 5 + i % 3)
-      assert (batch["input_ids"][b] == IMG_ID).sum() == anyres_num_features((h, w), pins, grid)
+      assert (batch["input_ids"][b] == IMG_ID).sum() == anyres_num_features((h, w), pins, 14, 7)
       tiles = batch["pixel_values"][b, 0]
       assert (tiles[0] == colour(i)).all()   # the squashed base image comes first
       assert tiles.reshape(5, -1).any(axis=1).sum() in (3, 5)   # base + 1x2 / 2x1 / 2x2 grid

@@ -137,7 +137,8 @@ class VLMConfig:
       if image_hw is None:
         raise ValueError("anyres: the placeholder count depends on the image size")
       from vlm import tiler  # local: tiler imports jax
-      return tiler.anyres_num_features(image_hw, self.tiler.grid_pinpoints, self.vision)
+      return tiler.anyres_num_features(image_hw, self.tiler.grid_pinpoints,
+                                       self.vision.image_size, self.vision.patch_size)
     return self.vision.tokens
 
   def replace(self, **kw) -> "VLMConfig":

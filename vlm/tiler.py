@@ -61,10 +61,11 @@ def anyres_unpad_box(image_hw, grid_hw, side: int) -> tuple:
   return 0, ch, pad, cw - pad
 
 
-def anyres_num_features(image_hw, pinpoints, vision) -> int:
-  """Placeholder ids one anyres image expands to: base tile + unpadded grid + one newline per row."""
-  side = vision.grid
-  grid = anyres_grid(image_hw, pinpoints, vision.image_size)
+def anyres_num_features(image_hw, pinpoints, tile: int, patch: int) -> int:
+  """Placeholder ids one anyres image expands to: base tile + unpadded grid + one newline per row
+  (tile: the tower's input side in px; patch: its patch size)."""
+  side = tile // patch
+  grid = anyres_grid(image_hw, pinpoints, tile)
   r0, r1, c0, c1 = anyres_unpad_box(image_hw, grid, side)
   return side * side + (r1 - r0) * (c1 - c0 + 1)
 
