@@ -30,11 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
-from vlm.model import VLM, abstract_params, init_params
+from vlm.model import DTYPES, VLM, abstract_params, init_params
 from vlm.sharding import DEFAULT_RULES, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def resolve_init(init: str) -> str:
