@@ -1,4 +1,5 @@
 """VLM-level behaviour: packing with segment ids, attention implementations, checkpoint round trip."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +109,40 @@ def test_bfloat16_compute_close_to_float32():
   assert bf.dtype == jnp.float32  # logits always float32
   rel = np.abs(np.asarray(bf) - f32).max() / np.abs(f32).max()
   assert rel <= 2e-2, rel
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_kv_cache_chunks_equal_full_forward(window):
+  """A left-padded prompt fills an empty cache, a 3-token chunk and then single tokens are
+  appended at a traced index: every chunk's logits equal the full forward's (sliding window too),
+  and the cache holds exactly the k/v a full prefill writes."""
+  llm = dataclasses.replace(CFG.llm, sliding_window=window)
+  cfg = VLMConfig(llm=llm)
+  model = VLM(cfg)
+  params = init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(5)
+  b, pad, p, s = 2, np.array([0, 2]), 6, 16
+  ids = rng.integers(0, 63, size=(b, p + 5)).astype(np.int32)
+  seg = (np.arange(p + 5)[None] >= pad[:, None]).astype(np.int32)  # row 1: 2 pad slots
+  pos = np.maximum(np.arange(p + 5)[None] - pad[:, None], 0).astype(np.int32)
+  full = model.apply({"params": params}, ids, positions=pos, segment_ids=seg)
+  kv = jnp.zeros((llm.layers, b, s, llm.kv_heads, llm.head_dim))
+  cache = {"k": kv, "v": kv, "index": 0,
+           "segment_ids": jnp.asarray(np.pad(seg, ((0, 0), (0, s - p - 5)), constant_values=1))}
+  step = jax.jit(lambda c, x, ps, sg: model.apply({"params": params}, x, positions=ps,
+                                                   segment_ids=sg, cache=c))
+  out, cache = jax.jit(lambda c: model.apply({"params": params}, ids[:, :p], positions=pos[:, :p],
+                                             segment_ids=seg[:, :p], cache=c))(cache)
+  outs = [out]
+  for lo, hi in ((p, p + 3), (p + 3, p + 4), (p + 4, p + 5)):
+    cache["index"] = jnp.int32(lo)
+    out, cache = step(cache, ids[:, lo:hi], pos[:, lo:hi], seg[:, lo:hi])
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1)[seg == 1], np.asarray(full)[seg == 1],
+                             atol=1e-4, rtol=0)
+  # The filled slots equal what one prefill of all p + 5 tokens writes.
+  _, ref = jax.jit(lambda c: model.apply({"params": params}, ids, positions=pos, segment_ids=seg,
+                                         cache=c))(dict(cache, k=kv, v=kv, index=0))
+  np.testing.assert_allclose(cache["k"], ref["k"], atol=1e-5)
+  np.testing.assert_allclose(cache["v"][:, :, :p + 5], ref["v"][:, :, :p + 5], atol=1e-5)
+  assert not np.asarray(cache["v"][:, :, p + 5:]).any()

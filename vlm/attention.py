@@ -17,14 +17,15 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
 
 
-def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None, kv_segment_ids=None,
-                   q_offset=0, sliding_window: Optional[int] = None):
-  """Boolean [B or 1, T, S] mask: query i (absolute index q_offset + i) sees key j when allowed."""
-  qi = jnp.arange(t)[:, None] + q_offset
+def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None,
+                   sliding_window: Optional[int] = None):
+  """Boolean [B or 1, T, S] mask: query i sees key j when allowed."""
+  qi = jnp.arange(t)[:, None]
   kj = jnp.arange(s)[None, :]
   mask = jnp.ones((t, s), bool)
   if causal:
@@ -33,21 +34,31 @@ def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None, kv_segment
     mask = mask & (qi - kj < sliding_window)
   mask = mask[None]
   if segment_ids is not None:
-    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-    mask = mask & (segment_ids[:, :, None] == kv_seg[:, None, :])
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
   return mask
 
 
 def _xla(q, k, v, mask, scale):
+  return _xla_parts(q, ((k, v, mask),), scale)
+
+
+def _xla_parts(q, parts, scale):
+  """Softmax attention over the union of key sets [(k [B,S,Hkv,D], v, mask [B|1,T,S]), ...]
+  without concatenating K/V (a decode step reads the cache where it lies)."""
   b, t, hq, d = q.shape
-  hkv = k.shape[2]
+  hkv = parts[0][0].shape[2]
   q = q.reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
+  logits = [jnp.where(m[:, None, None], jnp.einsum("btkgd,bskd->bkgts", q, k,
+                                                   preferred_element_type=jnp.float32) * scale,
+                      jnp.finfo(jnp.float32).min) for k, _, m in parts]
+  sizes = [x.shape[-1] for x in logits]
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
   # A row with no visible key (pure padding) gets zeros, not a uniform average of garbage.
-  probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  seen = jnp.stack([jnp.broadcast_to(m.any(-1), (b, t)) for _, _, m in parts]).any(0)
+  probs = jnp.where(seen[:, None, None, :, None], probs, 0.0)
+  probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
+  out = sum(jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+            for p, (_, v, _) in zip(probs, parts))
   return out.reshape(b, t, hq, d)
 
 
@@ -73,25 +84,23 @@ def _auto(backend: str) -> str:
   return "xla"
 
 
-def attend(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+def attend(q, k, v, *, causal: bool = True, segment_ids=None,
            sliding_window: Optional[int] = None, scale: Optional[float] = None,
            impl: str = "xla"):
   """Scaled dot-product attention; see the module docstring for shapes and implementations.
 
   segment_ids [B, T] int32: a query sees only keys with its own id (packing; padding has its own
-  id). kv_segment_ids [B, S] when keys differ from queries (KV-cache decode). q_offset shifts the
-  queries' absolute index for the causal test (decode step at cache position q_offset).
+  id). Queries and keys are the same tokens (T == S); KV-cache decode uses `attend_cached`.
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} not in {IMPLS}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   t, s = q.shape[1], k.shape[1]
-  fused_ok = t == s and kv_segment_ids is None and sliding_window is None and (
-      isinstance(q_offset, int) and q_offset == 0)
+  fused_ok = t == s and sliding_window is None
   if impl == "auto":
     impl = _auto(jax.default_backend())
   if impl != "xla" and not fused_ok:
-    impl = "xla"  # decode steps and sliding windows take the reference path
+    impl = "xla"  # sliding windows take the reference path
   if impl == "cudnn":
     return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
   if impl == "pallas":
@@ -104,6 +113,25 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=Non
     return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
                                    interpret=jax.default_backend() != "tpu")
   mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
-                        kv_segment_ids=kv_segment_ids, q_offset=q_offset,
                         sliding_window=sliding_window)
   return _xla(q, k, v, mask, scale)
+
+
+def attend_cached(q, k, v, k_cache, v_cache, *, index, segment_ids, cache_segment_ids,
+                  sliding_window: Optional[int] = None, scale: Optional[float] = None):
+  """A chunk of T new tokens at cache slots index..index+T-1 attends to the cache's first `index`
+  slots and (causally) to itself; the cache is only read, never updated here.
+
+  k, v [B, T, Hkv, D]: the chunk's keys/values; k_cache, v_cache [B, S, Hkv, D]; segment_ids
+  [B, T] of the chunk and cache_segment_ids [B, S] of the cache slots (keys match queries by id).
+  The caller writes the chunk into the cache once, after all layers, so a decode step never
+  copies a layer's cache."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  t, s = q.shape[1], k_cache.shape[1]
+  qi = jnp.arange(t)[:, None] + index
+  kj = jnp.arange(s)[None, :]
+  old = (kj < index)[None] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
+  if sliding_window is not None:
+    old = old & (qi - kj < sliding_window)[None]
+  new = attention_mask(t, t, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
+  return _xla_parts(q, ((k_cache, v_cache, old), (k, v, new)), scale)

@@ -120,7 +120,7 @@ def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, 
   b, p = ids.shape
   kv = lambda: _constrain(jnp.zeros((c.layers, b, cache_len, c.kv_heads, c.head_dim), cache_dtype),
                           ("layers", "batch", None, "kv", None), mesh)
-  cache = {"k": kv(), "v": kv(), "index": jnp.int32(0),
+  cache = {"k": kv(), "v": kv(), "index": 0,  # the int 0: an empty cache (vlm.llama)
            # generated tokens are real (1) from the start: future slots are hidden causally
            "segment_ids": jnp.concatenate([segment_ids, jnp.ones((b, cache_len - p), jnp.int32)],
                                           axis=1)}

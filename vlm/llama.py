@@ -3,7 +3,8 @@
 RoPE uses HF's rotate-half convention so q/k kernels import without permutation; inverse frequencies
 are computed in float32 exactly as HF does (llama3 scaling included) so logits match to float32
 rounding. Layers are one `nn.scan` over a remat'ed block. An optional explicit KV cache (k, v per
-layer, stacked on the layer axis) makes the same code serve prefill and decode.
+layer, stacked on the layer axis) makes the same code serve prefill and decode; layers read it and
+return only the new tokens' k/v, which are written after the scan.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from vlm.attention import attend
+from vlm.attention import attend, attend_cached
 from vlm.config import LlamaConfig, LoraConfig
 from vlm.lora import Dense
 
@@ -101,18 +102,15 @@ class Attention(nn.Module):
     k = apply_rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, inv)
     v = v.reshape(b, t, c.kv_heads, c.head_dim)
     q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
-    if kv is None:
+    if kv is None:  # training, or a prompt filling an empty cache: the chunk sees only itself
       out = attend(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=c.sliding_window,
                    impl=self.impl)
-      new_kv = None
-    else:  # write this chunk at the cache index, attend over the whole cache
-      idx = cache_meta["index"]
-      ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, idx, 0, 0))
-      cv = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, idx, 0, 0))
-      out = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, segment_ids=segment_ids,
-                   kv_segment_ids=cache_meta["segment_ids"], q_offset=idx,
-                   sliding_window=c.sliding_window, impl=self.impl)
-      new_kv = (ck, cv)
+    else:  # the chunk sees the cache's filled slots and itself; the cache is only read here
+      out = attend_cached(q, k, v, kv[0].astype(q.dtype), kv[1].astype(q.dtype),
+                          index=cache_meta["index"], segment_ids=segment_ids,
+                          cache_segment_ids=cache_meta["segment_ids"],
+                          sliding_window=c.sliding_window)
+    new_kv = None if cache_meta is None else (k, v)  # written into the cache after the scan
     out = checkpoint_name(out.reshape(b, t, c.heads * c.head_dim), "attn_out")
     return dense("o", c.hidden, ("heads", "embed"))(out, deterministic), new_kv
 
@@ -150,7 +148,8 @@ class DecoderLayer(nn.Module):
 
 
 class _ScanBody(nn.Module):
-  """scan-friendly wrapper: carry = hidden states, per-layer input/output = KV cache slice."""
+  """scan-friendly wrapper: carry = hidden states, per-layer input = the layer's KV cache (read
+  only), per-layer output = this chunk's k/v."""
   cfg: LlamaConfig
   lora: LoraConfig
   dtype: Any
@@ -199,15 +198,25 @@ class Llama(nn.Module):
     """h [B, T, D] embeddings -> float32 logits [B, T, V] (and the updated cache when given).
 
     cache: {"k", "v": [L, B, S, Hkv, Dh], "segment_ids": [B, S] (already holding this chunk's ids),
-    "index": int32 scalar}."""
-    kv = None if cache is None else (cache["k"], cache["v"])
-    meta = None if cache is None else {"index": cache["index"], "segment_ids": cache["segment_ids"]}
+    "index": the slot of the chunk's first token}. The chunk attends to the slots before `index`
+    and to itself; the layers only read the cache and return the chunk's k/v, written here with
+    one update of the whole stack (in place under a donating jit or a while loop) instead of a
+    copy of every layer's cache per step. An index given as the Python int 0 marks an empty cache:
+    the prompt then attends only to itself, through the fused attention kernels."""
+    kv = meta = None
+    if cache is not None:
+      idx = cache["index"]
+      empty = isinstance(idx, int) and idx == 0
+      kv = None if empty else (cache["k"], cache["v"])
+      meta = {"index": idx, "segment_ids": cache["segment_ids"]}
     h, new_kv = self.layers(h, kv, positions, segment_ids, meta, deterministic)
     h = self.norm(h)
     out = h if return_hidden else self.logits(h)
     if cache is None:
       return out
-    return out, dict(cache, k=new_kv[0], v=new_kv[1])
+    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype),
+                                                                cache["index"], axis=2)
+    return out, dict(cache, k=write(cache["k"], new_kv[0]), v=write(cache["v"], new_kv[1]))
 
   def logits(self, h):
     """Hidden states (after the final norm) -> float32 logits; used by chunked losses."""
