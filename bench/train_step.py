@@ -6,6 +6,9 @@ a short device session may run two calls: `--cases llm vision`, then `--cases lo
   python -m bench.train_step --cases lora llm stage1 vision --steps 5 --warmup 2
 
   python -m bench.train_step --smoke          # tiny shapes on CPU, both sides: checks the script
+  python -m bench.train_step --cases llm --side ours --layers 4 \
+      --ablate base remat=none loss_chunk=0 attention=xla frozen_dtype=float32   # ablations
+  python -m bench.train_step --cases llm --profile /tmp/prof   # + a kernel summary of our step
 
 Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/14-378 at
 378/756/1134 = 14 tiles per image, mlp2x_gelu connector, Llama-3-8B), micro-batch 8, sequence
@@ -30,13 +33,25 @@ not counted; frozen weights need no weight gradient, the 6N convention counts it
 6 N_connector per image feature; 2 N_vit per tower token for the frozen tower forward, N_vit = the
 layers that run up to select_layer + patch embedding, 730 tokens x 14 tiles per image.
 MFU = TFLOP/s / --peak-tflops (989: H100 SXM bf16 dense). Peak memory is the process's peak device
-allocation (JAX memory_stats / torch.cuda.max_memory_allocated), init included.
+allocation (JAX memory_stats / torch.cuda.max_memory_allocated), init included. Our step is compiled
+ahead of time, so its compile seconds and XLA's memory analysis are reported beside the timing.
+
+Ablations (`--ablate`, ours only): each VARIANT (`base`, or `key=value[,key=value]` over remat,
+attention, loss_chunk, frozen_dtype) is its own compiled step in one process, all compiled
+first (`--compile-threads` at once) and then timed one after another on the same weights and
+batch; memory per variant is XLA's compiled memory analysis, since the process peak spans them
+all. `--layers N` runs them at reduced depth (same widths) so that many fit in a short session.
+`--profile DIR` traces 2 more steps of ours after the timing (bench/profile.py) and adds the kernel
+summary to the result.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -66,6 +81,8 @@ def arch(args, case):
   cfg = VLMConfig.from_dict(SMOKE_ARCH) if args.smoke else preset(args.preset)
   if case == "llm":
     cfg = cfg.replace(vision=None)
+  if getattr(args, "layers", 0):
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, layers=args.layers))
   return cfg
 
 
@@ -137,7 +154,8 @@ def _train_config(args, case, cfg, total):
   from configs import common
   c = common.base()
   arch_dict = cfg.to_dict()
-  c.model.update(init="scratch", arch=arch_dict, dtype=args.dtype, frozen_dtype=args.dtype,
+  c.model.update(init="scratch", arch=arch_dict, dtype=args.dtype,
+                 frozen_dtype=getattr(args, "frozen_dtype", None) or args.dtype,
                  remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk)
   if case in ("lora", "llm"):
     common.lora(c, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
@@ -177,27 +195,49 @@ def _timed(step, carry, warmup, steps, sync):
   return first, (time.perf_counter() - t) / steps, carry
 
 
-def run_ours(args, case) -> dict:
+@dataclasses.dataclass
+class _Prepared:
+  """Our step before any weights exist: a jitted fn, its abstract arguments, and how to make the
+  real ones (`make() -> args`). carry: the first argument is a train state, donated each step."""
+  fn: object
+  abstract: tuple
+  make: object
+  carry: bool
+
+
+def _mesh(c):
+  # train.trainer.mesh_for / batch_shardings, repeated: train.trainer imports the grain data
+  # pipeline, which a benchmark on device-resident batches does not need (the GPU image lacks it).
+  import jax
+  from vlm.sharding import make_mesh
+  n = int(c.mesh.num_devices or 0)
+  return make_mesh(tuple(c.mesh.shape), jax.devices()[:n] if n else None)
+
+
+def _batch_shardings(mesh, host: dict) -> dict:
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from vlm.sharding import BATCH
+  return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in host.items()}
+
+
+def _prepare(args, case) -> _Prepared:
   import jax
   import jax.numpy as jnp
   from train import state as state_lib
   from train.step import make_train_step
-  from train.trainer import batch_shardings, mesh_for
   from vlm import tiler
   from vlm.model import VLM, normalize_pixels
-  if not args.smoke and jax.default_backend() != "gpu":
-    raise RuntimeError("our side needs jax with a GPU (use --smoke on CPU)")
   cfg = arch(args, case)
-  c = _train_config(args, case, cfg, args.warmup + args.steps)
-  mesh = mesh_for(c)
-  p = state_lib.plan(c, mesh, args.warmup + args.steps)
+  total = args.warmup + args.steps
+  c = _train_config(args, case, cfg, total)
+  mesh = _mesh(c)
+  p = state_lib.plan(c, mesh, total)
   state_abs, frozen_abs = state_lib.abstract_state(p)
   host = batch(args, cfg, case)
-  sh = batch_shardings(mesh, host)
-  dev_batch = {k: jax.device_put(v, sh[k]) for k, v in host.items()}
-  sync = jax.block_until_ready
+  sh = _batch_shardings(mesh, host)
+  batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in host.items()}
+  put_batch = lambda: {k: jax.device_put(v, sh[k]) for k, v in host.items()}
   if case == "vision":
-    params = _random({"vision": frozen_abs["vision"]}, 2)
     v = p.config.vision
     dtype = jnp.dtype(args.dtype)
 
@@ -206,30 +246,175 @@ def run_ours(args, case) -> dict:
       return tiler.s2_features(lambda t: m.vision(t.astype(dtype), True), x, p.config.tiler.scales,
                                v.image_size, v.grid)
     fn = jax.jit(lambda prm, px: VLM(p.config).apply({"params": prm}, px, method=s2))
-    first, dt, _ = _timed(lambda _: fn(params, dev_batch["pixel_values"]), None, args.warmup,
-                          args.steps, sync)
-    return {"first_s": first, "step_s": dt, "peak": _peak_jax(), "loss": None,
-            "device": _device()}
-  trainable = _random(state_abs["trainable"], 1)
-  frozen = _random(frozen_abs, 2)
-  rep = p.state_shardings["step"]
-  put = lambda x: jax.device_put(x, rep)
-  state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(0))),
-           "trainable": trainable,
-           "opt": jax.jit(p.tx.init, out_shardings=p.opt_shardings)(trainable),
-           "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}
+    tower = {"vision": frozen_abs["vision"]}
+    return _Prepared(fn, (tower, batch_abs["pixel_values"]),
+                     lambda: (_random(tower, 2), put_batch()["pixel_values"]), carry=False)
+
+  def make():
+    trainable = _random(state_abs["trainable"], 1)
+    rep = p.state_shardings["step"]
+    put = lambda x: jax.device_put(x, rep)
+    state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(0))),
+             "trainable": trainable,
+             "opt": jax.jit(p.tx.init, out_shardings=p.opt_shardings)(trainable),
+             "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}
+    return state, _random(frozen_abs, 2), put_batch()
   step = make_train_step(p.model, p.tx, mesh=mesh, state_shardings=p.state_shardings,
                          frozen_shardings=p.frozen_shardings, batch_shardings=sh,
                          loss_chunk=c.model.loss_chunk)
-  metrics = {}
+  return _Prepared(step, (state_abs, frozen_abs, batch_abs), make, carry=True)
 
-  def one(st):
-    st, m = step(st, frozen, dev_batch)
-    metrics.update(m)
-    return st
-  first, dt, _ = _timed(one, state, args.warmup, args.steps, sync)
-  return {"first_s": first, "step_s": dt, "peak": _peak_jax(), "loss": float(metrics["loss"]),
-          "device": _device()}
+
+def _compile(prep: _Prepared):
+  """(compiled step, seconds to lower + compile it)."""
+  t = time.perf_counter()
+  compiled = prep.fn.lower(*prep.abstract).compile()
+  return compiled, time.perf_counter() - t
+
+
+def _memory(compiled) -> dict:
+  """XLA's static memory analysis of a compiled step (bytes), where the backend gives one."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  keys = {"compiled_args": "argument_size_in_bytes", "compiled_out": "output_size_in_bytes",
+          "compiled_alias": "alias_size_in_bytes", "compiled_temp": "temp_size_in_bytes",
+          "compiled_peak": "peak_memory_in_bytes"}
+  return {k: int(getattr(m, a)) for k, a in keys.items() if getattr(m, a, None) is not None}
+
+
+def _run_prepared(args, prep: _Prepared, compiled, compile_s) -> dict:
+  """Time a compiled step; `_again` (popped by `measure`) runs one more step for the profiler."""
+  import jax
+  sync = jax.block_until_ready
+  fixed = prep.make()
+  metrics = {}
+  if prep.carry:
+    def one(st):
+      st, m = compiled(st, *fixed[1:])
+      metrics.update(m)
+      return st
+    first, dt, carry = _timed(one, fixed[0], args.warmup, args.steps, sync)
+  else:
+    one = lambda _: compiled(*fixed)
+    first, dt, carry = _timed(one, None, args.warmup, args.steps, sync)
+  box = [carry]
+
+  def again():
+    box[0] = one(box[0])
+    return box[0]
+  return {"first_s": compile_s + first, "compile_s": compile_s, "step_s": dt,
+          "peak": _peak_jax(), "loss": float(metrics["loss"]) if metrics else None,
+          **_memory(compiled), "device": _device(), "_again": again}
+
+
+def run_ours(args, case) -> dict:
+  import jax
+  if not args.smoke and jax.default_backend() != "gpu":
+    raise RuntimeError("our side needs jax with a GPU (use --smoke on CPU)")
+  prep = _prepare(args, case)
+  return _run_prepared(args, prep, *_compile(prep))
+
+
+def _profile(args, case, again, step_s) -> dict:
+  """Kernel summary of 2 traced steps (bench/profile.py); a profiler failure becomes a note."""
+  from bench import profile
+  try:
+    s = profile.trace_steps(again, 2, os.path.join(args.profile, case), step_s=step_s,
+                            title=f"profile: {CASES[case]}, ours, {args.warmup + args.steps} "
+                                  "steps in; 2 traced steps")
+  except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+    return {"note": f"{type(e).__name__}: {str(e).strip()[:160]}"}
+  return {k: s[k] for k in ("text", "busy_pct", "kernel_ms", "busy_ms", "step_ms",
+                            "traced_step_ms", "categories", "trace")}
+
+
+# --- ablations (ours) ----------------------------------------------------------------------------
+
+ABLATION_KEYS = {"remat": ("none", "full", "save_dots", "save_attn_proj"),
+                 "attention": ("auto", "xla", "cudnn", "pallas", "splash"),
+                 "loss_chunk": None, "frozen_dtype": ("bfloat16", "float32")}
+
+
+def variant(text: str) -> dict:
+  """'base' -> {}; 'remat=none,loss_chunk=0' -> {'remat': 'none', 'loss_chunk': 0}."""
+  if text == "base":
+    return {}
+  out = {}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if key not in ABLATION_KEYS or not value:
+      raise argparse.ArgumentTypeError(
+          f"ablation {text!r}: want base or key=value with key in {sorted(ABLATION_KEYS)}")
+    choices = ABLATION_KEYS[key]
+    if choices is None:
+      out[key] = int(value)
+    elif value in choices:
+      out[key] = value
+    else:
+      raise argparse.ArgumentTypeError(f"ablation {text!r}: {key} must be one of {choices}")
+  return out
+
+
+def _settings(args) -> dict:
+  """The knobs an ablation varies, with 'auto' attention resolved for this backend."""
+  import jax
+  from vlm import attention
+  att = args.attention
+  if att == "auto" and hasattr(attention, "_auto"):
+    att = attention._auto(jax.default_backend())
+  return {"remat": args.remat, "attention": att, "loss_chunk": args.loss_chunk,
+          "frozen_dtype": args.frozen_dtype or args.dtype}
+
+
+def run_ablations(args, case, emit=print) -> list:
+  """Each of args.ablate on our side, in one process: compile all (args.compile_threads at a
+  time, so no compile overlaps a timing), then time them one after another. `emit` gets each
+  result as soon as it is timed."""
+  import jax
+  if not args.smoke and jax.default_backend() != "gpu":
+    raise RuntimeError("our side needs jax with a GPU (use --smoke on CPU)")
+  base = work(args, arch(args, case), case)
+  todo, seen, rows = [], {}, []
+  for name in args.ablate:
+    a = argparse.Namespace(**{**vars(args), **variant(name)})
+    key = tuple(sorted(_settings(a).items()))
+    row = {"case": case, "side": "ours", "variant": name, "settings": _settings(a), **base}
+    rows.append(row)
+    if key in seen:
+      row["note"] = f"same settings as {seen[key]}"
+      emit(row)
+      continue
+    seen[key] = name
+    todo.append((row, a))
+  preps, compiled = {}, {}
+
+  def build(item):
+    row, a = item
+    preps[row["variant"]] = prep = _prepare(a, case)
+    return _compile(prep)
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_threads)) as pool:
+    futures = [(item, pool.submit(build, item)) for item in todo]
+    for (row, _), fut in futures:
+      try:
+        compiled[row["variant"]] = fut.result()
+      except Exception as e:  # noqa: BLE001 - a variant that does not compile is a table note
+        row["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+  for row, a in todo:
+    if row["variant"] in compiled:
+      try:
+        res = _run_prepared(a, preps.pop(row["variant"]), *compiled.pop(row["variant"]))
+        res.pop("_again")
+        res.pop("peak")   # the process peak spans every variant: see compiled_* instead
+        row.update(res)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory without remat
+        row["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+    emit(row)
+  return rows
 
 
 # --- reference (PyTorch) -------------------------------------------------------------------------
@@ -352,31 +537,60 @@ def _peak_torch(dev):
 
 # --- driver --------------------------------------------------------------------------------------
 
-def measure(args, case, side) -> dict:
-  """One case on one side; a failure (OOM, missing CUDA) becomes a note."""
+def measure(args, case, side, emit=None) -> dict:
+  """One case on one side; a failure (OOM, missing CUDA) becomes a note. With --profile, ours is
+  traced after the timing; `emit` gets the timed result first, so a profiler crash or hang
+  cannot lose it."""
   r = {"case": case, "side": side}
   try:
     r.update(work(args, arch(args, case), case))
     r.update((run_ours if side == "ours" else run_reference)(args, case))
+    again = r.pop("_again", None)
+    if args.profile and again is not None:
+      if emit:
+        emit(r)
+      r["profile"] = _profile(args, case, again, r["step_s"])
   except Exception as e:  # noqa: BLE001 - a failed case is a table note, not a crash
+    r.pop("_again", None)
     r["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
   return r
 
 
+def _last_json(text) -> dict | None:
+  """The last stdout line that is a JSON object (a child may print an early result first)."""
+  if isinstance(text, bytes):
+    text = text.decode(errors="replace")
+  for line in reversed((text or "").strip().splitlines()):
+    try:
+      obj = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(obj, dict):
+      return obj
+  return None
+
+
 def _child(args, argv, case, side) -> dict:
   """One case on one side in a fresh process: the frameworks never share device memory, and a
-  peak is that case's alone."""
+  peak is that case's alone. A result the child printed before it died or timed out is kept."""
   cmd = [sys.executable, "-m", "bench.train_step", *argv, "--cases", case, "--side", side,
          "--json"]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-  except subprocess.TimeoutExpired:
-    return {"case": case, "side": side, "note": f"timed out after {args.timeout} s"}
-  lines = res.stdout.strip().splitlines()
-  if res.returncode != 0 or not lines:
-    err = (res.stderr.strip().splitlines() or ["?"])[-1]
-    return {"case": case, "side": side, "note": f"exit {res.returncode}: {err[:120]}"}
-  return json.loads(lines[-1])
+    out, err, ended = res.stdout, res.stderr, f"exit {res.returncode}"
+  except subprocess.TimeoutExpired as e:
+    res, out, err, ended = None, e.stdout, e.stderr, f"timed out after {args.timeout} s"
+  r = _last_json(out)
+  if res is not None and res.returncode == 0 and r is not None:
+    return r
+  if isinstance(err, bytes):
+    err = err.decode(errors="replace")
+  last = ((err or "").strip().splitlines() or ["?"])[-1][:120]
+  if r is not None and "step_s" in r:
+    r["note"] = (r.get("note", "") + f" {ended} after the timing: {last}").strip()
+    return r
+  return {"case": case, "side": side,
+          "note": ended if res is None else f"{ended}: {last}"}
 
 
 def _versions() -> str:
@@ -402,9 +616,9 @@ def table(args, rows, argv) -> str:
            f"- device: {device}", f"- versions: {_versions()}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
-           f"- shape: {'smoke' if args.smoke else args.preset}, micro-batch {args.micro_batch}, "
-           f"sequence {args.seq}, {args.dtype}; ours: remat {args.remat}, attention "
-           f"{args.attention}, loss chunk {args.loss_chunk}; LoRA r={args.lora_rank} "
+           f"- shape: {_shape(args)}; ours: remat {args.remat}, attention "
+           f"{args.attention}, loss chunk {args.loss_chunk}, frozen weights "
+           f"{args.frozen_dtype or args.dtype}; LoRA r={args.lora_rank} "
            f"alpha={args.lora_alpha:g} dropout {args.lora_dropout:g}; mean of {args.steps} steps "
            f"after {args.warmup} warm-up; FLOPs: 6N per LLM token, 6N per connector feature, 2N "
            f"per frozen tower token (module docstring); MFU vs {args.peak_tflops:g} TFLOP/s", "",
@@ -430,6 +644,55 @@ def table(args, rows, argv) -> str:
                  f"{fmt(r['tokens'] / dt, ',.0f')} | {fmt(r['images'] / dt, '.2f')} | {tf:.3g} | "
                  f"{100 * tf / args.peak_tflops:.1f}% | {peak} | {loss} | {ratio} | "
                  f"{r.get('note', '')} |")
+  for r in rows:
+    prof = r.get("profile")
+    if prof:
+      lines += ["", f"### Profile: {CASES[r['case']]}, {r['side']}", "", "```",
+                prof.get("text") or prof.get("note", ""), "```"]
+  return "\n".join(lines)
+
+
+def _shape(args) -> str:
+  depth = f", {args.layers} decoder layers (reduced depth, same widths)" if args.layers else ""
+  return (f"{'smoke' if args.smoke else args.preset}{depth}, micro-batch {args.micro_batch}, "
+          f"sequence {args.seq}, {args.dtype}")
+
+
+def ablation_table(args, rows, argv) -> str:
+  """Markdown: one row per variant, step time against the base variant (the first row)."""
+  device = next((r["device"] for r in rows if "device" in r), "?")
+  case = rows[0]["case"] if rows else args.cases[0]
+  lines = [f"## Training-step ablations, {CASES[case]}, ours "
+           f"({'smoke, CPU' if args.smoke else 'GPU'})", "",
+           f"- device: {device}", f"- versions: {_versions()}",
+           f"- date: {datetime.date.today().isoformat()}",
+           f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
+           f"- shape: {_shape(args)}; LoRA r={args.lora_rank} alpha={args.lora_alpha:g}; mean "
+           f"of {args.steps} steps after {args.warmup} warm-up; every variant its own compiled "
+           f"step in one process, all compiled before any was timed ({args.compile_threads} "
+           "at a time), same weights and batch; memory is XLA's compiled memory analysis "
+           "(arguments + temporaries; the process peak spans all variants)",
+           "- at reduced depth the LM head and loss are a larger share of the step than with "
+           "32 layers, so the loss-chunk effect is magnified and per-layer effects (remat, "
+           "attention) are diluted", "",
+           "| variant | remat | attention | loss chunk | frozen weights | compile s | step s "
+           "| tokens/s | step time vs first row | args GB | temp GB | loss | note |",
+           "|---" * 13 + "|"]
+  base = next((r for r in rows if "step_s" in r), None)
+  gb = lambda r, k: f"{r[k] / 2 ** 30:.3g}" if r.get(k) is not None else "-"
+  for r in rows:
+    st = r.get("settings", {})
+    cells = [r["variant"], st.get("remat", "?"), st.get("attention", "?"),
+             str(st.get("loss_chunk", "?")), st.get("frozen_dtype", "?")]
+    if "step_s" in r:
+      dt = r["step_s"]
+      cells += [f"{r['compile_s']:.1f}", f"{dt:.4f}",
+                f"{r['tokens'] / dt:,.0f}" if r["tokens"] else "-",
+                f"{dt / base['step_s']:.2f}x", gb(r, "compiled_args"), gb(r, "compiled_temp"),
+                "-" if r.get("loss") is None else f"{r['loss']:.3f}"]
+    else:
+      cells += ["-"] * 7
+    lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
   return "\n".join(lines)
 
 
@@ -456,6 +719,17 @@ def parser():
   p.add_argument("--lora-dropout", type=float, default=0.05)
   p.add_argument("--peak-tflops", type=float, default=989.0,
                  help="device peak for MFU (989: H100 SXM bf16 dense)")
+  p.add_argument("--layers", type=int, default=0,
+                 help="decoder layers (0: the preset's); fewer keeps the widths, cuts step time")
+  p.add_argument("--frozen-dtype", default=None, choices=("bfloat16", "float32"),
+                 help="storage of our frozen weights (default: --dtype); ours only")
+  p.add_argument("--ablate", nargs="+", type=str, default=None, metavar="VARIANT",
+                 help="ours only, first case: base or key=value[,key=value] over remat, "
+                      "attention, loss_chunk, frozen_dtype; one process, a row each")
+  p.add_argument("--compile-threads", type=int, default=1,
+                 help="ablation variants compiled at once (all finish before any is timed)")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="trace 2 more steps of ours into DIR/<case> and summarize the kernels")
   p.add_argument("--timeout", type=int, default=400, help="seconds per case and side (GPU)")
   p.add_argument("--json", action="store_true", help="print one JSON result (child mode)")
   p.add_argument("--smoke", action="store_true",
@@ -463,17 +737,40 @@ def parser():
   return p
 
 
-def main(argv=None):
-  argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv):
   args = parser().parse_args(argv)
   if args.smoke:   # tiny defaults; flags given explicitly still win
     defaults = parser().parse_args([])
     for k, v in SMOKE_FLAGS.items():
       if getattr(args, k) == getattr(defaults, k):
         setattr(args, k, v)
+  return args
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
   sides = SIDES if args.side == "both" else (args.side,)
+  if args.ablate:
+    for text in args.ablate:   # fail on a bad variant before any work
+      try:
+        variant(text)
+      except argparse.ArgumentTypeError as e:
+        parser().error(str(e))
+    emit = ((lambda r: print(json.dumps(r), flush=True)) if args.json else
+            (lambda r: print(json.dumps(r), file=sys.stderr, flush=True)))
+    try:
+      rows = run_ablations(args, args.cases[0], emit)
+    except Exception as e:  # noqa: BLE001 - e.g. no GPU: one note instead of a traceback
+      rows = [{"case": args.cases[0], "side": "ours", "variant": "all",
+               "note": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"}]
+      emit(rows[0])
+    if not args.json:
+      print(ablation_table(args, rows, argv))
+    return
   if args.json:
-    print(json.dumps(measure(args, args.cases[0], sides[0])))
+    emit = lambda r: print(json.dumps(r), flush=True)
+    print(json.dumps(measure(args, args.cases[0], sides[0], emit)))
     return
   rows = []
   for case in args.cases:

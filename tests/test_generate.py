@@ -80,12 +80,22 @@ def test_greedy_llama_matches_hf_and_cache_matches_full_forward(llama):
   for p, s, g, f in zip(prompts, seqs, batched, full):
     assert g.logits.shape == (N, 96)
     assert np.abs(g.logits - f[len(p) - 1:len(s) - 1]).max() <= 1e-4
-  # The same batch with params and rows split over a (data 2, fsdp 2, tensor 2) mesh.
-  sharded = Generator(model, params, mesh=sharding.make_mesh((2, 2, 2)))
+  # The same batch with params and rows split over a (data 2, fsdp 2, tensor 2) mesh, in the
+  # stacked layout and in the per-layer one (GPU default) with its tuple of cache buffers.
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded = Generator(model, params, mesh=mesh, scan_layers=True)
   kernel = sharded.params["llm"]["layers"]["layer"]["mlp"]["gate"]["kernel"]
   assert kernel.addressable_shards[0].data.shape == (2, 16, 32)  # fsdp x tensor split
   for w, got in zip(want, sharded.generate([Prompt(p) for p in prompts], GREEDY)):
     np.testing.assert_array_equal(got.tokens, w)
+  unstacked = Generator(model, params, mesh=mesh, scan_layers=False)
+  kernel = unstacked.params["llm"]["layers_1"]["layer"]["mlp"]["gate"]["kernel"]
+  assert kernel.addressable_shards[0].data.shape == (16, 32)
+  assert "layers" not in unstacked.params["llm"]
+  for w, b, got in zip(want, batched, unstacked.generate([Prompt(p) for p in prompts], GREEDY,
+                                                         return_logits=True)):
+    np.testing.assert_array_equal(got.tokens, w)
+    assert np.abs(got.logits - b.logits).max() <= 1e-5
 
 
 def test_stop_tokens_match_hf(llama):

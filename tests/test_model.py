@@ -8,7 +8,7 @@ import pytest
 import vlm
 from vlm import checkpoint
 from vlm.config import LlamaConfig, TilerConfig, VisionConfig, VLMConfig
-from vlm.model import VLM, init_params
+from vlm.model import VLM, init_params, unstack_layers
 
 CFG = VLMConfig(
     llm=LlamaConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=64),
@@ -111,22 +111,26 @@ def test_bfloat16_compute_close_to_float32():
   assert rel <= 2e-2, rel
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_kv_cache_chunks_equal_full_forward(window):
+@pytest.mark.parametrize("window,scan", [(None, True), (3, True), (3, False)])
+def test_kv_cache_chunks_equal_full_forward(window, scan):
   """A left-padded prompt fills an empty cache, a 3-token chunk and then single tokens are
   appended at a traced index: every chunk's logits equal the full forward's (sliding window too),
-  and the cache holds exactly the k/v a full prefill writes."""
+  and the cache holds exactly the k/v a full prefill writes. scan=False: per-layer params (from
+  model.unstack_layers) and a tuple of per-layer cache buffers."""
   llm = dataclasses.replace(CFG.llm, sliding_window=window)
-  cfg = VLMConfig(llm=llm)
+  cfg = VLMConfig(llm=llm, scan_layers=scan)
+  params = init_params(VLMConfig(llm=llm), jax.random.key(1))
+  if not scan:
+    params = unstack_layers(params, llm.layers)
   model = VLM(cfg)
-  params = init_params(cfg, jax.random.key(1))
   rng = np.random.default_rng(5)
   b, pad, p, s = 2, np.array([0, 2]), 6, 16
   ids = rng.integers(0, 63, size=(b, p + 5)).astype(np.int32)
   seg = (np.arange(p + 5)[None] >= pad[:, None]).astype(np.int32)  # row 1: 2 pad slots
   pos = np.maximum(np.arange(p + 5)[None] - pad[:, None], 0).astype(np.int32)
   full = model.apply({"params": params}, ids, positions=pos, segment_ids=seg)
-  kv = jnp.zeros((llm.layers, b, s, llm.kv_heads, llm.head_dim))
+  layer = jnp.zeros((b, llm.kv_heads, s, llm.head_dim))
+  kv = jnp.stack([layer] * llm.layers) if scan else (layer,) * llm.layers
   cache = {"k": kv, "v": kv, "index": 0,
            "segment_ids": jnp.asarray(np.pad(seg, ((0, 0), (0, s - p - 5)), constant_values=1))}
   step = jax.jit(lambda c, x, ps, sg: model.apply({"params": params}, x, positions=ps,
@@ -140,9 +144,10 @@ def test_kv_cache_chunks_equal_full_forward(window):
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, axis=1)[seg == 1], np.asarray(full)[seg == 1],
                              atol=1e-4, rtol=0)
-  # The filled slots equal what one prefill of all p + 5 tokens writes.
+  # The filled slots equal what one prefill of all p + 5 tokens writes; the rest stay zero.
   _, ref = jax.jit(lambda c: model.apply({"params": params}, ids, positions=pos, segment_ids=seg,
                                          cache=c))(dict(cache, k=kv, v=kv, index=0))
-  np.testing.assert_allclose(cache["k"], ref["k"], atol=1e-5)
-  np.testing.assert_allclose(cache["v"][:, :, :p + 5], ref["v"][:, :, :p + 5], atol=1e-5)
-  assert not np.asarray(cache["v"][:, :, p + 5:]).any()
+  got, want = (np.stack(jax.tree.leaves(c)) for c in ((cache["k"], cache["v"]),
+                                                       (ref["k"], ref["v"])))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.abs(want[..., :p + 5, :]).min(axis=-1).max() > 0 and not want[..., p + 5:, :].any()

@@ -39,26 +39,27 @@ def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None,
 
 
 def _xla(q, k, v, mask, scale):
-  return _xla_parts(q, ((k, v, mask),), scale)
+  return _xla_parts(q, ((k, v, mask, "bskd"),), scale)
 
 
 def _xla_parts(q, parts, scale):
-  """Softmax attention over the union of key sets [(k [B,S,Hkv,D], v, mask [B|1,T,S]), ...]
-  without concatenating K/V (a decode step reads the cache where it lies)."""
+  """Softmax attention over the union of key sets [(k, v, mask [B|1, T, S], layout), ...] without
+  concatenating K/V (a decode step reads the cache where it lies). layout 'bskd': k, v
+  [B, S, Hkv, D]; 'bksd': [B, Hkv, S, D] (the KV cache's heads-major layout)."""
   b, t, hq, d = q.shape
-  hkv = parts[0][0].shape[2]
+  hkv = parts[0][0].shape[2 if parts[0][3] == "bskd" else 1]
   q = q.reshape(b, t, hkv, hq // hkv, d)
-  logits = [jnp.where(m[:, None, None], jnp.einsum("btkgd,bskd->bkgts", q, k,
+  logits = [jnp.where(m[:, None, None], jnp.einsum(f"btkgd,{lay}->bkgts", q, k,
                                                    preferred_element_type=jnp.float32) * scale,
-                      jnp.finfo(jnp.float32).min) for k, _, m in parts]
+                      jnp.finfo(jnp.float32).min) for k, _, m, lay in parts]
   sizes = [x.shape[-1] for x in logits]
   probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
   # A row with no visible key (pure padding) gets zeros, not a uniform average of garbage.
-  seen = jnp.stack([jnp.broadcast_to(m.any(-1), (b, t)) for _, _, m in parts]).any(0)
+  seen = jnp.stack([jnp.broadcast_to(m.any(-1), (b, t)) for _, _, m, _ in parts]).any(0)
   probs = jnp.where(seen[:, None, None, :, None], probs, 0.0)
   probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
-  out = sum(jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
-            for p, (_, v, _) in zip(probs, parts))
+  out = sum(jnp.einsum(f"bkgts,{lay}->btkgd", p.astype(v.dtype), v)
+            for p, (_, v, _, lay) in zip(probs, parts))
   return out.reshape(b, t, hq, d)
 
 
@@ -122,16 +123,17 @@ def attend_cached(q, k, v, k_cache, v_cache, *, index, segment_ids, cache_segmen
   """A chunk of T new tokens at cache slots index..index+T-1 attends to the cache's first `index`
   slots and (causally) to itself; the cache is only read, never updated here.
 
-  k, v [B, T, Hkv, D]: the chunk's keys/values; k_cache, v_cache [B, S, Hkv, D]; segment_ids
-  [B, T] of the chunk and cache_segment_ids [B, S] of the cache slots (keys match queries by id).
-  The caller writes the chunk into the cache once, after all layers, so a decode step never
-  copies a layer's cache."""
+  k, v [B, T, Hkv, D]: the chunk's keys/values; k_cache, v_cache [B, Hkv, S, D] (heads-major, so
+  each (row, head) is one contiguous [S, D] matrix for the batched matmuls); segment_ids [B, T] of
+  the chunk and cache_segment_ids [B, S] of the cache slots (keys match queries by id). The
+  caller writes the chunk into the cache once, after all layers, so a decode step never copies a
+  layer's cache."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  t, s = q.shape[1], k_cache.shape[1]
+  t, s = q.shape[1], k_cache.shape[2]
   qi = jnp.arange(t)[:, None] + index
   kj = jnp.arange(s)[None, :]
   old = (kj < index)[None] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
   if sliding_window is not None:
     old = old & (qi - kj < sliding_window)[None]
   new = attention_mask(t, t, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
-  return _xla_parts(q, ((k_cache, v_cache, old), (k, v, new)), scale)
+  return _xla_parts(q, ((k_cache, v_cache, old, "bksd"), (k, v, new, "bskd")), scale)

@@ -122,6 +122,9 @@ class VLMConfig:
   dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
   remat: str = "none"  # none | full | save_dots | save_attn_proj
   attention: str = "xla"  # xla | cudnn | pallas | splash | auto
+  # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
+  # generation uses it on GPUs (see vlm/generate.py). Checkpoints always hold the stacked layout.
+  scan_layers: bool = True
 
   @property
   def feature_dim(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from vlm import sharding
-from vlm.model import VLM
+from vlm.model import VLM, unstack_layers
 from vlm.prompt import Prompt, load_tokenizer
 
 MAX_STOP_IDS = 8  # stop ids travel as a fixed-size array: no recompile per template
@@ -118,8 +118,12 @@ def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, 
   with the logits of each row's last prompt token."""
   model, c = VLM(config), config.llm
   b, p = ids.shape
-  kv = lambda: _constrain(jnp.zeros((c.layers, b, cache_len, c.kv_heads, c.head_dim), cache_dtype),
-                          ("layers", "batch", None, "kv", None), mesh)
+  shape, axes = (b, c.kv_heads, cache_len, c.head_dim), ("batch", "kv", None, None)
+  if config.scan_layers:
+    kv = lambda: _constrain(jnp.zeros((c.layers,) + shape, cache_dtype), ("layers",) + axes, mesh)
+  else:  # one buffer per layer, like the weights: no layer slice of a stack is ever taken
+    kv = lambda: tuple(_constrain(jnp.zeros(shape, cache_dtype), axes, mesh)
+                       for _ in range(c.layers))
   cache = {"k": kv(), "v": kv(), "index": 0,  # the int 0: an empty cache (vlm.llama)
            # generated tokens are real (1) from the start: future slots are hidden causally
            "segment_ids": jnp.concatenate([segment_ids, jnp.ones((b, cache_len - p), jnp.int32)],
@@ -169,10 +173,24 @@ def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, co
 
 
 class Generator:
-  """Holds a model, its params (optionally placed on a mesh) and tokenizer; compiles per bucket."""
+  """Holds a model, its params (optionally placed on a mesh) and tokenizer; compiles per bucket.
+
+  scan_layers: the decoder's parameter layout while generating. None: one subtree per layer
+  (False) except on TPUs. XLA:GPU copies a scanned stack's per-layer weight slice before each
+  cuBLAS matmul (its dynamic-slice fusion is off by default), tripling the memory traffic of a
+  bandwidth-bound decode step; XLA:CPU does the same (measured: a 8-layer, 256-wide model decodes
+  4.5x faster per row at batch 1 unstacked, docs/benchmarks.md). XLA:TPU slices in place.
+  Converting holds each stacked leaf twice for a moment, one leaf at a time."""
 
   def __init__(self, model: VLM, params, tokenizer=None, *, mesh=None, cache_dtype=None,
-               length_step: int = 128):
+               length_step: int = 128, scan_layers: Optional[bool] = None):
+    if scan_layers is None:
+      scan_layers = model.config.scan_layers and jax.default_backend() == "tpu"
+    if model.config.scan_layers and not scan_layers:
+      model = VLM(model.config.replace(scan_layers=False))
+      params = unstack_layers(params, model.config.llm.layers)
+    elif scan_layers and not model.config.scan_layers:
+      raise ValueError("params are already unstacked (scan_layers=False); load them stacked")
     self.model, self.config, self.tokenizer, self.mesh = model, model.config, tokenizer, mesh
     self.length_step = length_step
     self.timings: dict = {}  # of the last generate(): prefill_s (incl. compile), decode_s, ...

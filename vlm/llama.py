@@ -174,17 +174,22 @@ class Llama(nn.Module):
   dtype: Any = jnp.float32
   impl: str = "xla"
   remat: str = "none"
+  scan: bool = True  # False: a Python loop over per-layer modules (VLMConfig.scan_layers)
 
   def setup(self):
     c = self.cfg
     self.embedding = self.param(
         "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (c.vocab_size, c.hidden), jnp.float32)
-    self.layers = nn.scan(
-        _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, self.lora, self.dtype, self.impl, self.remat, name="layers")
+    body = (c, self.lora, self.dtype, self.impl, self.remat)
+    if self.scan:
+      self.layers = nn.scan(
+          _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(*body, name="layers")
+    else:
+      self.layers = [_ScanBody(*body, name=f"layers_{i}") for i in range(c.layers)]
     self.norm = RMSNorm(c.norm_eps, self.dtype, name="norm")
     if not c.tie_embeddings:
       self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="lm_head")
@@ -197,26 +202,43 @@ class Llama(nn.Module):
                return_hidden=False):
     """h [B, T, D] embeddings -> float32 logits [B, T, V] (and the updated cache when given).
 
-    cache: {"k", "v": [L, B, S, Hkv, Dh], "segment_ids": [B, S] (already holding this chunk's ids),
-    "index": the slot of the chunk's first token}. The chunk attends to the slots before `index`
-    and to itself; the layers only read the cache and return the chunk's k/v, written here with
-    one update of the whole stack (in place under a donating jit or a while loop) instead of a
-    copy of every layer's cache per step. An index given as the Python int 0 marks an empty cache:
-    the prompt then attends only to itself, through the fused attention kernels."""
+    cache: {"k", "v": [L, B, Hkv, S, Dh] (scan) or a tuple of L [B, Hkv, S, Dh] (scan=False),
+    "segment_ids": [B, S] (already holding this chunk's ids), "index": the slot of the chunk's
+    first token}. The chunk attends to the slots before `index` and to itself; the layers only
+    read the cache and return the chunk's k/v, written here with one update per buffer (in place
+    under a donating jit or a while loop) instead of a copy of every layer's cache per step. An
+    index given as the Python int 0 marks an empty cache: the prompt then attends only to itself,
+    through the fused attention kernels."""
     kv = meta = None
     if cache is not None:
       idx = cache["index"]
       empty = isinstance(idx, int) and idx == 0
       kv = None if empty else (cache["k"], cache["v"])
       meta = {"index": idx, "segment_ids": cache["segment_ids"]}
-    h, new_kv = self.layers(h, kv, positions, segment_ids, meta, deterministic)
+    if self.scan:
+      h, new_kv = self.layers(h, kv, positions, segment_ids, meta, deterministic)
+    else:
+      outs = []
+      for i, layer in enumerate(self.layers):
+        h, o = layer(h, None if kv is None else (kv[0][i], kv[1][i]), positions, segment_ids,
+                     meta, deterministic)
+        if kv is not None:
+          # Make the layer's new k/v depend on its output, which read the cache: XLA then orders
+          # that read before the in-place write below. Without a data dependency its copy
+          # insertion copies every cache buffer each step (optimization barriers are gone by then).
+          o = jax.tree.map(lambda x: x + (h[0, 0, 0] * 0).astype(x.dtype), o)
+        outs.append(o)
+      new_kv = None if meta is None else tuple(zip(*outs))
     h = self.norm(h)
     out = h if return_hidden else self.logits(h)
     if cache is None:
       return out
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype),
-                                                                cache["index"], axis=2)
-    return out, dict(cache, k=write(cache["k"], new_kv[0]), v=write(cache["v"], new_kv[1]))
+
+    def write(buf, x):  # x [..., B, T, Hkv, Dh] -> slots index.. of buf [..., B, Hkv, S, Dh]
+      x = jnp.swapaxes(x, -3, -2).astype(buf.dtype)
+      return jax.lax.dynamic_update_slice_in_dim(buf, x, cache["index"], axis=buf.ndim - 2)
+    return out, dict(cache, k=jax.tree.map(write, cache["k"], new_kv[0]),
+                     v=jax.tree.map(write, cache["v"], new_kv[1]))
 
   def logits(self, h):
     """Hidden states (after the final norm) -> float32 logits; used by chunked losses."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
@@ -49,7 +50,7 @@ class VLM(nn.Module):
   def setup(self):
     c = self.config
     dtype = DTYPES[c.dtype]
-    self.llm = Llama(c.llm, c.lora, dtype, c.attention, c.remat, name="llm")
+    self.llm = Llama(c.llm, c.lora, dtype, c.attention, c.remat, c.scan_layers, name="llm")
     if c.vision is not None:
       self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.remat, name="vision")
       self.connector = Connector(c.connector.kind, c.llm.hidden, dtype, name="connector")
@@ -133,3 +134,21 @@ def init_params(config: VLMConfig, rng, *, seq_len: int = 8, boxed: bool = False
 def abstract_params(config: VLMConfig, *, boxed: bool = True):
   """Shapes/dtypes (and logical axes) of the full parameter tree without allocating it."""
   return jax.eval_shape(lambda k: init_params(config, k, boxed=boxed), jax.random.key(0))
+
+
+def unstack_layers(params, layers: int):
+  """Stacked decoder params (llm/layers/... with a leading layer axis) -> one subtree per layer
+  (llm/layers_0/..., the scan_layers=False layout). Leaf by leaf, so at most one stacked leaf is
+  held twice."""
+  llm = dict(params["llm"])
+  stacked = llm.pop("layers")
+  flat = flatten_dict(stacked)
+  per_layer = [{} for _ in range(layers)]
+  for path in list(flat):
+    x = flat.pop(path)
+    for i in range(layers):
+      per_layer[i][path] = x[i]
+    del x
+  for i, tree in enumerate(per_layer):
+    llm[f"layers_{i}"] = unflatten_dict(tree)
+  return dict(params, llm=llm)
