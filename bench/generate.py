@@ -27,6 +27,9 @@ import numpy as np
 
 LLAMA3_8B = dict(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
                  mlp=14336, theta=500000.0)
+# A CPU-sized model for comparing our own variants (layouts) on a host without a GPU.
+SMALL = dict(vocab=1000, hidden=256, layers=8, heads=8, kv_heads=2, head_dim=32, mlp=512,
+             theta=500000.0)
 SMOKE = dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128,
              theta=500000.0)
 
@@ -69,7 +72,7 @@ def run_jax(args) -> dict:
   llm = LlamaConfig(vocab_size=s["vocab"], hidden=s["hidden"], layers=s["layers"],
                     heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
                     mlp_dim=s["mlp"], rope_theta=s["theta"], max_positions=8192)
-  dtype = "float32" if args.smoke else "bfloat16"
+  dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
   config = VLMConfig(llm=llm, template="llama3", dtype=dtype)
   params = _random_params(config)
   layout = {"auto": None, "scan": True, "unstacked": False}[args.layout]
@@ -144,7 +147,7 @@ def _child(args, impl, batch) -> dict:
   cmd = [sys.executable, "-m", "bench.generate", "--impl", impl, "--batch", str(batch),
          "--json", "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
          "--image-tokens", str(args.image_tokens), "--repeats", str(args.repeats),
-         "--hf-cache", args.hf_cache, "--layout", args.layout]
+         "--hf-cache", args.hf_cache, "--layout", args.layout] + (["--small"] * args.small)
   res = subprocess.run(cmd, capture_output=True, text=True)
   if res.returncode != 0:
     return {"impl": impl, "batch": batch, "note": (res.stderr.strip().splitlines() or ["?"])[-1]}
@@ -177,7 +180,7 @@ def _versions() -> str:
 def table(args, rows) -> str:
   wb = _weight_bytes(args.shape)
   device = next((r["device"] for r in rows if "device" in r), "?")
-  lines = [f"## Generation benchmark ({'smoke, CPU' if args.smoke else 'GPU'})", "",
+  lines = ["## Generation benchmark", "",
            f"- device: {device}", f"- versions: {_versions()}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{' '.join(['python -m bench.generate'] + sys.argv[1:])}`",
@@ -214,8 +217,10 @@ def main(argv=None):
                       "one subtree per layer except on TPU)")
   p.add_argument("--json", action="store_true", help="print one JSON result (child mode)")
   p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in one process")
+  p.add_argument("--small", action="store_true",
+                 help="an 8-layer, 256-wide model (float32 off GPU): our variants on a CPU host")
   args = p.parse_args(argv)
-  args.shape = SMOKE if args.smoke else LLAMA3_8B
+  args.shape = SMOKE if args.smoke else SMALL if args.small else LLAMA3_8B
   if args.smoke:
     args.prompt, args.image_tokens, args.new_tokens, args.repeats = 24, 9, 6, 1
     args.batch, args.hf_cache = [2], "dynamic"  # a static cache would torch.compile on CPU

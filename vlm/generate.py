@@ -178,8 +178,8 @@ class Generator:
   scan_layers: the decoder's parameter layout while generating. None: one subtree per layer
   (False) except on TPUs. XLA:GPU copies a scanned stack's per-layer weight slice before each
   cuBLAS matmul (its dynamic-slice fusion is off by default), tripling the memory traffic of a
-  bandwidth-bound decode step; XLA:CPU does the same (measured: a 8-layer, 256-wide model decodes
-  4.5x faster per row at batch 1 unstacked, docs/benchmarks.md). XLA:TPU slices in place.
+  bandwidth-bound decode step; XLA:CPU copies too (an 8-layer, 256-wide model decodes 2.2x faster
+  at batch 1 unstacked: docs/benchmarks.md). XLA:TPU slices in place.
   Converting holds each stacked leaf twice for a moment, one leaf at a time."""
 
   def __init__(self, model: VLM, params, tokenizer=None, *, mesh=None, cache_dtype=None,
