@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import platform
 import sys
 import time
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.env import versions
 from vlm import attention
 from vlm.kernels import flash_attention as fa
 
@@ -141,22 +141,10 @@ def _parse_blocks(text):
 
 def _header(args):
   dev = jax.devices()[0]
-  vers = [f"jax {jax.__version__}"]
-  try:
-    import jaxlib
-    vers.append(f"jaxlib {jaxlib.__version__}")
-  except ImportError:
-    pass
-  try:
-    import torch
-    vers.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})"
-                                                 if torch.version.cuda else ""))
-  except ImportError:
-    pass
   cmd = "python -m bench.attention " + " ".join(sys.argv[1:])
   return [f"## Attention benchmark ({'smoke, CPU interpret' if args.smoke else 'GPU'})", "",
           f"- device: {getattr(dev, 'device_kind', dev.platform)} ({jax.default_backend()})",
-          f"- versions: {', '.join(vers)}, python {platform.python_version()}",
+          f"- versions: {versions('jax', 'jaxlib', 'torch')}",
           f"- date: {datetime.date.today().isoformat()}",
           f"- command: `{cmd.strip()}`",
           f"- shapes: B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "

@@ -18,12 +18,13 @@ import argparse
 import datetime
 import functools
 import json
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from bench.env import versions
 
 LLAMA3_8B = dict(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
                  mlp=14336, theta=500000.0)
@@ -167,21 +168,12 @@ def measure(args, impl, batch) -> dict:
   return r
 
 
-def _versions() -> str:
-  vers = []
-  for mod in ("jax", "jaxlib", "torch", "transformers"):
-    try:
-      vers.append(f"{mod} {__import__(mod).__version__}")
-    except ImportError:
-      pass
-  return ", ".join(vers) + f", python {platform.python_version()}"
-
-
 def table(args, rows) -> str:
   wb = _weight_bytes(args.shape)
   device = next((r["device"] for r in rows if "device" in r), "?")
   lines = ["## Generation benchmark", "",
-           f"- device: {device}", f"- versions: {_versions()}",
+           f"- device: {device}",
+           f"- versions: {versions('jax', 'jaxlib', 'torch', 'transformers')}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{' '.join(['python -m bench.generate'] + sys.argv[1:])}`",
            f"- shape: {args.shape}, prompt {args.prompt} ({args.image_tokens} image positions), "

@@ -54,12 +54,14 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
 - gen-layout 70 (part 2): JAX alone, scanned layers at batch 1: 10 + 3 + ~25 + 2 runs x ~4 s.
 - lora 95: ours 10 + 5 + ~35 (autotune mostly cached) + 5 x 1.7 = 59; reference 8 + 5 + 5 x 3.9.
 - stage1 90: like lora, no adapters (backward through the frozen LLM for activations only).
-- e2e 120: synthetic JPEGs + JSON + demo tokenizer ~15, the LoRA step compile ~45 (cached in part),
-  3 + 8 grain-fed and 8 device-resident steps x 1.7 s ~32, start 12.
+- e2e 150: llama3_med at 16 of its 32 decoder layers (say so with the figure), LoRA stage 2,
+  8 x 2048, length-grouping window 8 so the 16 timed steps include two window refills: start,
+  48 JPEGs, demo tokenizer, plan and weight fill ~30, compile 40-60, 24 grain-fed + 18
+  device-resident steps x ~1.1 s, the pipeline alone ~3.
 - ablations 110: one process, 4 decoder layers (same widths; step ~0.3 s): start 13, eight variants
   compiled 4 at a time with cached autotune ~2 x 30 s, then each variant's weights and 6 steps ~4 s.
 Part 1 (llm, vision, attention, gen-b32, gen-b1) sums to 545 s: `--budget 560` and the run tool's
-timeout_s 590 fit one 10-minute call. Part 2 sums to 485 s, more than the ~3 minutes a 15-minute
+timeout_s 590 fit one 10-minute call. Part 2 sums to 515 s, more than the ~3 minutes a 15-minute
 lease leaves after part 1 and the machine's start: it runs in order what fits (lora, stage1), and
 the rest (gen-layout, e2e, ablations) waits for the next lent session
 (`--stages gen-layout e2e ablations`).
@@ -138,7 +140,8 @@ STAGES = (
           ("bench.generate", "--batch", "1", "--repeats", "1", "--impl", "jax", "--layout",
            "scan"), 70, 180, ("bench.generate", "--smoke", "--impl", "jax", "--layout", "scan")),
     Stage("e2e", 2, "#9 acc. (d): end-to-end, grain-fed train loop vs device-resident step",
-          ("bench.train_e2e", "--preset", "llama3_med", "--steps", "8", "--json"), 120, 300,
+          ("bench.train_e2e", "--layers", "16", "--group-window", "8", "--warmup", "8", "--steps",
+           "16", "--json"), 150, 420,
           ("bench.train_e2e", "--smoke", "--json")),
     Stage("ablations", 2, "#9 acc. 2: effect of each optimization (ablations), 4 decoder layers",
           ("bench.train_step", "--cases", "llm", "--side", "ours", "--layers", "4", "--steps", "5",

@@ -52,12 +52,13 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from bench.env import versions
 
 CASES = {"lora": "(a) stage-2 LoRA step", "llm": "(b) LLM alone, LoRA",
          "stage1": "(c) stage-1 step (connector)", "vision": "(d) S2 tower alone (frozen)"}
@@ -205,21 +206,6 @@ class _Prepared:
   carry: bool
 
 
-def _mesh(c):
-  # train.trainer.mesh_for / batch_shardings, repeated: train.trainer imports the grain data
-  # pipeline, which a benchmark on device-resident batches does not need (the GPU image lacks it).
-  import jax
-  from vlm.sharding import make_mesh
-  n = int(c.mesh.num_devices or 0)
-  return make_mesh(tuple(c.mesh.shape), jax.devices()[:n] if n else None)
-
-
-def _batch_shardings(mesh, host: dict) -> dict:
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from vlm.sharding import BATCH
-  return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in host.items()}
-
-
 def _prepare(args, case) -> _Prepared:
   import jax
   import jax.numpy as jnp
@@ -227,14 +213,15 @@ def _prepare(args, case) -> _Prepared:
   from train.step import make_train_step
   from vlm import tiler
   from vlm.model import VLM, normalize_pixels
+  from vlm.sharding import batch_shardings
   cfg = arch(args, case)
   total = args.warmup + args.steps
   c = _train_config(args, case, cfg, total)
-  mesh = _mesh(c)
+  mesh = state_lib.mesh_for(c)
   p = state_lib.plan(c, mesh, total)
   state_abs, frozen_abs = state_lib.abstract_state(p)
   host = batch(args, cfg, case)
-  sh = _batch_shardings(mesh, host)
+  sh = batch_shardings(mesh, host)
   batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in host.items()}
   put_batch = lambda: {k: jax.device_put(v, sh[k]) for k, v in host.items()}
   if case == "vision":
@@ -251,14 +238,8 @@ def _prepare(args, case) -> _Prepared:
                      lambda: (_random(tower, 2), put_batch()["pixel_values"]), carry=False)
 
   def make():
-    trainable = _random(state_abs["trainable"], 1)
-    rep = p.state_shardings["step"]
-    put = lambda x: jax.device_put(x, rep)
-    state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(0))),
-             "trainable": trainable,
-             "opt": jax.jit(p.tx.init, out_shardings=p.opt_shardings)(trainable),
-             "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}
-    return state, _random(frozen_abs, 2), put_batch()
+    from bench.weights import random_train_state
+    return (*random_train_state(p), put_batch())
   step = make_train_step(p.model, p.tx, mesh=mesh, state_shardings=p.state_shardings,
                          frozen_shardings=p.frozen_shardings, batch_shardings=sh,
                          loss_chunk=c.model.loss_chunk)
@@ -594,13 +575,7 @@ def _child(args, argv, case, side) -> dict:
 
 
 def _versions() -> str:
-  vers = []
-  for mod in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
-    try:
-      vers.append(f"{mod} {__import__(mod).__version__}")
-    except ImportError:
-      pass
-  return ", ".join(vers) + f", python {platform.python_version()}"
+  return versions('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'peft')
 
 
 def _device() -> str:

@@ -23,3 +23,19 @@ def hash_fill(abstract, seed: int = 0):
         if all(s is not None for s in shardings) else {})
   return jax.jit(lambda: jax.tree_util.tree_unflatten(
       tree, [leaf(i, p, x) for i, (p, x) in enumerate(leaves)]), **kw)()
+
+
+def random_train_state(plan, seed: int = 0) -> tuple:
+  """(state, frozen) laid out as train.state.load makes them (train/state.py), with weights made
+  on the device: trainable from seed + 1, frozen from seed + 2, AdamW state initialized."""
+  import jax
+  import jax.numpy as jnp
+  from train import state as state_lib
+  state_abs, frozen_abs = state_lib.abstract_state(plan)
+  trainable = hash_fill(state_abs["trainable"], seed + 1)
+  put = lambda x: jax.device_put(x, plan.state_shardings["step"])
+  state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(seed))),
+           "trainable": trainable,
+           "opt": jax.jit(plan.tx.init, out_shardings=plan.opt_shardings)(trainable),
+           "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}
+  return state, hash_fill(frozen_abs, seed + 2)

@@ -12,6 +12,7 @@ Both save and restore their state exactly (JSON-serializable dicts).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional, Sequence
 
 import grain.python as gp
@@ -50,8 +51,36 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"sample of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
+class _Ahead:
+  """A call run in a daemon thread (an abandoned read never blocks interpreter exit)."""
+
+  def __init__(self, fn):
+    self._out = (None, None)
+    self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+    self._thread.start()
+
+  def _run(self, fn):
+    try:
+      self._out = (fn(), None)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
+      self._out = (None, e)
+
+  def result(self):
+    self._thread.join()
+    value, err = self._out
+    if err is not None:
+      raise err
+    return value
+
+
 class _LengthGroupedIterator(gp.DatasetIterator):
   """Reads a window of samples, sorts it by length, emits its batches in a seeded order.
+
+  While a window's batches are consumed, the next window is read in a background thread: read
+  at once, a window of 32 batches of S2 images takes seconds that the accelerator would otherwise
+  wait (bench/train_e2e.py). Two windows of samples are held in host memory. A parent that
+  counts skipped samples (data.pipeline's `counts`) is read at the end of each window read, and
+  every batch of the window reports that snapshot as "skipped": the same whichever thread reads.
 
   State = (parent state at the window's start, window number, batches already emitted): restoring
   re-reads that one window, which regroups identically."""
@@ -61,15 +90,24 @@ class _LengthGroupedIterator(gp.DatasetIterator):
     self._b, self._buckets, self._window = batch_size, list(buckets), window
     self._n_images, self._seed, self._drop = n_images, seed, drop_remainder
     self._start_state = self._parent.get_state()
-    self._window_no, self._emitted, self._batches = 0, 0, None
+    self._window_no, self._emitted, self._batches, self._ahead = 0, 0, None, None
 
-  def _fill(self):
-    self._start_state = self._parent.get_state()
-    samples = []
+  def _read(self) -> tuple:
+    """(parent state at the window's start, the window's samples, skip counts at its end);
+    only one thread reads at a time."""
+    start, samples = self._parent.get_state(), []
     for s in self._parent:
       samples.append(s)
       if len(samples) == self._b * self._window:
         break
+    counts = getattr(self._parent, "counts", None)
+    return start, samples, None if counts is None else dict(counts)
+
+  def _fill(self):
+    ahead, self._ahead = self._ahead, None
+    self._start_state, samples, self._skipped = ahead.result() if ahead else self._read()
+    if len(samples) == self._b * self._window:  # not the last window: read the next one now
+      self._ahead = _Ahead(self._read)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
     groups = [order[i:i + self._b] for i in range(0, len(order), self._b)]
     if groups and len(groups[-1]) < self._b and self._drop:
@@ -92,12 +130,21 @@ class _LengthGroupedIterator(gp.DatasetIterator):
     group = groups[self._emitted]
     self._emitted += 1
     length = bucket_for(max(len(samples[i]["input_ids"]) for i in group), self._buckets)
-    return pad_batch([samples[i] for i in group], self._b, length, self._n_images)
+    batch = pad_batch([samples[i] for i in group], self._b, length, self._n_images)
+    if self._skipped is not None:
+      batch["skipped"] = dict(self._skipped)
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._start_state, "window": self._window_no, "emitted": self._emitted}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if self._ahead is not None:  # let the read in flight end before the parent is moved
+      try:
+        self._ahead.result()
+      except Exception:  # noqa: BLE001 - its window is discarded anyway
+        pass
+      self._ahead = None
     self._parent.set_state(state["parent"])
     self._window_no, self._emitted = state["window"], state["emitted"]
     self._batches = None   # refilled from the restored parent on the next call

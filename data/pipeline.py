@@ -273,7 +273,8 @@ class DataIterator(gp.DatasetIterator):
 
   def __next__(self) -> dict:
     batch = next(self._parent)
-    batch["skipped"] = dict(self._skips.counts) if self._skips else {}
+    if "skipped" not in batch:  # length-grouped batches carry their window's snapshot
+      batch["skipped"] = dict(self._skips.counts) if self._skips else {}
     return batch
 
   def get_state(self) -> dict[str, Any]:

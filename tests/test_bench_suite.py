@@ -38,7 +38,7 @@ def test_smoke_stage_writes_results_log_and_summary(tmp_path):
   assert "=== gen-b32" in log and '"decode_tok_s"' in log        # the child's own output
   md = (out / "summary.md").read_text()
   assert "| gen-b32 | #10 acc. 6: generation, batch 32" in md and "| ok |" in md
-  assert "## Generation benchmark (smoke, CPU)" in md and "| jax | 2 |" in md
+  assert "## Generation benchmark" in md and "| jax | 2 |" in md
   assert "Command: `python -m bench.generate --smoke --impl jax`" in md
 
 

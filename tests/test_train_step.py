@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from configs import common
 from train import state as state_lib
 from train.step import make_train_step, token_losses
-from train.trainer import batch_shardings
+from vlm.sharding import batch_shardings
 from vlm import checkpoint, lora
 from vlm.config import VLMConfig
 from vlm.model import abstract_params

@@ -31,7 +31,7 @@ from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
 from vlm.model import DTYPES, VLM, abstract_params, init_params
-from vlm.sharding import DEFAULT_RULES, shardings as tree_shardings
+from vlm.sharding import DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ class Plan:
   opt_shardings: Any
   state_shardings: dict
   mesh: Any
+
+
+def mesh_for(config):
+  """The run's ('data', 'fsdp', 'tensor') mesh from config.mesh (shape, num_devices)."""
+  n = int(config.mesh.num_devices or 0)
+  return make_mesh(tuple(config.mesh.shape), jax.devices()[:n] if n else None)
 
 
 def plan(config, mesh, total_steps: int) -> Plan:

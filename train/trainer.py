@@ -9,6 +9,7 @@ run would have.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,6 @@ from typing import Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data.pipeline import DataConfig, make_iterator, open_sources, to_global
 from train import state as state_lib
@@ -26,18 +26,13 @@ from train.checkpoints import Checkpoints, Preemption
 from train.metrics import Flops, Logger, peak_flops
 from train.step import make_eval_step, make_train_step
 from vlm import checkpoint, lora
-from vlm.sharding import BATCH, make_mesh
+from vlm.sharding import batch_shardings
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
   pass
-
-
-def mesh_for(config):
-  n = int(config.mesh.num_devices or 0)
-  return make_mesh(tuple(config.mesh.shape), jax.devices()[:n] if n else None)
 
 
 def data_config(config, model_cfg, *, eval_: bool = False) -> DataConfig:
@@ -64,10 +59,6 @@ def total_steps(config, dcfg: DataConfig) -> int:
     raise ValueError(f"{n} samples x {config.train.epochs} epochs is less than one global batch "
                      f"of {dcfg.global_batch}")
   return steps
-
-
-def batch_shardings(mesh, batch: dict) -> dict:
-  return {k: NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1)))) for k, v in batch.items()}
 
 
 def _pad_to(batch: dict, length: int) -> dict:
@@ -112,10 +103,11 @@ def host_batch(batch: Optional[dict], text_only: bool) -> Optional[dict]:
 
 
 class Batches:
-  """The iterator as the loop uses it: host batches with the iterator state after each one."""
+  """The iterator as the loop uses it: (host batch, the same on the mesh, iterator state after
+  it). The copy to the device starts as the batch is taken, while the step before it runs."""
 
-  def __init__(self, iterator, text_only: bool):
-    self.it, self.text_only = iterator, text_only
+  def __init__(self, iterator, text_only: bool, mesh):
+    self.it, self.text_only, self.mesh = iterator, text_only, mesh
     self.skipped: dict = {}
 
   def next(self) -> Optional[tuple]:
@@ -123,7 +115,10 @@ class Batches:
     if batch is not None:
       self.skipped = batch.pop("skipped", {}) or {}
     batch = host_batch(batch, self.text_only)
-    return None if batch is None else (batch, self.it.get_state())
+    if batch is None:
+      return None
+    placed = to_global(batch, self.mesh, batch_shardings(self.mesh, batch))
+    return batch, placed, self.it.get_state()
 
 
 class HeldOut:
@@ -160,8 +155,27 @@ class HeldOut:
     return total / max(count, 1), count
 
 
-def run(config, workdir: str) -> dict:
-  """Train one stage in `workdir`; returns {"final": path, "step": int, "preempted": bool}."""
+class NoCheckpoints:
+  """Checkpoints that write nothing (run(save=False))."""
+  directory = None
+
+  def latest_step(self):
+    return None
+
+  def save(self, *args, **kwargs) -> bool:
+    return False
+
+  def close(self):
+    pass
+
+
+def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
+  """Train one stage in `workdir`; returns {"final": path, "step": int, "preempted": bool}.
+
+  For benchmarks (bench/train_e2e.py): `init(plan) -> (state, frozen)` stands in for reading
+  model.init (random weights made on the device), and save=False writes no checkpoint and no final
+  model and also returns the live "state", "frozen", "step_fn" (the jitted step as compiled for
+  this run's batches) and "batch" (the last host batch)."""
   workdir = os.path.abspath(workdir)
   final = os.path.join(workdir, "final")
   if checkpoint.is_checkpoint(final):
@@ -172,7 +186,7 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "train_config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mesh = mesh_for(config)
+  mesh = state_lib.mesh_for(config)
   src = state_lib.source_config(config)
   dcfg = data_config(config, state_lib.train_config(config, src))
   steps = total_steps(config, dcfg)
@@ -182,10 +196,11 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
                      f"{accum}")
 
-  st, frozen = state_lib.load(config, plan)
-  batches = Batches(make_iterator(dcfg), plan.config.vision is None)
-  ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                      keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
+  st, frozen = (init or functools.partial(state_lib.load, config))(plan)
+  batches = Batches(make_iterator(dcfg), plan.config.vision is None, mesh)
+  ckpts = (Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+                       keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
+           if save else NoCheckpoints())
   start = 0
   if ckpts.latest_step() is not None:
     abstract, _ = state_lib.abstract_state(plan)
@@ -209,15 +224,19 @@ def run(config, workdir: str) -> dict:
     open_sources(eval_cfg)   # a missing held-out file fails now, not at the first evaluation
     held_out = HeldOut(config, plan, eval_cfg, mesh)
   preempt = Preemption(config.checkpoint.sync_every)
-  step_fn, step = None, start
+  step_fn, step, batch = None, start, None
   preempted, t_last, pending = False, time.time(), None
   data_state = batches.it.get_state()
+  # The schedule's values, read on the host: evaluated per step on the accelerator, they would
+  # queue behind the step in flight and wait for it, leaving the device idle while the host
+  # dispatches the next one.
+  lrs = np.asarray(jax.jit(jax.vmap(plan.schedule))(np.arange(max(steps, 1))))
 
   def finish_metrics(m, at: int, data_skips: dict, shape, t_prev):
     m = fetch(m)
     now = time.time()
     values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-              "lr": float(plan.schedule(at - 1)), "tokens": int(m["real_tokens"]),
+              "lr": float(lrs[at - 1]), "tokens": int(m["real_tokens"]),
               "trained_tokens": int(m["tokens"]), "step_time": now - t_prev,
               "flops": flops.step(*shape), "skipped_samples": int(sum(data_skips.values())),
               "skipped_steps": int(m["skipped_steps"])}
@@ -238,18 +257,18 @@ def run(config, workdir: str) -> dict:
   try:
     got = batches.next()
     while got is not None and step < steps:
-      batch, state_after = got
+      batch, placed, state_after = got
       b, t = batch["input_ids"].shape
       shape = (b * jax.process_count(), t,
                b * jax.process_count() * batch["pixel_values"].shape[1]
                if "pixel_values" in batch else 0)
-      sh = batch_shardings(mesh, batch)
       if step_fn is None:
         step_fn = make_train_step(plan.model, plan.tx, mesh=mesh,
                                   state_shardings=plan.state_shardings,
-                                  frozen_shardings=plan.frozen_shardings, batch_shardings=sh,
+                                  frozen_shardings=plan.frozen_shardings,
+                                  batch_shardings=batch_shardings(mesh, batch),
                                   grad_accum=accum, loss_chunk=config.model.loss_chunk)
-      st, m = step_fn(st, frozen, to_global(batch, mesh, sh))
+      st, m = step_fn(st, frozen, placed)
       step += 1
       data_state = state_after
       skips = dict(batches.skipped)
@@ -289,6 +308,10 @@ def run(config, workdir: str) -> dict:
     return {"final": None, "step": step, "preempted": True}
   if held_out is not None and not (config.eval.every and step % config.eval.every == 0):
     logger.eval(step, *held_out(st["trainable"], frozen))
+  if not save:
+    logger.close()
+    return {"final": None, "step": step, "preempted": False, "state": st, "frozen": frozen,
+            "step_fn": step_fn, "batch": batch}
   params = lora.combine(frozen, st["trainable"])
   checkpoint.save(final, state_lib.export_config(plan), params, dcfg.tokenizer_dir)
   logger.message(f"{config.name}: done at step {step}; model in {final}")

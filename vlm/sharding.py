@@ -107,6 +107,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
+def batch_shardings(mesh: Mesh, batch: dict) -> dict:
+  """batch_sharding for every array of a batch dict."""
+  return {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
