@@ -22,9 +22,10 @@ What it does, in one process:
    and one wait at the end: the rate the loop would reach if input cost nothing.
 The ratio grain-fed / device-resident is the share of the step rate the input path leaves.
 
-A length-grouping window (data.group_window batches, 32 in the recipes) reads all its samples when
-its first batch is asked for, so time a multiple of --group-window steps (the table says when the
-timed steps do not cover whole windows). Host cores busy / CPU s per step are this process and its
+A length-grouping window (data.group_window batches, 32 in the recipes) is read in a background
+thread while the previous window's batches train (the first one at once), so time a multiple of
+--group-window steps to include refills (the table says when the timed steps do not cover whole
+windows). Host cores busy / CPU s per step are this process and its
 grain workers: on a CPU "device" the input path and the step share the cores.
 """
 from __future__ import annotations
