@@ -317,7 +317,8 @@ def _profile(args, case, again, step_s) -> dict:
 
 ABLATION_KEYS = {"remat": ("none", "full", "save_dots", "save_attn_proj"),
                  "attention": ("auto", "xla", "cudnn", "pallas", "splash"),
-                 "loss_chunk": None, "frozen_dtype": ("bfloat16", "float32")}
+                 "loss_chunk": int, "frozen_dtype": ("bfloat16", "float32"),
+                 "lora_dropout": float}  # a type: any value of it; a tuple: one of these
 
 
 def variant(text: str) -> dict:
@@ -332,8 +333,8 @@ def variant(text: str) -> dict:
       raise argparse.ArgumentTypeError(
           f"ablation {text!r}: want base or key=value with key in {sorted(ABLATION_KEYS)}")
     choices = ABLATION_KEYS[key]
-    if choices is None:
-      out[key] = int(value)
+    if isinstance(choices, type):
+      out[key] = choices(value)
     elif value in choices:
       out[key] = value
     else:
@@ -349,7 +350,7 @@ def _settings(args) -> dict:
   if att == "auto" and hasattr(attention, "_auto"):
     att = attention._auto(jax.default_backend())
   return {"remat": args.remat, "attention": att, "loss_chunk": args.loss_chunk,
-          "frozen_dtype": args.frozen_dtype or args.dtype}
+          "frozen_dtype": args.frozen_dtype or args.dtype, "lora_dropout": args.lora_dropout}
 
 
 def run_ablations(args, case, emit=print) -> list:

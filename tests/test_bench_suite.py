@@ -111,6 +111,7 @@ def test_train_step_ablation_flags():
   assert train_step.variant("base") == {}
   assert train_step.variant("remat=none,loss_chunk=0") == {"remat": "none", "loss_chunk": 0}
   assert train_step.variant("frozen-dtype=float32") == {"frozen_dtype": "float32"}
+  assert train_step.variant("lora_dropout=0") == {"lora_dropout": 0.0}
   for bad in ("remat=sometimes", "lr=1", "remat"):
     with pytest.raises(argparse.ArgumentTypeError):
       train_step.variant(bad)
