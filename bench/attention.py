@@ -175,6 +175,9 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--blocks", default="", help="kernel tiles, e.g. block_q=128,block_k=64")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="also trace fwd+bwd of pallas and cudnn at the last --seqs length and add "
+                      "their kernel summaries (bench/profile.py): where the kernel's time goes")
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes on CPU, Pallas in interpret mode (checks the script)")
   args = p.parse_args(argv)
@@ -246,7 +249,29 @@ def main(argv=None):
     base = next((r for r in rows if r["impl"].startswith("cudnn") and "fwd" in r), None)
     lines += _table_head(f"packed: S={s}, {args.samples} samples per row (segment ids), "
                          "useful FLOPs") + [_row(r, base) for r in rows] + [""]
+  if args.profile and args.seqs:
+    lines += _profiles(args, {"pallas": pallas(), "cudnn": builtin("cudnn")}, inputs(args.seqs[-1]),
+                       on_gpu)
   print("\n".join(lines))
+
+
+def _profiles(args, fns: dict, qkvd, on_gpu) -> list:
+  """Kernel summaries of 3 traced fwd+bwd calls per implementation (profile evidence for #6)."""
+  import os
+  from bench import profile
+  out = []
+  for name, fn in fns.items():
+    if name == "cudnn" and not on_gpu:
+      continue
+    _, fwd_bwd = _jax_fns(fn)
+    try:
+      jax.block_until_ready(fwd_bwd(*qkvd))
+      s = profile.trace_steps(lambda: fwd_bwd(*qkvd), 3, os.path.join(args.profile, name),
+                              title=f"profile: {name} fwd+bwd, S={qkvd[0].shape[1]}")
+      out += [s["text"], ""]
+    except Exception as e:  # noqa: BLE001 - the tables stand without the profile
+      out += [f"profile of {name} failed: {type(e).__name__}: {str(e)[:120]}", ""]
+  return out
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   reference 8 + 5 + 5 x 3.6 = 31.
 - vision 60: ours 10 + 25 (the tower at three tile batches: its own gemms) + 7 x 0.25 + profile
   ~5 = 42; reference 8 + 2 + 7 x 0.25 = 12.
-- attention 110: 15 to start (JAX + torch); per configuration (S=2048, 4096, packed 2048, 4096)
+- attention 115: 15 to start (JAX + torch); per configuration (S=2048, 4096, packed 2048, 4096)
   cuDNN 2 x 2 s, XLA 2 x 2 s and Pallas 4 + 6 s (three Triton kernels) of compile, then 2 warm-up
-  + 3 x 10 calls per function (XLA's fwd+bwd at S=4096 ~40 ms) ~3 s: 4 x 21 = 84; torch SDPA ~5.
+  + 3 x 10 calls per function (XLA's fwd+bwd at S=4096 ~40 ms) ~3 s: 4 x 21 = 84; torch SDPA ~5;
+  kernel profiles of Pallas and cuDNN fwd+bwd at S=4096 (3 traced calls each) ~5.
 - gen-b32 155: JAX 10 + 3 + ~45 (prefill + decode loop; generation unrolls the 32 layers, see
   vlm/generate.py, so the two programs take longer to compile than a scanned step) + 2 runs x
   ~3.5 s = 65; HF with a static
@@ -60,7 +61,7 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   device-resident steps x ~1.1 s, the pipeline alone ~3.
 - ablations 110: one process, 4 decoder layers (same widths; step ~0.3 s): start 13, nine variants (+ base)
   compiled 4 at a time with cached autotune ~2 x 30 s, then each variant's weights and 6 steps ~4 s.
-Part 1 (llm, vision, attention, gen-b32, gen-b1) sums to 545 s: `--budget 560` and the run tool's
+Part 1 (llm, vision, attention, gen-b32, gen-b1) sums to 550 s: `--budget 560` and the run tool's
 timeout_s 590 fit one 10-minute call. Part 2 sums to 515 s, more than the ~3 minutes a 15-minute
 lease leaves after part 1 and the machine's start: it runs in order what fits (lora, stage1), and
 the rest (gen-layout, e2e, ablations) waits for the next lent session
@@ -123,7 +124,8 @@ STAGES = (
     Stage("attention", 1, "#6 acc. 3: attention fwd, fwd+bwd, S=2048/4096 + packed: Pallas, "
           "cuDNN, XLA, torch SDPA",
           ("bench.attention", "--seqs", "2048", "4096", "--packed-seqs", "2048", "4096",
-           "--iters", "10", "--warmup", "2"), 110, 240, ("bench.attention", "--smoke")),
+           "--iters", "10", "--warmup", "2", "--profile", "{work}/profile/attention"), 115, 240,
+          ("bench.attention", "--smoke")),
     Stage("gen-b32", 1, "#10 acc. 6: generation, batch 32, JAX vs HF (static cache)",
           ("bench.generate", "--batch", "32", "--repeats", "1"), 155, 280,
           ("bench.generate", "--smoke", "--impl", "jax")),
