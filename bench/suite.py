@@ -59,7 +59,7 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   8 x 2048, length-grouping window 8 so the 16 timed steps include two window refills: start,
   48 JPEGs, demo tokenizer, plan and weight fill ~30, compile 40-60, 24 grain-fed + 18
   device-resident steps x ~1.1 s, the pipeline alone ~3.
-- ablations 110: one process, 4 decoder layers (same widths; step ~0.3 s): start 13, nine variants (+ base)
+- ablations 110: one process, 4 decoder layers (same widths; step ~0.3 s): start 13, ten variants (+ base)
   compiled 4 at a time with cached autotune ~2 x 30 s, then each variant's weights and 6 steps ~4 s.
 Part 1 (llm, vision, attention, gen-b32, gen-b1) sums to 550 s: `--budget 560` and the run tool's
 timeout_s 590 fit one 10-minute call. Part 2 sums to 515 s, more than the ~3 minutes a 15-minute
@@ -92,7 +92,7 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12
             "ml-collections", "grain", "einops")
 ABLATIONS = ("base", "remat=none", "remat=save_dots", "remat=save_attn_proj", "loss_chunk=0",
              "attention=xla", "attention=pallas", "attention=cudnn", "frozen_dtype=float32",
-             "lora_dropout=0")  # dropout's threefry masks: if costly, a faster PRNG is next
+             "lora_dropout=0", "prng_impl=rbg")  # dropout's cost, and with rbg's masks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,7 +164,7 @@ def _train_config(args, case, cfg, total):
     c.trainable = (r"^connector/",)
   c.optim.update(lr=2e-4, warmup_ratio=0.0, grad_accum=1)
   c.mesh.update(shape=(1, 1, 1), num_devices=1)
-  c.train.steps = total
+  c.train.update(steps=total, prng_impl=getattr(args, "prng_impl", "threefry2x32"))
   return c
 
 
@@ -318,7 +318,8 @@ def _profile(args, case, again, step_s) -> dict:
 ABLATION_KEYS = {"remat": ("none", "full", "save_dots", "save_attn_proj"),
                  "attention": ("auto", "xla", "cudnn", "pallas", "splash"),
                  "loss_chunk": int, "frozen_dtype": ("bfloat16", "float32"),
-                 "lora_dropout": float}  # a type: any value of it; a tuple: one of these
+                 "lora_dropout": float, "prng_impl": ("threefry2x32", "rbg")}
+# (a type: any value of it; a tuple: one of these)
 
 
 def variant(text: str) -> dict:
@@ -350,7 +351,8 @@ def _settings(args) -> dict:
   if att == "auto" and hasattr(attention, "_auto"):
     att = attention._auto(jax.default_backend())
   return {"remat": args.remat, "attention": att, "loss_chunk": args.loss_chunk,
-          "frozen_dtype": args.frozen_dtype or args.dtype, "lora_dropout": args.lora_dropout}
+          "frozen_dtype": args.frozen_dtype or args.dtype, "lora_dropout": args.lora_dropout,
+          "prng_impl": args.prng_impl}
 
 
 def run_ablations(args, case, emit=print) -> list:
@@ -693,6 +695,8 @@ def parser():
   p.add_argument("--lora-rank", type=int, default=128)
   p.add_argument("--lora-alpha", type=float, default=256.0)
   p.add_argument("--lora-dropout", type=float, default=0.05)
+  p.add_argument("--prng-impl", default="threefry2x32", choices=("threefry2x32", "rbg"),
+                 help="our dropout key's PRNG (train.prng_impl)")
   p.add_argument("--peak-tflops", type=float, default=989.0,
                  help="device peak for MFU (989: H100 SXM bf16 dense)")
   p.add_argument("--layers", type=int, default=0,

@@ -34,7 +34,7 @@ def random_train_state(plan, seed: int = 0) -> tuple:
   state_abs, frozen_abs = state_lib.abstract_state(plan)
   trainable = hash_fill(state_abs["trainable"], seed + 1)
   put = lambda x: jax.device_put(x, plan.state_shardings["step"])
-  state = {"step": put(jnp.int32(0)), "rng": put(jax.random.key_data(jax.random.key(seed))),
+  state = {"step": put(jnp.int32(0)), "rng": put(state_lib.rng_data(seed, plan.prng_impl)),
            "trainable": trainable,
            "opt": jax.jit(plan.tx.init, out_shardings=plan.opt_shardings)(trainable),
            "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}

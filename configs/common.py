@@ -25,7 +25,8 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
                         data.global_batch)
   train.*               epochs, steps (0: epochs x samples / global batch), seed, max_nonfinite
                         (abort after that many non-finite steps in a row), log_every, peak_tflops
-                        (per device, for MFU where the device is not known)
+                        (per device, for MFU where the device is not known), prng_impl (the
+                        dropout key: threefry2x32 | rbg)
   mesh.*                shape (data, fsdp, tensor; -1 takes the remaining devices), num_devices
                         (0: all)
   checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
@@ -66,7 +67,8 @@ def base() -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-3, groups={}, schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.0,
                  weight_decay=0.0, no_decay=(r"bias$", r"norm", r"(^|/)ln", r"scale$"),
                  b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1)
-  c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0)
+  c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0,
+                 prng_impl="threefry2x32")  # dropout key: threefry2x32 | rbg (train/state.py)
   c.mesh = dict(shape=(1, -1, 1), num_devices=0)
   c.checkpoint = dict(every=500, keep=3, use_async=True, sync_every=10)
   return c

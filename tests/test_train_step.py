@@ -206,3 +206,20 @@ def test_lora_stage_moves_only_adapters_and_connector_and_skips_nonfinite(tmp_pa
   assert all(np.array_equal(v, flatten_dict(frozen_before)[k]) for k, v in ff.items())
   assert ff and all(v.dtype == jax.numpy.bfloat16 for v in ff.values())
   assert all(v.dtype == np.float32 for v in flatten_dict(st["trainable"]).values())
+
+
+def test_dropout_key_impl(text_model):
+  """train.prng_impl='rbg' stores a 4-word key the step recognizes: LoRA dropout then draws
+  other masks than threefry's (so the second step's loss differs: at step 1 the adapters' B is
+  no longer zero)."""
+  def losses(impl):
+    c = config(text_model, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1,
+                              "train.prng_impl": impl})
+    common.lora(c, rank=4, alpha=8.0, dropout=0.5)
+    _, _, metrics, st = train(c, batches(2), one_device())
+    assert st["rng"].shape == (state_lib.RNG_WORDS[impl],)
+    return [float(m["loss"]) for m in metrics]
+  rbg, threefry = losses("rbg"), losses("threefry2x32")
+  assert rbg[0] == threefry[0] and rbg[1] != threefry[1] and np.isfinite(rbg).all()
+  with pytest.raises(ValueError, match="prng_impl"):
+    state_lib.plan(config(text_model, **{"train.prng_impl": "philox"}), one_device(), 1)

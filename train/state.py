@@ -110,6 +110,19 @@ class Plan:
   opt_shardings: Any
   state_shardings: dict
   mesh: Any
+  prng_impl: str = "threefry2x32"  # of the dropout key (train.prng_impl)
+
+
+# Key data words per PRNG implementation: train/step.py tells them apart by this length.
+RNG_WORDS = {"threefry2x32": 2, "rbg": 4}
+
+
+def rng_data(seed: int, impl: str):
+  """The stored dropout key: jax key data of `impl` ('rbg': bits from XLA's RngBitGenerator,
+  Philox on GPUs, instead of threefry's integer rounds in every dropout mask)."""
+  if impl not in RNG_WORDS:
+    raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
+  return jax.random.key_data(jax.random.key(seed, impl=impl))
 
 
 def mesh_for(config):
@@ -140,8 +153,11 @@ def plan(config, mesh, total_steps: int) -> Plan:
   state_sh = {"step": replicated, "rng": replicated, "trainable": trainable_sh, "opt": opt_sh,
               "nonfinite": replicated, "skipped_steps": replicated}
   fd = config.model.frozen_dtype
+  impl = config.train.get("prng_impl", "threefry2x32")
+  if impl not in RNG_WORDS:
+    raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
   return Plan(src, cfg, VLM(cfg), mask, abstract, shard, trainable_sh, frozen_sh,
-              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh)
+              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl)
 
 
 def abstract_state(p: Plan) -> tuple:
@@ -155,7 +171,8 @@ def abstract_state(p: Plan) -> tuple:
   opt = jax.tree_util.tree_map(sds, jax.eval_shape(p.tx.init, trainable), p.opt_shardings)
   scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=p.state_shardings["step"])
   state = {"step": scalar(jnp.int32),
-           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=p.state_shardings["rng"]),
+           "rng": jax.ShapeDtypeStruct((RNG_WORDS[p.prng_impl],), jnp.uint32,
+                                       sharding=p.state_shardings["rng"]),
            "trainable": trainable, "opt": opt, "nonfinite": scalar(jnp.int32),
            "skipped_steps": scalar(jnp.int32)}
   return state, frozen
@@ -240,7 +257,7 @@ def load(config, p: Plan) -> tuple:
                      out_shardings=p.frozen_shardings)(frozen)
   put = lambda x: _place(np.asarray(x), p.state_shardings["step"])
   state = {"step": put(jnp.int32(0)),
-           "rng": put(jax.random.key_data(jax.random.key(int(config.train.seed)))),
+           "rng": put(rng_data(int(config.train.seed), p.prng_impl)),
            "trainable": trainable, "opt": opt, "nonfinite": put(jnp.int32(0)),
            "skipped_steps": put(jnp.int32(0))}
   return state, frozen

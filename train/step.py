@@ -87,7 +87,8 @@ def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, frozen, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    impl = "rbg" if state["rng"].shape[-1] == 4 else "threefry2x32"  # train/state.RNG_WORDS
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=impl), state["step"])
     labels = batch["labels"]
     n_total = jnp.maximum(jnp.sum(labels[:, 1:] != IGNORE), 1).astype(jnp.float32)
     trainable = state["trainable"]
