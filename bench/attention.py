@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.env import versions
+from bench.env import device, versions
 from vlm import attention
 from vlm.kernels import flash_attention as fa
 
@@ -140,10 +140,9 @@ def _parse_blocks(text):
 
 
 def _header(args):
-  dev = jax.devices()[0]
   cmd = "python -m bench.attention " + " ".join(sys.argv[1:])
   return [f"## Attention benchmark ({'smoke, CPU interpret' if args.smoke else 'GPU'})", "",
-          f"- device: {getattr(dev, 'device_kind', dev.platform)} ({jax.default_backend()})",
+          f"- device: {device()}",
           f"- versions: {versions('jax', 'jaxlib', 'torch')}",
           f"- date: {datetime.date.today().isoformat()}",
           f"- command: `{cmd.strip()}`",

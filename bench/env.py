@@ -1,7 +1,14 @@
-"""The versions line every benchmark table carries (one place, so the tables agree)."""
+"""The device and versions lines every benchmark table carries (one place, so tables agree)."""
 from __future__ import annotations
 
 import platform
+
+
+def device() -> str:
+  """'NVIDIA H200 (gpu)': the first JAX device's kind and the backend."""
+  import jax
+  d = jax.devices()[0]
+  return f"{getattr(d, 'device_kind', d.platform)} ({jax.default_backend()})"
 
 
 def versions(*modules: str) -> str:

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 
-from bench.env import versions
+from bench.env import device, versions
 
 SMOKE_ARCH = dict(
     llm=dict(vocab_size=0, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=128,
@@ -231,7 +231,7 @@ def measure(args) -> dict:
           "first_step_s": fed["first"], "run_wall_s": wall, "recompiled": resident["recompiled"],
           "loss": resident["loss"],
           "batch_shape": {k: list(v.shape) for k, v in host.items()},
-          "device": f"{getattr(jax.devices()[0], 'device_kind', '?')} ({jax.default_backend()})",
+          "device": device(),
           "load_avg_start": load, "load_avg_end": os.getloadavg()[0]}
 
 

@@ -58,7 +58,7 @@ import time
 
 import numpy as np
 
-from bench.env import versions
+from bench.env import device, versions
 
 CASES = {"lora": "(a) stage-2 LoRA step", "llm": "(b) LLM alone, LoRA",
          "stage1": "(c) stage-1 step (connector)", "vision": "(d) S2 tower alone (frozen)"}
@@ -289,7 +289,7 @@ def _run_prepared(args, prep: _Prepared, compiled, compile_s) -> dict:
     return box[0]
   return {"first_s": compile_s + first, "compile_s": compile_s, "step_s": dt,
           "peak": _peak_jax(), "loss": float(metrics["loss"]) if metrics else None,
-          **_memory(compiled), "device": _device(), "_again": again}
+          **_memory(compiled), "device": device(), "_again": again}
 
 
 def run_ours(args, case) -> dict:
@@ -581,17 +581,11 @@ def _versions() -> str:
   return versions('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'peft')
 
 
-def _device() -> str:
-  import jax
-  d = jax.devices()[0]
-  return f"{getattr(d, 'device_kind', d.platform)} ({jax.default_backend()})"
-
-
 def table(args, rows, argv) -> str:
   # The parent never starts a GPU backend (JAX would preallocate the memory the children need).
-  device = _device() if args.smoke else next((r["device"] for r in rows if "device" in r), "?")
+  where = device() if args.smoke else next((r["device"] for r in rows if "device" in r), "?")
   lines = [f"## Training-step benchmark ({'smoke, CPU' if args.smoke else 'GPU'})", "",
-           f"- device: {device}", f"- versions: {_versions()}",
+           f"- device: {where}", f"- versions: {_versions()}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
            f"- shape: {_shape(args)}; ours: remat {args.remat}, attention "
@@ -638,11 +632,11 @@ def _shape(args) -> str:
 
 def ablation_table(args, rows, argv) -> str:
   """Markdown: one row per variant, step time against the base variant (the first row)."""
-  device = next((r["device"] for r in rows if "device" in r), "?")
+  where = next((r["device"] for r in rows if "device" in r), "?")
   case = rows[0]["case"] if rows else args.cases[0]
   lines = [f"## Training-step ablations, {CASES[case]}, ours "
            f"({'smoke, CPU' if args.smoke else 'GPU'})", "",
-           f"- device: {device}", f"- versions: {_versions()}",
+           f"- device: {where}", f"- versions: {_versions()}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
            f"- shape: {_shape(args)}; LoRA r={args.lora_rank} alpha={args.lora_alpha:g}; mean "

@@ -121,7 +121,7 @@ def test_kv_cache_chunks_equal_full_forward(window, scan):
   cfg = VLMConfig(llm=llm, scan_layers=scan)
   params = init_params(VLMConfig(llm=llm), jax.random.key(1))
   if not scan:
-    params = unstack_layers(params, llm.layers)
+    params = unstack_layers(params)
   model = VLM(cfg)
   rng = np.random.default_rng(5)
   b, pad, p, s = 2, np.array([0, 2]), 6, 16

@@ -118,10 +118,8 @@ RNG_WORDS = {"threefry2x32": 2, "rbg": 4}
 
 
 def rng_data(seed: int, impl: str):
-  """The stored dropout key: jax key data of `impl` ('rbg': bits from XLA's RngBitGenerator,
-  Philox on GPUs, instead of threefry's integer rounds in every dropout mask)."""
-  if impl not in RNG_WORDS:
-    raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
+  """The stored dropout key: jax key data of `impl` (plan() checked the name; 'rbg': bits from
+  XLA's RngBitGenerator, Philox on GPUs, instead of threefry's integer rounds in every mask)."""
   return jax.random.key_data(jax.random.key(seed, impl=impl))
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.state import RNG_WORDS
 from vlm import lora
 from vlm.model import VLM
 from vlm.sharding import BATCH
@@ -87,7 +88,7 @@ def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, frozen, batch):
-    impl = "rbg" if state["rng"].shape[-1] == 4 else "threefry2x32"  # train/state.RNG_WORDS
+    impl = {n: name for name, n in RNG_WORDS.items()}[state["rng"].shape[-1]]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=impl), state["step"])
     labels = batch["labels"]
     n_total = jnp.maximum(jnp.sum(labels[:, 1:] != IGNORE), 1).astype(jnp.float32)

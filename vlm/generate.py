@@ -180,7 +180,8 @@ class Generator:
   cuBLAS matmul (its dynamic-slice fusion is off by default), tripling the memory traffic of a
   bandwidth-bound decode step; XLA:CPU copies too (an 8-layer, 256-wide model decodes 2.2x faster
   at batch 1 unstacked: docs/benchmarks.md). XLA:TPU slices in place.
-  Converting holds each stacked leaf twice for a moment, one leaf at a time."""
+  Converting copies the decoder weights: stacked device params are held twice until the caller
+  drops them."""
 
   def __init__(self, model: VLM, params, tokenizer=None, *, mesh=None, cache_dtype=None,
                length_step: int = 128, scan_layers: Optional[bool] = None):
@@ -188,7 +189,7 @@ class Generator:
       scan_layers = model.config.scan_layers and jax.default_backend() == "tpu"
     if model.config.scan_layers and not scan_layers:
       model = VLM(model.config.replace(scan_layers=False))
-      params = unstack_layers(params, model.config.llm.layers)
+      params = unstack_layers(params)
     elif scan_layers and not model.config.scan_layers:
       raise ValueError("params are already unstacked (scan_layers=False); load them stacked")
     self.model, self.config, self.tokenizer, self.mesh = model, model.config, tokenizer, mesh

@@ -136,19 +136,13 @@ def abstract_params(config: VLMConfig, *, boxed: bool = True):
   return jax.eval_shape(lambda k: init_params(config, k, boxed=boxed), jax.random.key(0))
 
 
-def unstack_layers(params, layers: int):
+def unstack_layers(params):
   """Stacked decoder params (llm/layers/... with a leading layer axis) -> one subtree per layer
-  (llm/layers_0/..., the scan_layers=False layout). Leaf by leaf, so at most one stacked leaf is
-  held twice."""
+  (llm/layers_0/..., the scan_layers=False layout). Device arrays are copied; the stacked ones
+  are freed only when the caller drops them."""
   llm = dict(params["llm"])
-  stacked = llm.pop("layers")
-  flat = flatten_dict(stacked)
-  per_layer = [{} for _ in range(layers)]
-  for path in list(flat):
-    x = flat.pop(path)
-    for i in range(layers):
-      per_layer[i][path] = x[i]
-    del x
-  for i, tree in enumerate(per_layer):
-    llm[f"layers_{i}"] = unflatten_dict(tree)
+  flat = flatten_dict(llm.pop("layers"))
+  layers = next(iter(flat.values())).shape[0]
+  for i in range(layers):
+    llm[f"layers_{i}"] = unflatten_dict({path: x[i] for path, x in flat.items()})
   return dict(params, llm=llm)
