@@ -11,6 +11,10 @@ in its own process so the two frameworks never share GPU memory. HF uses a dynam
   python -m bench.generate                    # both sides, batch 1 and 32 (GPU)
   python -m bench.generate --impl jax --batch 1
   python -m bench.generate --smoke            # tiny shapes on CPU: checks the script
+  python -m bench.generate --impl jax --batch 1 --layout scan --xla-flags base dynamic_slice_fusion
+
+`--xla-flags SET ...` runs our side once per XLA flag set (bench/xla_flags.py), each in its own
+process; the rows are labelled with the set's name.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import time
 
 import numpy as np
 
+from bench import xla_flags
 from bench.env import versions
 
 LLAMA3_8B = dict(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
@@ -143,16 +148,21 @@ def run_hf(args) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------
 
-def _child(args, impl, batch) -> dict:
-  """One side at one batch size in a fresh process (GPU memory is not shared)."""
+def _child(args, impl, batch, flag_set=("", "")) -> dict:
+  """One side at one batch size in a fresh process (GPU memory is not shared), with the
+  (name, XLA_FLAGS) of `flag_set` appended to the environment's."""
   cmd = [sys.executable, "-m", "bench.generate", "--impl", impl, "--batch", str(batch),
          "--json", "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
          "--image-tokens", str(args.image_tokens), "--repeats", str(args.repeats),
-         "--hf-cache", args.hf_cache, "--layout", args.layout] + (["--small"] * args.small)
-  res = subprocess.run(cmd, capture_output=True, text=True)
+         "--hf-cache", args.hf_cache, "--layout", args.layout] + (["--small"] * args.small) + (["--smoke"] * args.smoke)
+  name, flags = flag_set
+  res = subprocess.run(cmd, capture_output=True, text=True,
+                       env=xla_flags.environ(flags) if name else None)
+  label = f"{impl} [{name}]" if name else impl
   if res.returncode != 0:
-    return {"impl": impl, "batch": batch, "note": (res.stderr.strip().splitlines() or ["?"])[-1]}
-  return json.loads(res.stdout.strip().splitlines()[-1])
+    return {"impl": label, "batch": batch, "note": (res.stderr.strip().splitlines() or ["?"])[-1]}
+  r = json.loads(res.stdout.strip().splitlines()[-1])
+  return {**r, "impl": f"{r['impl']} [{name}]"} if name else r
 
 
 def measure(args, impl, batch) -> dict:
@@ -207,6 +217,9 @@ def main(argv=None):
   p.add_argument("--layout", choices=("auto", "scan", "unstacked"), default="auto",
                  help="our decoder's parameter layout (vlm.generate.Generator scan_layers; auto: "
                       "one subtree per layer except on TPU)")
+  p.add_argument("--xla-flags", nargs="+", default=None, metavar="SET",
+                 help="our side once per XLA flag set, each its own process (bench/xla_flags.py "
+                      f"names: {', '.join(xla_flags.SETS)}; or NAME=--xla_flag=value ...)")
   p.add_argument("--json", action="store_true", help="print one JSON result (child mode)")
   p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in one process")
   p.add_argument("--small", action="store_true",
@@ -220,12 +233,20 @@ def main(argv=None):
   if args.json:
     print(json.dumps(measure(args, impls[0], args.batch[0])))
     return
+  try:
+    sets = [xla_flags.parse(spec) for spec in args.xla_flags or ()]
+  except ValueError as e:
+    p.error(str(e))
   rows = []
   for batch in args.batch:
     for impl in impls:
-      r = measure(args, impl, batch) if args.smoke else _child(args, impl, batch)
-      rows.append(r)
-      print(json.dumps(r), file=sys.stderr, flush=True)  # progress
+      for flag_set in (sets if impl == "jax" and sets else [None]):
+        if flag_set:
+          r = _child(args, impl, batch, flag_set)
+        else:
+          r = measure(args, impl, batch) if args.smoke else _child(args, impl, batch)
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)  # progress
   print(table(args, rows))
 
 

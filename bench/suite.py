@@ -2,7 +2,7 @@
 
   python -m bench.suite --out DIR --budget 560 --part 1     # first call on a lent H200
   python -m bench.suite --out DIR --budget 200 --part 2     # right after (the machine is warm)
-  python -m bench.suite --out DIR --budget 300 --stages gen-layout e2e ablations  # owed later
+  python -m bench.suite --out DIR --budget 580 --stages gen-layout e2e ablations xla-flags  # later
   python -m bench.suite --list                              # the plan and its estimates
   python -m bench.suite --out /tmp/s --budget 600 --smoke --stages vision   # CPU check, tiny shapes
 
@@ -19,7 +19,8 @@ Priority (#9's acceptance letters): (1) #9 (a) LoRA LLM step, both sides, with a
 of ours (#9 acceptance 3; the tower gets one too); (2) #9 (b) S2 tower; (3) #6 attention at
 S=2048/4096 + packed; (4) #10 generation at batch 32 and 1; (5) #9 (c) full LoRA stage-2 and
 stage-1 steps; (6) #9 (d) grain-fed end-to-end run (bench/train_e2e.py); (7) #9 acceptance 2,
-ablations of our step at 4 decoder layers.
+ablations of our step at 4 decoder layers; (8) XLA:GPU flag sets (bench/xla_flags.py) on the
+same 4-layer step, and dynamic-slice fusion on the scanned generation layout (in gen-layout).
 
 Estimates (seconds of wall time on one H200, process start-ups and compiles included). Nothing
 has been measured on this machine yet: these are a-priori; replace them with the `wall_s` that
@@ -52,7 +53,9 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   7.7 s (1,065 tokens/s) + 3 one-token runs ~3 = 90.
 - gen-b1 100: JAX 65; HF dynamic cache 8 + 5 + a 16-token warm-up + 3 one-token runs ~3 + one
   256-token run at 14.6 tokens/s = 17.5: ~35.
-- gen-layout 70 (part 2): JAX alone, scanned layers at batch 1: 10 + 3 + ~25 + 2 runs x ~4 s.
+- gen-layout 120 (part 2): JAX alone, scanned layers at batch 1, once as is and once with
+  --xla_gpu_enable_dynamic_slice_fusion (does XLA then read the weight stack in place, which
+  would make the per-layer layout unnecessary?): 2 x (10 + 3 + ~25 + 2 runs x ~4 s) + ~20.
 - lora 95: ours 10 + 5 + ~35 (autotune mostly cached) + 5 x 1.7 = 59; reference 8 + 5 + 5 x 3.9.
 - stage1 90: like lora, no adapters (backward through the frozen LLM for activations only).
 - e2e 150: llama3_med at 16 of its 32 decoder layers (say so with the figure), LoRA stage 2,
@@ -61,11 +64,13 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   device-resident steps x ~1.1 s, the pipeline alone ~3.
 - ablations 110: one process, 4 decoder layers (same widths; step ~0.3 s): start 13, ten variants (+ base)
   compiled 4 at a time with cached autotune ~2 x 30 s, then each variant's weights and 6 steps ~4 s.
+- xla-flags 240: five flag sets, each its own process and compile (the compilation cache keys on
+  XLA_FLAGS; the per-fusion autotune results still carry over): 5 x (10 + 3 + ~30 + 7 x 0.3 s).
 Part 1 (llm, vision, attention, gen-b32, gen-b1) sums to 550 s: `--budget 560` and the run tool's
-timeout_s 590 fit one 10-minute call. Part 2 sums to 515 s, more than the ~3 minutes a 15-minute
+timeout_s 590 fit one 10-minute call. Part 2 sums to 805 s, more than the ~3 minutes a 15-minute
 lease leaves after part 1 and the machine's start: it runs in order what fits (lora, stage1), and
-the rest (gen-layout, e2e, ablations) waits for the next lent session
-(`--stages gen-layout e2e ablations`).
+the rest (gen-layout, e2e, ablations, xla-flags) waits for the next lent session
+(`--stages gen-layout e2e ablations xla-flags`).
 """
 from __future__ import annotations
 
@@ -93,13 +98,15 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12
 ABLATIONS = ("base", "remat=none", "remat=save_dots", "remat=save_attn_proj", "loss_chunk=0",
              "attention=xla", "attention=pallas", "attention=cudnn", "frozen_dtype=float32",
              "lora_dropout=0", "prng_impl=rbg")  # dropout's cost, and with rbg's masks
+XLA_SETS = ("base", "dynamic_slice_fusion", "cublas_gemms", "latency_hiding",
+            "while_double_buffer")   # bench/xla_flags.py
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One benchmark command. args / smoke_args follow `python -m`; "{work}" is the work dir.
   render: how partial JSON results become a table when the command did not print its own
-  ("train_step", "ablations", or "" for a plain key/value table)."""
+  ("train_step", "ablations", "xla_flags", or "" for a plain key/value table)."""
   name: str
   part: int
   measures: str
@@ -141,7 +148,9 @@ STAGES = (
     Stage("gen-layout", 2, "#10: the scanned-layer layout at batch 1 (gen-b1 runs the per-layer "
           "default): the effect of vlm.generate's layout choice",
           ("bench.generate", "--batch", "1", "--repeats", "1", "--impl", "jax", "--layout",
-           "scan"), 70, 180, ("bench.generate", "--smoke", "--impl", "jax", "--layout", "scan")),
+           "scan", "--xla-flags", "base", "dynamic_slice_fusion"), 120, 260,
+          ("bench.generate", "--smoke", "--impl", "jax", "--layout", "scan", "--xla-flags",
+           "base", "dynamic_slice_fusion")),
     Stage("e2e", 2, "#9 acc. (d): end-to-end, grain-fed train loop vs device-resident step",
           ("bench.train_e2e", "--layers", "16", "--group-window", "8", "--warmup", "8", "--steps",
            "16", "--json"), 150, 420,
@@ -151,6 +160,11 @@ STAGES = (
            "--warmup", "2", "--compile-threads", "4", "--json", "--ablate") + ABLATIONS, 110, 300,
           ("bench.train_step", "--smoke", "--cases", "llm", "--side", "ours", "--layers", "1",
            "--json", "--ablate", "base", "loss_chunk=0"), render="ablations"),
+    Stage("xla-flags", 2, "#9 build: XLA:GPU flag sets A/B, ours, 4 decoder layers",
+          ("bench.train_step", "--cases", "llm", "--side", "ours", "--layers", "4", "--steps", "5",
+           "--warmup", "2", "--timeout", "120", "--json", "--xla-flags") + XLA_SETS, 240, 400,
+          ("bench.train_step", "--smoke", "--cases", "llm", "--side", "ours", "--json",
+           "--xla-flags", "base", "dynamic_slice_fusion"), render="xla_flags"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -324,12 +338,14 @@ def _partial(stage: Stage, cmd, records) -> str:
   results = [r for r in records if r.get("kind") != "stage"]
   if not results:
     return ""
-  if stage.render in ("train_step", "ablations"):
+  if stage.render in ("train_step", "ablations", "xla_flags"):
     from bench import train_step
     try:
       args = train_step.parse_args(cmd[3:])
-      if stage.render == "ablations":
-        return train_step.ablation_table(args, [r for r in results if "variant" in r], cmd[3:])
+      if stage.render != "train_step":
+        render = (train_step.ablation_table if stage.render == "ablations" else
+                  train_step.xla_flags_table)
+        return render(args, [r for r in results if "variant" in r], cmd[3:])
       return train_step.table(args, [r for r in results if "case" in r and "side" in r], cmd[3:])
     except (Exception, SystemExit) as e:  # noqa: BLE001 - argparse exits; use the plain table
       print(f"bench.suite: {stage.name}: could not render its table: {e}", file=sys.stderr)

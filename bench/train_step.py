@@ -43,6 +43,13 @@ batch; memory per variant is XLA's compiled memory analysis, since the process p
 all. `--layers N` runs them at reduced depth (same widths) so that many fit in a short session.
 `--profile DIR` traces 2 more steps of ours after the timing (bench/profile.py) and adds the kernel
 summary to the result.
+
+XLA flag A/B (`--xla-flags SET ...`, ours only, first case): each named set of bench/xla_flags.py
+(or NAME=--xla_flag=value ...) runs the step in its own process with those XLA_FLAGS, a row each
+against the first set:
+
+  python -m bench.train_step --cases llm --side ours --layers 4 \
+      --xla-flags base dynamic_slice_fusion cublas_gemms latency_hiding
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ import time
 
 import numpy as np
 
+from bench import xla_flags
 from bench.env import device, versions
 
 CASES = {"lora": "(a) stage-2 LoRA step", "llm": "(b) LLM alone, LoRA",
@@ -554,13 +562,13 @@ def _last_json(text) -> dict | None:
   return None
 
 
-def _child(args, argv, case, side) -> dict:
+def _child(args, argv, case, side, env=None) -> dict:
   """One case on one side in a fresh process: the frameworks never share device memory, and a
   peak is that case's alone. A result the child printed before it died or timed out is kept."""
   cmd = [sys.executable, "-m", "bench.train_step", *argv, "--cases", case, "--side", side,
          "--json"]
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     out, err, ended = res.stdout, res.stderr, f"exit {res.returncode}"
   except subprocess.TimeoutExpired as e:
     res, out, err, ended = None, e.stdout, e.stderr, f"timed out after {args.timeout} s"
@@ -581,19 +589,26 @@ def _versions() -> str:
   return versions('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'peft')
 
 
+def _head(title, args, rows, argv, settings, where=None) -> list:
+  """The title ("{case}": the rows' case) and the device / versions / date / command / shape
+  lines every table here starts with. The device is the one a child reported: the parent never
+  starts a GPU backend (JAX would preallocate the memory the children need)."""
+  where = where or next((r["device"] for r in rows if "device" in r), "?")
+  title = title.format(case=CASES[rows[0]["case"] if rows else args.cases[0]])
+  return [f"## {title} ({'smoke, CPU' if args.smoke else 'GPU'})", "", f"- device: {where}",
+          f"- versions: {_versions()}", f"- date: {datetime.date.today().isoformat()}",
+          f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
+          f"- shape: {_shape(args)}; {settings}"]
+
+
 def table(args, rows, argv) -> str:
-  # The parent never starts a GPU backend (JAX would preallocate the memory the children need).
-  where = device() if args.smoke else next((r["device"] for r in rows if "device" in r), "?")
-  lines = [f"## Training-step benchmark ({'smoke, CPU' if args.smoke else 'GPU'})", "",
-           f"- device: {where}", f"- versions: {_versions()}",
-           f"- date: {datetime.date.today().isoformat()}",
-           f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
-           f"- shape: {_shape(args)}; ours: remat {args.remat}, attention "
-           f"{args.attention}, loss chunk {args.loss_chunk}, frozen weights "
-           f"{args.frozen_dtype or args.dtype}; LoRA r={args.lora_rank} "
-           f"alpha={args.lora_alpha:g} dropout {args.lora_dropout:g}; mean of {args.steps} steps "
-           f"after {args.warmup} warm-up; FLOPs: 6N per LLM token, 6N per connector feature, 2N "
-           f"per frozen tower token (module docstring); MFU vs {args.peak_tflops:g} TFLOP/s", "",
+  lines = _head("Training-step benchmark", args, rows, argv,
+                f"ours: remat {args.remat}, attention {args.attention}, loss chunk "
+                f"{args.loss_chunk}, frozen weights {args.frozen_dtype or args.dtype}; LoRA "
+                f"r={args.lora_rank} alpha={args.lora_alpha:g} dropout {args.lora_dropout:g}; "
+                f"mean of {args.steps} steps after {args.warmup} warm-up; FLOPs: 6N per LLM "
+                "token, 6N per connector feature, 2N per frozen tower token (module docstring); "
+                f"MFU vs {args.peak_tflops:g} TFLOP/s", device() if args.smoke else None) + ["",
            "| case | side | step s | first step s | tokens/s | images/s | TFLOP/s | MFU | peak GB "
            "| loss | ours / reference | note |", "|---" * 12 + "|"]
   for r in rows:
@@ -632,18 +647,12 @@ def _shape(args) -> str:
 
 def ablation_table(args, rows, argv) -> str:
   """Markdown: one row per variant, step time against the base variant (the first row)."""
-  where = next((r["device"] for r in rows if "device" in r), "?")
-  case = rows[0]["case"] if rows else args.cases[0]
-  lines = [f"## Training-step ablations, {CASES[case]}, ours "
-           f"({'smoke, CPU' if args.smoke else 'GPU'})", "",
-           f"- device: {where}", f"- versions: {_versions()}",
-           f"- date: {datetime.date.today().isoformat()}",
-           f"- command: `{' '.join(['python -m bench.train_step'] + argv)}`",
-           f"- shape: {_shape(args)}; LoRA r={args.lora_rank} alpha={args.lora_alpha:g}; mean "
-           f"of {args.steps} steps after {args.warmup} warm-up; every variant its own compiled "
-           f"step in one process, all compiled before any was timed ({args.compile_threads} "
-           "at a time), same weights and batch; memory is XLA's compiled memory analysis "
-           "(arguments + temporaries; the process peak spans all variants)",
+  lines = _head("Training-step ablations, {case}, ours", args, rows, argv,
+                f"LoRA r={args.lora_rank} alpha={args.lora_alpha:g}; mean of {args.steps} steps "
+                f"after {args.warmup} warm-up; every variant its own compiled step in one "
+                f"process, all compiled before any was timed ({args.compile_threads} at a time), "
+                "same weights and batch; memory is XLA's compiled memory analysis (arguments + "
+                "temporaries; the process peak spans all variants)") + [
            "- at reduced depth the LM head and loss are a larger share of the step than with "
            "32 layers, so the loss-chunk effect is magnified and per-layer effects (remat, "
            "attention) are diluted", "",
@@ -665,6 +674,58 @@ def ablation_table(args, rows, argv) -> str:
     else:
       cells += ["-"] * 7
     lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
+  return "\n".join(lines)
+
+
+def run_xla_flags(args, argv, case, emit=print) -> list:
+  """Ours on `case` once per XLA flag set of args.xla_flags, each in its own process."""
+  child_argv = _without(argv, "--xla-flags")
+  rows = []
+  for spec in args.xla_flags:
+    name, flags = xla_flags.parse(spec)
+    r = _child(args, child_argv, case, "ours", env=xla_flags.environ(flags))
+    r.update(variant=name, xla_flags=flags)
+    emit(r)
+    rows.append(r)
+  return rows
+
+
+def _without(argv, option) -> list:
+  """argv less `option` and the values after it."""
+  out, dropping = [], False
+  for a in argv:
+    if a == option or a.startswith(option + "="):
+      dropping = a == option
+      continue
+    if dropping and not a.startswith("-"):
+      continue
+    dropping = False
+    out.append(a)
+  return out
+
+
+def xla_flags_table(args, rows, argv) -> str:
+  """Markdown: one row per flag set, step time against the first set that ran."""
+  lines = _head("XLA flag A/B, {case}, ours", args, rows, argv,
+                f"remat {args.remat}, attention {args.attention}, loss chunk {args.loss_chunk}; "
+                "each flag set in its own process with its own compile (JAX's compilation cache "
+                f"keys on XLA_FLAGS); mean of {args.steps} steps after {args.warmup} warm-up; "
+                "peak is the process's") + ["",
+      "| flag set | XLA_FLAGS | compile s | step s | tokens/s | step time vs first row | peak GB "
+      "| loss | note |", "|---" * 9 + "|"]
+  base = next((r for r in rows if "step_s" in r), None)
+  for r in rows:
+    cells = [r["variant"], f"`{r['xla_flags']}`" if r["xla_flags"] else "(none)"]
+    if "step_s" in r:
+      dt = r["step_s"]
+      cells += [f"{r['compile_s']:.1f}", f"{dt:.4f}",
+                f"{r['tokens'] / dt:,.0f}" if r.get("tokens") else "-",
+                f"{dt / base['step_s']:.2f}x",
+                f"{r['peak'] / 2 ** 30:.1f}" if r.get("peak") else "-",
+                "-" if r.get("loss") is None else f"{r['loss']:.3f}"]
+    else:
+      cells += ["-"] * 6
+    lines.append("| " + " | ".join(cells + [r.get("note", "").replace("|", "/")]) + " |")
   return "\n".join(lines)
 
 
@@ -700,6 +761,9 @@ def parser():
   p.add_argument("--ablate", nargs="+", type=str, default=None, metavar="VARIANT",
                  help="ours only, first case: base or key=value[,key=value] over remat, "
                       "attention, loss_chunk, frozen_dtype; one process, a row each")
+  p.add_argument("--xla-flags", nargs="+", default=None, metavar="SET",
+                 help="ours only, first case: a process per XLA flag set (bench/xla_flags.py "
+                      f"names: {', '.join(xla_flags.SETS)}; or NAME=--xla_flag=value ...)")
   p.add_argument("--compile-threads", type=int, default=1,
                  help="ablation variants compiled at once (all finish before any is timed)")
   p.add_argument("--profile", default=None, metavar="DIR",
@@ -725,14 +789,25 @@ def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   sides = SIDES if args.side == "both" else (args.side,)
+  # each result as it comes: the JSON lines are the output (--json) or progress on stderr
+  emit = ((lambda r: print(json.dumps(r), flush=True)) if args.json else
+          (lambda r: print(json.dumps(r), file=sys.stderr, flush=True)))
+  if args.xla_flags:
+    for spec in args.xla_flags:   # fail on a bad set before any work
+      try:
+        xla_flags.parse(spec)
+      except ValueError as e:
+        parser().error(str(e))
+    rows = run_xla_flags(args, argv, args.cases[0], emit)
+    if not args.json:
+      print(xla_flags_table(args, rows, argv))
+    return
   if args.ablate:
     for text in args.ablate:   # fail on a bad variant before any work
       try:
         variant(text)
       except argparse.ArgumentTypeError as e:
         parser().error(str(e))
-    emit = ((lambda r: print(json.dumps(r), flush=True)) if args.json else
-            (lambda r: print(json.dumps(r), file=sys.stderr, flush=True)))
     try:
       rows = run_ablations(args, args.cases[0], emit)
     except Exception as e:  # noqa: BLE001 - e.g. no GPU: one note instead of a traceback
@@ -743,7 +818,6 @@ def main(argv=None):
       print(ablation_table(args, rows, argv))
     return
   if args.json:
-    emit = lambda r: print(json.dumps(r), flush=True)
     print(json.dumps(measure(args, args.cases[0], sides[0], emit)))
     return
   rows = []
@@ -751,7 +825,7 @@ def main(argv=None):
     for side in sides:
       r = measure(args, case, side) if args.smoke else _child(args, argv, case, side)
       rows.append(r)
-      print(json.dumps(r), file=sys.stderr, flush=True)  # progress
+      emit(r)
   print(table(args, rows, argv))
 
 

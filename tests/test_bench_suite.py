@@ -135,6 +135,21 @@ def test_train_step_ablation_flags():
   assert md.rstrip().endswith("| same settings as base |")
 
 
+def test_killed_xla_flags_stage_still_renders_its_table():
+  stage = suite.BY_NAME["xla-flags"]
+  cmd = suite.command(stage, False, "/w")
+  rec = {"case": "llm", "side": "ours", "tokens": 16384, "compile_s": 40.0, "step_s": 0.3,
+         "peak": 2 ** 33, "loss": 11.9, "device": "NVIDIA H200 (gpu)"}
+  records = [dict(rec, variant="base", xla_flags=""),
+             dict(rec, variant="cublas_gemms", xla_flags="--xla_gpu_enable_triton_gemm=false",
+                  step_s=0.27)]
+  md = suite._partial(stage, cmd, records)
+  assert "## XLA flag A/B, (b) LLM alone, LoRA, ours (GPU)" in md and "4 decoder layers" in md
+  assert "| base | (none) | 40.0 | 0.3000 | 54,613 | 1.00x | 8.0 | 11.900 |  |" in md
+  assert "| cublas_gemms | `--xla_gpu_enable_triton_gemm=false` | 40.0 | 0.2700 |" in md
+  assert "| 0.90x |" in md
+
+
 def test_device_wheels_pinned_and_fetch_script_matches_the_readme():
   root = os.path.dirname(os.path.dirname(os.path.abspath(suite.__file__)))
   with open(os.path.join(root, "bench", "device_wheels.txt")) as f:

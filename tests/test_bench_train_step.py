@@ -59,3 +59,31 @@ def test_failed_case_is_a_note(capsys):
   for side in train_step.SIDES:
     r = rows[train_step.CASES["stage1"], side]
     assert r[2] == "-" and "ValueError: --seq 6 leaves no text" in r[11], r
+
+
+def test_xla_flag_sets_each_run_in_their_own_process(capsys):
+  # the unknown flag aborts only its own child (proof the set reached XLA); base still runs
+  train_step.main(["--smoke", "--cases", "stage1", "--side", "ours", "--xla-flags", "base",
+                   "bad=--xla_no_such_flag=1"])
+  out = capsys.readouterr().out
+  assert "## XLA flag A/B, (c) stage-1 step (connector), ours (smoke, CPU)" in out
+  rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")]
+                            for line in out.splitlines() if line.startswith("| "))}
+  base, bad = rows["base"], rows["bad"]
+  assert base[1] == "(none)" and float(base[3]) > 0 and base[5] == "1.00x" and base[8] == ""
+  assert bad[1] == "`--xla_no_such_flag=1`" and bad[3] == "-"
+  assert "Unknown flag in XLA_FLAGS: --xla_no_such_flag=1" in bad[8]
+
+
+def test_xla_flag_set_names_and_environment():
+  from bench import xla_flags
+  assert xla_flags.parse("cublas_gemms") == ("cublas_gemms", "--xla_gpu_enable_triton_gemm=false")
+  assert xla_flags.parse("mine=--xla_a=1 --xla_b=2") == ("mine", "--xla_a=1 --xla_b=2")
+  for bad in ("no_such_set", "x=", "x=xla_a=1"):
+    with pytest.raises(ValueError):
+      xla_flags.parse(bad)
+  env = xla_flags.environ("--xla_a=1", {"XLA_FLAGS": "--xla_z=0", "HOME": "/h"})
+  assert env == {"XLA_FLAGS": "--xla_z=0 --xla_a=1", "HOME": "/h"}
+  assert xla_flags.environ("", {})["XLA_FLAGS"] == ""
+  argv = ["--cases", "llm", "--xla-flags", "base", "m=--xla_a=1", "--steps", "3"]
+  assert train_step._without(argv, "--xla-flags") == ["--cases", "llm", "--steps", "3"]

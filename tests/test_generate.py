@@ -206,6 +206,19 @@ def test_bench_smoke(capsys):
   bench.main(["--smoke", "--json", "--impl", "hf"])  # the per-process mode of a GPU run
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res["batch"] == 2 and res["decode_tok_s"] > 0
+  bench.main(["--smoke", "--impl", "jax", "--layout", "scan", "--xla-flags", "base"])
+  out = capsys.readouterr().out
+  assert "| jax (scan layers) [base] | 2 |" in out and " - |" not in out, out
+
+
+def test_bench_xla_flag_set_reaches_its_child(capsys):
+  """--xla-flags: each set runs our side in a child with those XLA_FLAGS (an unknown flag aborts
+  that child alone, and its row says so under the set's label)."""
+  from bench import generate as bench
+  bench.main(["--smoke", "--impl", "jax", "--xla-flags", "bad=--xla_no_such_flag=1"])
+  out = capsys.readouterr().out
+  row = next(line for line in out.splitlines() if line.startswith("| jax [bad] | 2 |"))
+  assert "Unknown flag in XLA_FLAGS: --xla_no_such_flag=1" in row
 
 
 @pytest.mark.slow  # ~8 s: compiles the anyres vision path
