@@ -119,6 +119,7 @@ def prompt_text(question: str) -> str:
 
 
 def run(args) -> dict:
+  from vlm import compile_cache
   from vlm.generate import Generator, sampling_config
   from vlm.prompt import build_prompt
 
@@ -144,6 +145,9 @@ def run(args) -> dict:
            "skipped": 0}
   if not todo:
     return stats
+  cache = compile_cache.enable()
+  if cache:
+    log(f"compilation cache: {cache}")
   mesh = None
   if args.mesh:
     from vlm.sharding import make_mesh

@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MEDVLM_COMPILE_CACHE", "off")   # no test writes to ~/.cache; tests opt in
 
 import jax  # noqa: E402
 

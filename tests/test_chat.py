@@ -75,3 +75,40 @@ def test_module_help():
   out = subprocess.run([sys.executable, "-m", "vlm.chat", "--help"], capture_output=True,
                        text=True, check=True).stdout
   assert "--temperature" in out and "--top-p" in out and "--max-new-tokens" in out
+
+
+def test_second_run_loads_its_programs_from_the_compilation_cache(ckpt, png, tmp_path):
+  """vlm/compile_cache.py: the CLI keeps its compiled programs on disk; a rerun of the same
+  question loads them (JAX logs each hit with log_compiles) and answers the same."""
+  import os
+  cache = tmp_path / "xla"
+  env = dict(os.environ, MEDVLM_COMPILE_CACHE=str(cache), JAX_LOG_COMPILES="1",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+  cmd = [sys.executable, "-m", "vlm.chat", "--ckpt", ckpt, "--image", png, "--max-new-tokens",
+         str(MAX_NEW), "What is shown in the image?"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  entries = sorted(p.name for p in cache.iterdir())
+  assert entries and "Persistent compilation cache hit" not in first.stderr
+  second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  assert second.stdout == first.stdout and second.stdout.strip()
+  for program in ("jit__prefill", "jit__decode"):   # vlm/generate.py's two programs
+    assert f"Persistent compilation cache hit for '{program}'" in second.stderr, second.stderr
+  assert sorted(p.name for p in cache.iterdir()) == entries      # nothing compiled anew
+
+
+def test_compilation_cache_directory_choice(monkeypatch, tmp_path):
+  import jax
+  from vlm import compile_cache
+  old = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.setenv("MEDVLM_COMPILE_CACHE", "off")
+    assert compile_cache.enable() is None and jax.config.jax_compilation_cache_dir == old
+    monkeypatch.delenv("MEDVLM_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.enable() == str(tmp_path / "medvlm-jax" / "xla")
+    monkeypatch.setenv("MEDVLM_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert compile_cache.enable() == str(tmp_path / "medvlm-jax" / "xla")   # JAX's choice stands
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compile_cache.enable() == str(tmp_path / "mine")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)

@@ -126,6 +126,9 @@ def main(argv):
   for name in ("train", "data"):
     logging.getLogger(name).setLevel(logging.INFO)
   init_distributed()
+  from vlm import compile_cache
+  cache = compile_cache.enable()
+  logging.getLogger("train").info("compilation cache: %s", cache or "off")
   workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   results = run(FLAGS.config, workdir)
   if any(r["preempted"] for r in results):

@@ -95,6 +95,8 @@ def interactive(chat: Chat, inp=None, out=None):
 
 def main(argv: Optional[list] = None) -> None:
   args = _parser().parse_args(argv)
+  from vlm import compile_cache
+  compile_cache.enable()   # a rerun skips the prefill / decode compiles (vlm/compile_cache.py)
   try:
     chat = Chat(args)
     if args.question is not None:
