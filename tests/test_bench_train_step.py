@@ -61,6 +61,7 @@ def test_failed_case_is_a_note(capsys):
     assert r[2] == "-" and "ValueError: --seq 6 leaves no text" in r[11], r
 
 
+@pytest.mark.slow   # ~10 s: two child processes; the default run checks the same through generate
 def test_xla_flag_sets_each_run_in_their_own_process(capsys):
   # the unknown flag aborts only its own child (proof the set reached XLA); base still runs
   train_step.main(["--smoke", "--cases", "stage1", "--side", "ours", "--xla-flags", "base",
