@@ -154,7 +154,8 @@ def _child(args, impl, batch, flag_set=("", "")) -> dict:
   cmd = [sys.executable, "-m", "bench.generate", "--impl", impl, "--batch", str(batch),
          "--json", "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
          "--image-tokens", str(args.image_tokens), "--repeats", str(args.repeats),
-         "--hf-cache", args.hf_cache, "--layout", args.layout] + (["--small"] * args.small) + (["--smoke"] * args.smoke)
+         "--hf-cache", args.hf_cache, "--layout", args.layout] + (
+             ["--small"] * args.small + ["--smoke"] * args.smoke)
   name, flags = flag_set
   res = subprocess.run(cmd, capture_output=True, text=True,
                        env=xla_flags.environ(flags) if name else None)
