@@ -148,15 +148,15 @@ def run_hf(args) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------
 
-def _child(args, impl, batch, flag_set=("", "")) -> dict:
+def _child(args, impl, batch, flag_set=None) -> dict:
   """One side at one batch size in a fresh process (GPU memory is not shared), with the
-  (name, XLA_FLAGS) of `flag_set` appended to the environment's."""
+  (name, XLA_FLAGS) of `flag_set`, if any, appended to the environment's."""
   cmd = [sys.executable, "-m", "bench.generate", "--impl", impl, "--batch", str(batch),
          "--json", "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens),
          "--image-tokens", str(args.image_tokens), "--repeats", str(args.repeats),
          "--hf-cache", args.hf_cache, "--layout", args.layout] + (
              ["--small"] * args.small + ["--smoke"] * args.smoke)
-  name, flags = flag_set
+  name, flags = flag_set or ("", "")
   res = subprocess.run(cmd, capture_output=True, text=True,
                        env=xla_flags.environ(flags) if name else None)
   label = f"{impl} [{name}]" if name else impl
@@ -242,10 +242,9 @@ def main(argv=None):
   for batch in args.batch:
     for impl in impls:
       for flag_set in (sets if impl == "jax" and sets else [None]):
-        if flag_set:
-          r = _child(args, impl, batch, flag_set)
-        else:
-          r = measure(args, impl, batch) if args.smoke else _child(args, impl, batch)
+        # flag sets need a process of their own, on CPU too (XLA reads XLA_FLAGS once)
+        in_process = args.smoke and flag_set is None
+        r = measure(args, impl, batch) if in_process else _child(args, impl, batch, flag_set)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)  # progress
   print(table(args, rows))

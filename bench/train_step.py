@@ -395,7 +395,7 @@ def run_ablations(args, case, emit=print) -> list:
       try:
         compiled[row["variant"]] = fut.result()
       except Exception as e:  # noqa: BLE001 - a variant that does not compile is a table note
-        row["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+        row["note"] = _error(e)
   for row, a in todo:
     if row["variant"] in compiled:
       try:
@@ -404,7 +404,7 @@ def run_ablations(args, case, emit=print) -> list:
         res.pop("peak")   # the process peak spans every variant: see compiled_* instead
         row.update(res)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory without remat
-        row["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+        row["note"] = _error(e)
     emit(row)
   return rows
 
@@ -544,8 +544,13 @@ def measure(args, case, side, emit=None) -> dict:
       r["profile"] = _profile(args, case, again, r["step_s"])
   except Exception as e:  # noqa: BLE001 - a failed case is a table note, not a crash
     r.pop("_again", None)
-    r["note"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+    r["note"] = _error(e)
   return r
+
+
+def _error(e: BaseException) -> str:
+  """An exception as a one-line table note: its type and the first line of its message."""
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
 
 
 def _last_json(text) -> dict | None:
@@ -625,11 +630,9 @@ def table(args, rows, argv) -> str:
                   and "step_s" in x), None)
       ratio = f"{ref['step_s'] / dt:.2f}x" if ref else "-"
     fmt = lambda x, f: "-" if not x else format(x, f)
-    peak = f"{r['peak'] / 2 ** 30:.1f}" if r.get("peak") else "-"
-    loss = "-" if r.get("loss") is None else f"{r['loss']:.3f}"
     lines.append(f"| {name} | {r['side']} | {dt:.4f} | {r['first_s']:.1f} | "
                  f"{fmt(r['tokens'] / dt, ',.0f')} | {fmt(r['images'] / dt, '.2f')} | {tf:.3g} | "
-                 f"{100 * tf / args.peak_tflops:.1f}% | {peak} | {loss} | {ratio} | "
+                 f"{100 * tf / args.peak_tflops:.1f}% | {_peak(r)} | {_loss(r)} | {ratio} | "
                  f"{r.get('note', '')} |")
   for r in rows:
     prof = r.get("profile")
@@ -637,6 +640,21 @@ def table(args, rows, argv) -> str:
       lines += ["", f"### Profile: {CASES[r['case']]}, {r['side']}", "", "```",
                 prof.get("text") or prof.get("note", ""), "```"]
   return "\n".join(lines)
+
+
+def _loss(r) -> str:
+  return "-" if r.get("loss") is None else f"{r['loss']:.3f}"
+
+
+def _peak(r) -> str:
+  return f"{r['peak'] / 2 ** 30:.1f}" if r.get("peak") else "-"
+
+
+def _against(r, base) -> list:
+  """Cells compile s, step s, tokens/s and step time against `base` of one variant's row."""
+  dt = r["step_s"]
+  return [f"{r['compile_s']:.1f}", f"{dt:.4f}",
+          f"{r['tokens'] / dt:,.0f}" if r.get("tokens") else "-", f"{dt / base['step_s']:.2f}x"]
 
 
 def _shape(args) -> str:
@@ -666,23 +684,18 @@ def ablation_table(args, rows, argv) -> str:
     cells = [r["variant"], st.get("remat", "?"), st.get("attention", "?"),
              str(st.get("loss_chunk", "?")), st.get("frozen_dtype", "?")]
     if "step_s" in r:
-      dt = r["step_s"]
-      cells += [f"{r['compile_s']:.1f}", f"{dt:.4f}",
-                f"{r['tokens'] / dt:,.0f}" if r["tokens"] else "-",
-                f"{dt / base['step_s']:.2f}x", gb(r, "compiled_args"), gb(r, "compiled_temp"),
-                "-" if r.get("loss") is None else f"{r['loss']:.3f}"]
+      cells += _against(r, base) + [gb(r, "compiled_args"), gb(r, "compiled_temp"), _loss(r)]
     else:
       cells += ["-"] * 7
     lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
   return "\n".join(lines)
 
 
-def run_xla_flags(args, argv, case, emit=print) -> list:
-  """Ours on `case` once per XLA flag set of args.xla_flags, each in its own process."""
+def run_xla_flags(args, argv, case, sets, emit=print) -> list:
+  """Ours on `case` once per (name, XLA_FLAGS) of `sets`, each in its own process."""
   child_argv = _without(argv, "--xla-flags")
   rows = []
-  for spec in args.xla_flags:
-    name, flags = xla_flags.parse(spec)
+  for name, flags in sets:
     r = _child(args, child_argv, case, "ours", env=xla_flags.environ(flags))
     r.update(variant=name, xla_flags=flags)
     emit(r)
@@ -717,12 +730,7 @@ def xla_flags_table(args, rows, argv) -> str:
   for r in rows:
     cells = [r["variant"], f"`{r['xla_flags']}`" if r["xla_flags"] else "(none)"]
     if "step_s" in r:
-      dt = r["step_s"]
-      cells += [f"{r['compile_s']:.1f}", f"{dt:.4f}",
-                f"{r['tokens'] / dt:,.0f}" if r.get("tokens") else "-",
-                f"{dt / base['step_s']:.2f}x",
-                f"{r['peak'] / 2 ** 30:.1f}" if r.get("peak") else "-",
-                "-" if r.get("loss") is None else f"{r['loss']:.3f}"]
+      cells += _against(r, base) + [_peak(r), _loss(r)]
     else:
       cells += ["-"] * 6
     lines.append("| " + " | ".join(cells + [r.get("note", "").replace("|", "/")]) + " |")
@@ -793,12 +801,11 @@ def main(argv=None):
   emit = ((lambda r: print(json.dumps(r), flush=True)) if args.json else
           (lambda r: print(json.dumps(r), file=sys.stderr, flush=True)))
   if args.xla_flags:
-    for spec in args.xla_flags:   # fail on a bad set before any work
-      try:
-        xla_flags.parse(spec)
-      except ValueError as e:
-        parser().error(str(e))
-    rows = run_xla_flags(args, argv, args.cases[0], emit)
+    try:   # a bad set fails before any work
+      sets = [xla_flags.parse(spec) for spec in args.xla_flags]
+    except ValueError as e:
+      parser().error(str(e))
+    rows = run_xla_flags(args, argv, args.cases[0], sets, emit)
     if not args.json:
       print(xla_flags_table(args, rows, argv))
     return
@@ -812,7 +819,7 @@ def main(argv=None):
       rows = run_ablations(args, args.cases[0], emit)
     except Exception as e:  # noqa: BLE001 - e.g. no GPU: one note instead of a traceback
       rows = [{"case": args.cases[0], "side": "ours", "variant": "all",
-               "note": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"}]
+               "note": _error(e)}]
       emit(rows[0])
     if not args.json:
       print(ablation_table(args, rows, argv))
