@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError
 
 TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "plain")
 IMAGE = "<image>"
@@ -58,14 +58,14 @@ class _Spec:
     if template == "llama3":
       missing = [t for t in (LLAMA3_BOS, LLAMA3_SH, LLAMA3_EH, LLAMA3_EOT) if t not in vocab]
       if missing:
-        raise ValueError(f"template llama3 needs tokenizer tokens {missing}")
+        raise UserError(f"template llama3 needs tokenizer tokens {missing}")
       self.bos_id, self.end = vocab[LLAMA3_BOS], LLAMA3_EOT
       self.stops = [vocab[t] for t in (LLAMA3_EOT, LLAMA3_EOS) if t in vocab]
     else:
       self.bos_id = tokenizer.bos_token_id
       self.end = "\n" if template == "plain" else tokenizer.eos_token
       if self.end is None:
-        raise ValueError(f"template {template} needs a tokenizer with an eos_token")
+        raise UserError(f"template {template} needs a tokenizer with an eos_token")
       self.stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     specials = set(tokenizer.all_special_tokens) | {
         t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -80,7 +80,7 @@ _SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _spec(tokenizer, template: str) -> _Spec:
   if template not in TEMPLATES:
-    raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    raise UserError(f"unknown template {template!r}; choose from {TEMPLATES}")
   per_tok = _SPECS.setdefault(tokenizer, {})
   if template not in per_tok:
     per_tok[template] = _Spec(tokenizer, template)

@@ -122,9 +122,7 @@ def _relocate(e: BadSample, sample_id, data_file: str) -> BadSample:
   sid = e.sample_id if e.sample_id is not None else sample_id
   if e.path == data_file and e.sample_id is not None:
     return e
-  where = ", ".join(x for x in (f"sample {e.sample_id!r}" if e.sample_id is not None else "",
-                                f"file {e.path}" if e.path else "") if x)
-  msg = str(e).removeprefix(f"[{e.reason}] ").removesuffix(f" ({where})" if where else "")
+  msg = e.message
   if e.path and e.path != data_file:
     msg += f"; image {e.path}"
   out = BadSample(e.reason, msg, sample_id=sid, path=data_file)
