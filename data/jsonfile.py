@@ -39,8 +39,9 @@ def load_json(path) -> Any:
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-  """(line number, object) for each non-blank line of a JSON-lines file."""
-  for n, line in enumerate(_text(path).splitlines(), 1):
+  """(line number, object) for each non-blank line of a JSON-lines file (lines end at "\\n"
+  only: str.splitlines would also break inside strings holding U+2028 and the like)."""
+  for n, line in enumerate(_text(path).split("\n"), 1):
     if line.strip():
       yield n, _object(loads(line, path, n), path, f"line {n}")
 
@@ -56,7 +57,7 @@ def read_records(path) -> list:
     try:
       return [_object(json.loads(text), path, "the document")]
     except json.JSONDecodeError as e:
-      first = next(ln for ln in text.splitlines() if ln.strip())
+      first = next(ln for ln in text.split("\n") if ln.strip())
       try:
         json.loads(first)   # a first line that parses alone: JSON lines, read below
       except json.JSONDecodeError:

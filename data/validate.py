@@ -116,11 +116,12 @@ def scan(cfg, name: str, *, threads: int = 2, limit: Optional[int] = None,
 
 def histogram(lengths: list, max_len: int) -> list:
   """Lines of a text histogram: BINS equal bins up to max_len, then one bin beyond it."""
+  ls = sorted(lengths)
+  below = lambda x: bisect.bisect_right(ls, x)   # how many are <= x
   width = max(1, -(-max_len // BINS))
   edges = [(k * width + 1, min((k + 1) * width, max_len)) for k in range(-(-max_len // width))]
-  counts = [sum(lo <= x <= hi for x in lengths) for lo, hi in edges]
-  rows = [(f"{lo}-{hi}", c) for (lo, hi), c in zip(edges, counts)]
-  beyond = sum(x > max_len for x in lengths)
+  rows = [(f"{lo}-{hi}", below(hi) - below(lo - 1)) for lo, hi in edges]
+  beyond = len(ls) - below(max_len)
   if beyond:
     rows.append((f"> {max_len}", beyond))
   top = max(c for _, c in rows) or 1
