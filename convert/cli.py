@@ -14,6 +14,7 @@ import numpy as np
 
 from convert import hf, tensors, tokenizer
 from convert.hf import ConversionError
+from data.errors import cli_errors
 
 EPILOG = """examples:
   python -m convert import --from hf ~/llava-1.5-7b-hf --out ckpt/llava15 --dtype bfloat16
@@ -253,8 +254,5 @@ def cmd_merge(a):
 
 def main(argv=None):
   args = parser().parse_args(argv)
-  try:
+  with cli_errors():
     {"import": cmd_import, "export": cmd_export, "merge-lora": cmd_merge}[args.cmd](args)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)

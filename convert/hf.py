@@ -14,11 +14,13 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from data.errors import UserError
+from data.jsonfile import load_json
 from vlm.config import (ConnectorConfig, LlamaConfig, TilerConfig, VisionConfig,
                         VLMConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """One-line conversion failure naming the key, file and shapes involved."""
 
 
@@ -379,12 +381,10 @@ def hf_name(cfg: VLMConfig) -> Callable[[str, str], str]:
 def weight_files(path) -> list:
   """safetensors files of a HF dir (sharded with an index, or single). `.bin` pickles are refused
   here: the `python -m convert` CLI reads them through torch.load(weights_only=True)."""
-  import json
   import os
   idx = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(idx):
-    with open(idx) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = sorted(set(load_json(idx)["weight_map"].values()))
     return [os.path.join(path, x) for x in files]
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
@@ -401,20 +401,17 @@ def lazy_tensors(files: list) -> dict:
 
 def dir_config(path) -> VLMConfig:
   """VLMConfig of a HF dir: config.json, plus image mean/std from preprocessor_config.json."""
-  import json
   import os
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
     raise ConversionError(f"no config.json in {path}")
-  with open(cfg_file) as f:
-    d = json.load(f)
+  d = load_json(cfg_file)
   if "mm_vision_tower" in d or "mm_projector_type" in d:
     raise ConversionError(f"{cfg_file} is a LLaVA code-base config (mm_* keys): use --from llava")
   mean = std = None
   pp = os.path.join(path, "preprocessor_config.json")
   if os.path.exists(pp):
-    with open(pp) as f:
-      p = json.load(f)
+    p = load_json(pp)
     mean, std = p.get("image_mean"), p.get("image_std")
   return vlm_config(d, image_mean=mean, image_std=std)
 

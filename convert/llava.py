@@ -26,6 +26,7 @@ import re
 from typing import Optional
 
 from convert import hf, peft, tensors, tokenizer, tower
+from data.jsonfile import load_json
 from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, LoraConfig, TilerConfig,
                         VisionConfig, VLMConfig, ConnectorConfig)
 
@@ -160,8 +161,7 @@ def _read_config(path) -> Optional[dict]:
   f = os.path.join(path, "config.json")
   if not os.path.exists(f):
     return None
-  with open(f) as fh:
-    d = json.load(fh)
+  d = load_json(f)
   return d if is_llava_config(d) else None
 
 
@@ -222,8 +222,7 @@ def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype
   if any(k[1].endswith((".lora_A.weight", ".lora_B.weight")) for k in merged):
     if not os.path.exists(adapter_cfg):
       raise hf.ConversionError(f"LoRA weights in {src_dir} but no {peft.ADAPTER_CONFIG}")
-    with open(adapter_cfg) as f:
-      lora = peft.lora_config(json.load(f), merged, source=adapter_cfg)
+    lora = peft.lora_config(load_json(adapter_cfg), merged, source=adapter_cfg)
   cfg = to_vlm(d, vcfg, lora, source=os.path.join(src_dir, "config.json"))
   if cfg.llm.tie_embeddings:
     merged.pop(("llm", "lm_head.weight"), None)

@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.hf import ConversionError
+from data.jsonfile import load_json
 
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -137,8 +138,8 @@ def find_weights(path, stems: Iterable[str] = ("model", "pytorch_model")) -> lis
     for ext in (".safetensors", ".bin"):
       idx = os.path.join(path, f"{stem}{ext}.index.json")
       if os.path.exists(idx):
-        with open(idx) as f:
-          return [os.path.join(path, x) for x in sorted(set(json.load(f)["weight_map"].values()))]
+        return [os.path.join(path, x)
+                for x in sorted(set(load_json(idx)["weight_map"].values()))]
       single = os.path.join(path, stem + ext)
       if os.path.exists(single):
         return [single]

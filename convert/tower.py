@@ -3,10 +3,10 @@ or a tower checkpoint of this project (`python -m convert import --from open_cli
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from convert import hf, open_clip, tensors
+from data.jsonfile import load_json
 
 OPEN_CLIP_STEMS = ("open_clip_model", "open_clip_pytorch_model")
 _NOT_VISION = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
@@ -20,8 +20,8 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   """-> (VisionConfig, {("vision", canonical HF name): loader})."""
   from vlm import checkpoint
   if is_open_clip(path):
-    with open(os.path.join(path, "open_clip_config.json")) as f:
-      vcfg = open_clip.vision_config(json.load(f), select_layer)
+    vcfg = open_clip.vision_config(load_json(os.path.join(path, "open_clip_config.json")),
+                                   select_layer)
     files = tensors.find_weights(path, OPEN_CLIP_STEMS)
     if not files:
       raise hf.ConversionError(f"no open_clip_model.safetensors or open_clip_pytorch_model.bin "
@@ -40,8 +40,7 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   if not os.path.exists(cfg_file):
     raise hf.ConversionError(f"{path}: not a vision tower (no open_clip_config.json, config.json "
                              "or medvlm-jax checkpoint)")
-  with open(cfg_file) as f:
-    d = json.load(f)
+  d = load_json(cfg_file)
   mt = d.get("model_type")
   if mt == "clip":
     d = d["vision_config"]
@@ -51,8 +50,7 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   vcfg = hf.vision_config(d, select_layer, keep_cls)
   pp = os.path.join(path, "preprocessor_config.json")
   if os.path.exists(pp):
-    with open(pp) as f:
-      p = json.load(f)
+    p = load_json(pp)
     if "image_mean" in p:
       vcfg = dataclasses.replace(vcfg, mean=tuple(p["image_mean"]), std=tuple(p["image_std"]))
   files = tensors.find_weights(path)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError
 
 TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "plain")
 IMAGE = "<image>"
@@ -58,14 +58,14 @@ class _Spec:
     if template == "llama3":
       missing = [t for t in (LLAMA3_BOS, LLAMA3_SH, LLAMA3_EH, LLAMA3_EOT) if t not in vocab]
       if missing:
-        raise ValueError(f"template llama3 needs tokenizer tokens {missing}")
+        raise UserError(f"template llama3 needs tokenizer tokens {missing}")
       self.bos_id, self.end = vocab[LLAMA3_BOS], LLAMA3_EOT
       self.stops = [vocab[t] for t in (LLAMA3_EOT, LLAMA3_EOS) if t in vocab]
     else:
       self.bos_id = tokenizer.bos_token_id
       self.end = "\n" if template == "plain" else tokenizer.eos_token
       if self.end is None:
-        raise ValueError(f"template {template} needs a tokenizer with an eos_token")
+        raise UserError(f"template {template} needs a tokenizer with an eos_token")
       self.stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     specials = set(tokenizer.all_special_tokens) | {
         t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -80,7 +80,7 @@ _SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _spec(tokenizer, template: str) -> _Spec:
   if template not in TEMPLATES:
-    raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    raise UserError(f"unknown template {template!r}; choose from {TEMPLATES}")
   per_tok = _SPECS.setdefault(tokenizer, {})
   if template not in per_tok:
     per_tok[template] = _Spec(tokenizer, template)
@@ -280,14 +280,27 @@ def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
   _check_system(system, spec, sid)
   items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, sid)
   ids, labels, image_end = _assemble(items, spec, image_tokens, image_token_id, sid)
-  if max_len is not None and len(ids) > max_len:
-    if image_end > max_len:
-      raise _bad("too_long", f"{len(ids)} tokens; an image ends at {image_end} > max_len {max_len}",
-                 sid)
-    ids, labels = ids[:max_len], labels[:max_len]
-    if all(x == IGNORE for x in labels):
-      raise _bad("too_long", f"no trained token left within max_len {max_len}", sid)
-  return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)}
+  return _cut({"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)},
+              max_len, image_end, sid)
+
+
+def truncate(enc: dict, max_len: Optional[int], image_token_id: int, sample_id=None) -> dict:
+  """`encode`'s cut to max_len applied to an uncut encoding (`encode(..., max_len=None)`), so a
+  caller can see the length before the cut (data.validate) and still get what training gets."""
+  img = np.flatnonzero(enc["input_ids"] == image_token_id)
+  return _cut(enc, max_len, int(img[-1]) + 1 if len(img) else 0, sample_id)
+
+
+def _cut(enc: dict, max_len: Optional[int], image_end: int, sid) -> dict:
+  ids, labels = enc["input_ids"], enc["labels"]
+  if max_len is None or len(ids) <= max_len:
+    return enc
+  if image_end > max_len:
+    raise _bad("too_long", f"{len(ids)} tokens; an image ends at {image_end} > max_len {max_len}",
+               sid)
+  if (labels[:max_len] == IGNORE).all():
+    raise _bad("too_long", f"no trained token left within max_len {max_len}", sid)
+  return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
 def _check_system(system, spec, sid):

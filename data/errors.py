@@ -13,9 +13,9 @@ class BadSample(ValueError):
   (e.g. 'missing_image', 'corrupt_image', 'template_mismatch', 'too_long', 'path_escape')."""
 
   def __init__(self, reason: str, message: str, *, sample_id=None, path: Optional[str] = None):
-    self.reason, self.sample_id, self.path = reason, sample_id, path
-    where = ", ".join(x for x in (f"sample {sample_id!r}" if sample_id is not None else "",
-                                  f"file {path}" if path else "") if x)
+    self.reason, self.message, self.sample_id, self.path = reason, message, sample_id, path
+    where = ", ".join(x for x in (str(path) if path else "",
+                                  f"sample {sample_id!r}" if sample_id is not None else "") if x)
     super().__init__(f"[{reason}] {message}" + (f" ({where})" if where else ""))
 
 

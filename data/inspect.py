@@ -1,44 +1,50 @@
 """Show how one sample is tokenized for training: which tokens are trained and how many.
 
   python -m data.inspect --tokenizer DIR --template llama3 --sample FILE [--image-tokens 729]
+  python -m data.inspect ... --id pmc-123        # the sample with this id (or --index N)
   python -m data.inspect ... --json   # exactly {"input_ids": [...], "labels": [...]}
 
-FILE is a LLaVA / LLaVA-Med JSON list (or one object, or JSON lines); the first sample is shown.
-Trained spans are highlighted; each image's placeholder run is shown as one <image>xN marker.
-The placeholder id is the tokenizer's `<image>` token.
+FILE is a LLaVA / LLaVA-Med JSON list (or one object, or JSON lines); the first sample is shown
+unless --id or --index picks another. Trained spans are highlighted; each image's placeholder run
+is shown as one <image>xN marker. The placeholder id is the tokenizer's `<image>` token. Lines
+are never wrapped by the tool (a terminal or pager wraps them), so piped output keeps the text.
+To check a whole data set as training reads it, use `python -m data.validate`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Optional
 
 import numpy as np
 
 from data import conversation
-from data.errors import BadSample
+from data.errors import UserError, cli_errors
+from data.jsonfile import read_records
 
 
-def first_sample(path: str) -> dict:
-  """First sample of a JSON list / object / JSON-lines file."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError:
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    data = json.loads(line)  # JSON lines; a bad first line raises with its position
-  if isinstance(data, list):
-    if not data:
-      raise ValueError(f"{path}: empty sample list")
-    data = data[0]
-  return data
+def pick(path: str, sample_id: Optional[str] = None, index: Optional[int] = None) -> dict:
+  """The sample of a JSON list / object / JSON-lines file with this id (compared as text), or at
+  this index (negative counts from the end); default the first."""
+  rows = read_records(path)
+  if not rows:
+    raise UserError(f"no samples in {path}")
+  if sample_id is not None:
+    found = [r for r in rows if str(r.get("id")) == sample_id]
+    if not found:
+      raise UserError(f"no sample with id {sample_id!r} in {path} ({len(rows)} samples)")
+    return found[0]
+  index = 0 if index is None else index
+  if not -len(rows) <= index < len(rows):
+    raise UserError(f"--index {index} is out of range: {path} holds {len(rows)} samples")
+  return rows[index]
 
 
 def image_token_id(tokenizer) -> int:
   vocab = tokenizer.get_vocab()
   if conversation.IMAGE not in vocab:
-    raise ValueError(f"tokenizer has no {conversation.IMAGE} token; add it as a special token")
+    raise UserError(f"tokenizer has no {conversation.IMAGE} token; add it as a special token")
   return vocab[conversation.IMAGE]
 
 
@@ -60,7 +66,7 @@ def render(tokenizer, ids, labels, image_id, console) -> None:
     else:
       out.append(tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False),
                  style="black on green" if kind == "trained" else "dim")
-  console.print(out)
+  console.print(out, soft_wrap=True)   # piped output keeps whole lines (no hard wraps)
   n_img = int((ids == image_id).sum())
   n_train = int((labels != conversation.IGNORE).sum())
   console.print(f"\ntokens: {len(ids)}  trained: {n_train}  "
@@ -73,7 +79,11 @@ def main(argv=None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tokenizer", required=True, help="HF tokenizer dir (local)")
   ap.add_argument("--template", required=True, choices=conversation.TEMPLATES)
-  ap.add_argument("--sample", required=True, help="JSON / JSONL file; the first sample is used")
+  ap.add_argument("--sample", required=True,
+                  help="JSON / JSONL file; the first sample is used unless --id / --index")
+  which = ap.add_mutually_exclusive_group()
+  which.add_argument("--id", help="show the sample with this id")
+  which.add_argument("--index", type=int, help="show the sample at this index (0 = first)")
   ap.add_argument("--image-tokens", type=int, default=729,
                   help="placeholders per image (729 S2-378, 576 LLaVA-1.5); default 729")
   ap.add_argument("--system", default=None, help="system prompt ('' for none; default: template's)")
@@ -82,16 +92,17 @@ def main(argv=None) -> int:
                   help='print {"input_ids": [...], "labels": [...]}')
   args = ap.parse_args(argv)
 
+  with cli_errors():
+    return show(args)
+
+
+def show(args) -> int:
   from transformers import AutoTokenizer
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    image_id = image_token_id(tokenizer)
-    sample = first_sample(args.sample)
-    out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
-                              image_token_id=image_id, system=args.system, max_len=args.max_len)
-  except (BadSample, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  sample = pick(args.sample, args.id, args.index)
+  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+  image_id = image_token_id(tokenizer)
+  out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
+                            image_token_id=image_id, system=args.system, max_len=args.max_len)
   if args.json:
     print(json.dumps({"input_ids": out["input_ids"].tolist(), "labels": out["labels"].tolist()}))
     return 0

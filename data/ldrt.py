@@ -17,7 +17,6 @@ answer, caption, context, category: what `evaluation.judge --rule ldrt` reads) a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import re
@@ -30,7 +29,8 @@ import numpy as np
 
 from data import llm_client as lc
 from data import synth
-from data.errors import BadSample
+from data.errors import BadSample, cli_errors
+from data.jsonfile import load_json
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +203,15 @@ def scan(figures_dir: Path, markdown_dir: Optional[Path], image_root: Path, *, m
   for jpath in sorted(figures_dir.glob("*.json")):
     article = jpath.stem
     try:
-      figs = json.loads(jpath.read_text(encoding="utf-8"))
+      figs = load_json(jpath)
       figs = figs.get("figures", []) if isinstance(figs, dict) else figs
       if not isinstance(figs, list):
-        raise BadSample("bad_json", "expected a list of figures", path=str(jpath))
-    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample("malformed_json", "expected a list of figures", path=str(jpath))
+    except BadSample as e:
       if not lenient:
-        raise BadSample("bad_json", f"not valid JSON ({e})", path=str(jpath)) from None
+        raise
       counts["skipped bad figure files"] = counts.get("skipped bad figure files", 0) + 1
-      log.warning("skipped %s: not valid JSON (%s)", jpath, e)
+      log.warning("skipped: %s", e)
       continue
     counts["articles"] += 1
     md_path = _find_markdown(markdown_dir, article)
@@ -374,14 +374,17 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   endpoints = synth.parse_endpoints(p, args.endpoint)
+  with cli_errors():
+    return run(args, endpoints)
+
+
+def run(args, endpoints) -> int:
+  """The command line's work: filter, then generate when endpoints are given; the exit status."""
   con = lc.console()
-  try:
-    kept, dropped, counts = scan(args.figures_dir, args.markdown_dir, args.image_root or args.figures_dir,
-                                 min_size=args.min_size, blur_threshold=args.blur_threshold,
-                                 types=tuple(args.types.split(",")), max_mentions=args.max_mentions,
-                                 workers=args.workers, lenient=args.lenient)
-  except (BadSample, OSError) as e:
-    p.exit(2, f"error: {e}\n")
+  kept, dropped, counts = scan(args.figures_dir, args.markdown_dir, args.image_root or args.figures_dir,
+                               min_size=args.min_size, blur_threshold=args.blur_threshold,
+                               types=tuple(args.types.split(",")), max_mentions=args.max_mentions,
+                               workers=args.workers, lenient=args.lenient)
   lc.write_json_atomic(args.out_dir / "figures.jsonl", kept, jsonl=True)
   lc.write_json_atomic(args.out_dir / "dropped.jsonl", dropped, jsonl=True)
   con.print(lc.counts_table("figures", counts))
@@ -392,11 +395,11 @@ def main(argv=None) -> int:
   prompts = {"detail": synth.Prompt.load(args.detail_prompt), "complex": synth.Prompt.load(args.complex_prompt)}
   matcher = TemplateMatcher(load_templates(args.templates))
   with lc.JsonlStore(args.out_dir / "generated.progress.jsonl") as store:
-    run = generate(kept, client, prompts, store, concurrency=args.concurrency, limit=args.limit)
+    asked = generate(kept, client, prompts, store, concurrency=args.concurrency, limit=args.limit)
     totals = finalize(kept, store, args.out_dir, matcher, eval_frac=args.eval_frac, seed=args.seed)
-  con.print(lc.counts_table("this run", run))
+  con.print(lc.counts_table("this run", asked))
   con.print(lc.counts_table(f"{args.out_dir} (all runs)", totals))
-  return lc.finish(con, client, run)
+  return lc.finish(con, client, asked)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import urllib.request
 from concurrent import futures
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,16 @@ class Endpoint:
     name, sep, rest = spec.partition("=")
     parts = [p.strip() for p in rest.split(",")] if sep else []
     if not name.strip() or not 2 <= len(parts) <= 4 or not all(parts):
-      raise ValueError(f"bad endpoint {spec!r}: expected NAME=URL,MODEL[,WEIGHT[,KEY_ENV]]")
+      raise UserError(f"bad endpoint {spec!r}: expected NAME=URL,MODEL[,WEIGHT[,KEY_ENV]]")
     url = urllib.parse.urlparse(parts[0])
     if url.scheme not in ("http", "https") or not url.netloc:
-      raise ValueError(f"bad endpoint {name!r}: URL must be http(s)://host[:port]/path, got {parts[0]!r}")
+      raise UserError(f"bad endpoint {name!r}: URL must be http(s)://host[:port]/path, got {parts[0]!r}")
     try:
       weight = float(parts[2]) if len(parts) > 2 else 1.0
     except ValueError:
-      raise ValueError(f"bad endpoint {name!r}: weight {parts[2]!r} is not a number") from None
+      raise UserError(f"bad endpoint {name!r}: weight {parts[2]!r} is not a number") from None
     if not weight > 0:
-      raise ValueError(f"bad endpoint {name!r}: weight must be > 0")
+      raise UserError(f"bad endpoint {name!r}: weight must be > 0")
     return cls(name.strip(), parts[0].rstrip("/"), parts[1], weight,
                parts[3] if len(parts) > 3 else default_key_env)
 
@@ -124,10 +124,10 @@ class ChatClient:
                params: Optional[dict] = None, sleep: Callable[[float], None] = time.sleep):
     self.endpoints = list(endpoints)
     if not self.endpoints:
-      raise ValueError("no endpoint given")
+      raise UserError("no endpoint given")
     names = [e.name for e in self.endpoints]
     if len(set(names)) != len(names):
-      raise ValueError(f"endpoint names must be unique: {names}")
+      raise UserError(f"endpoint names must be unique: {names}")
     self.timeout, self.max_retries, self.seed = timeout, max_retries, seed
     self.backoff, self.max_backoff, self.params, self._sleep = backoff, max_backoff, dict(params or {}), sleep
     self._lock = threading.Lock()
@@ -329,21 +329,6 @@ def find_named_file(name_or_path: str, directory: Path, names: dict, what: str) 
   if not path.exists():
     raise FileNotFoundError(f"{what} {name_or_path!r} not found (names: {', '.join(names)}, or a JSON path)")
   return path
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-  """Yield (line number, object) for each non-blank line; a malformed line is a BadSample naming it."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise BadSample("bad_json", f"line {n} is not JSON ({e})", path=str(path)) from None
-      if not isinstance(obj, dict):
-        raise BadSample("bad_json", f"line {n} is not a JSON object", path=str(path))
-      yield n, obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, jsonl: bool = False) -> None:

@@ -122,9 +122,7 @@ def _relocate(e: BadSample, sample_id, data_file: str) -> BadSample:
   sid = e.sample_id if e.sample_id is not None else sample_id
   if e.path == data_file and e.sample_id is not None:
     return e
-  where = ", ".join(x for x in (f"sample {e.sample_id!r}" if e.sample_id is not None else "",
-                                f"file {e.path}" if e.path else "") if x)
-  msg = str(e).removeprefix(f"[{e.reason}] ").removesuffix(f" ({where})" if where else "")
+  msg = e.message
   if e.path and e.path != data_file:
     msg += f"; image {e.path}"
   out = BadSample(e.reason, msg, sample_id=sid, path=data_file)
@@ -186,6 +184,12 @@ class SampleProcessor:
       return load_image(ref, root=root, sample_id=sid)
     raise BadSample("malformed", f"image must be a path, got {type(ref).__name__}", sample_id=sid)
 
+  def _encode(self, sample, tokens, max_len) -> dict:
+    """Template + loss mask (data.validate calls it without the cut to see the full length)."""
+    cfg = self.cfg
+    return encode(sample, self.tokenizer, cfg.template, image_tokens=tokens,
+                  image_token_id=cfg.image_token_id, system=cfg.system, max_len=max_len)
+
   def _process(self, rec, sid, src) -> dict:
     cfg = self.cfg
     refs = self._image_refs(rec, sid)
@@ -199,8 +203,7 @@ class SampleProcessor:
                                     cfg.patch_size) for im in images]
     else:
       tokens = cfg.image_tokens
-    enc = encode(sample, self.tokenizer, cfg.template, image_tokens=tokens,
-                 image_token_id=cfg.image_token_id, system=cfg.system, max_len=cfg.max_len)
+    enc = self._encode(sample, tokens, cfg.max_len)
     out = {"input_ids": enc["input_ids"].astype(np.int32),
            "labels": enc["labels"].astype(np.int32)}
     if cfg.images_per_row() == 0:

@@ -113,9 +113,17 @@ class JsonSource:
     self._spans = json_index(self.path, cache_dir)
     self._fd = None
     self._pid = None
+    self._newlines = None
 
   def __len__(self) -> int:
     return len(self._spans)
+
+  def _line(self, byte: int) -> int:
+    """The file's line (1-based) holding `byte`; the newlines are found on the first bad record."""
+    if self._newlines is None:
+      with open(self.path, "rb") as f:
+        self._newlines = np.flatnonzero(np.frombuffer(f.read(), np.uint8) == 10)
+    return int(np.searchsorted(self._newlines, byte)) + 1
 
   def __getitem__(self, i: int) -> Any:
     if self._pid != os.getpid():   # file descriptors do not survive fork/spawn
@@ -127,11 +135,12 @@ class JsonSource:
     try:
       return json.loads(raw)
     except json.JSONDecodeError as e:
-      raise BadSample("malformed", f"record {i} is not valid JSON: {e}",
+      raise BadSample("malformed", f"record {i} is not valid JSON: {e.msg} at line "
+                      f"{self._line(start) + e.lineno - 1} column {e.colno}",
                       sample_id=f"#{i}", path=self.path) from e
 
   def __getstate__(self):
-    return {**self.__dict__, "_fd": None, "_pid": None}
+    return {**self.__dict__, "_fd": None, "_pid": None, "_newlines": None}
 
   def __repr__(self):
     return f"JsonSource({self.path!r}, n={len(self)})"

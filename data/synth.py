@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import re
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 from data import llm_client as lc
-from data.errors import BadSample
+from data.errors import BadSample, cli_errors
+from data.jsonfile import iter_jsonl, load_json
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ class Prompt:
   def load(cls, name_or_path: str) -> "Prompt":
     """A name from PROMPTS / a file in data/prompts, or a path to a prompt JSON file."""
     path = lc.find_named_file(name_or_path, PROMPTS_DIR, PROMPTS, "prompt")
-    spec = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    spec = {k: v for k, v in load_json(path).items() if not k.startswith("_")}
     shots = spec.pop("few_shot", None)
     prompt = cls(**spec)
     if shots:
-      prompt.few_shot = [row for _, row in lc.read_jsonl(path.parent / shots)]
+      prompt.few_shot = [row for _, row in iter_jsonl(path.parent / shots)]
     return prompt
 
   def context(self, caption: str, mentions: list[str]) -> str:
@@ -134,7 +134,7 @@ def row_rng(seed: int, what: str, sample_id: str) -> random.Random:
 def read_figures(path: str, *, lenient: bool = False) -> tuple[list[dict], dict]:
   """Figure rows with a unique `pair_id`, a non-empty `caption`, an `image` and a list of `mentions`."""
   rows, skipped, seen = [], {}, set()
-  for n, row in lc.read_jsonl(path):
+  for n, row in iter_jsonl(path):
     try:
       pid = row.get("pair_id")
       if not isinstance(pid, str) or not pid:
@@ -250,20 +250,18 @@ def main(argv=None) -> int:
     p.error("give at least one --endpoint")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   endpoints = parse_endpoints(p, args.endpoint)
-  try:
+  with cli_errors():
     figures, skipped = read_figures(args.figures, lenient=args.lenient)
-  except (BadSample, OSError) as e:
-    p.exit(2, f"error: {e}\n")
-  prompt = Prompt.load(args.prompt)
-  client = lc.client_from_args(args, endpoints, seed=args.seed)
-  with lc.JsonlStore(progress_path(args.out)) as store:
-    run = synthesize(figures, client, prompt, store, seed=args.seed, concurrency=args.concurrency,
-                     limit=args.limit, min_turns=args.min_turns)
-    totals = finalize(figures, store, args.out)
-  con = lc.console()
-  con.print(lc.counts_table("this run", {**run, **{f"skipped input: {k}": v for k, v in skipped.items()}}))
-  con.print(lc.counts_table(f"{args.out} (all runs)", totals))
-  return lc.finish(con, client, run)
+    prompt = Prompt.load(args.prompt)
+    client = lc.client_from_args(args, endpoints, seed=args.seed)
+    with lc.JsonlStore(progress_path(args.out)) as store:
+      run = synthesize(figures, client, prompt, store, seed=args.seed, concurrency=args.concurrency,
+                       limit=args.limit, min_turns=args.min_turns)
+      totals = finalize(figures, store, args.out)
+    con = lc.console()
+    con.print(lc.counts_table("this run", {**run, **{f"skipped input: {k}": v for k, v in skipped.items()}}))
+    con.print(lc.counts_table(f"{args.out} (all runs)", totals))
+    return lc.finish(con, client, run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,7 +34,8 @@ from typing import Optional
 import numpy as np
 
 from data import llm_client as lc
-from data.errors import BadSample
+from data.errors import BadSample, UserError, cli_errors
+from data.jsonfile import load_json, read_records
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ class Rule:
   @classmethod
   def load(cls, name_or_path: str) -> "Rule":
     path = lc.find_named_file(name_or_path, RULES_DIR, RULES, "rule")
-    spec = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    spec = {k: v for k, v in load_json(path).items() if not k.startswith("_")}
     rule = cls(**spec)
     if rule.kind not in ("pairwise", "single"):
-      raise ValueError(f"{path}: kind must be 'pairwise' or 'single', got {rule.kind!r}")
+      raise UserError(f"{path}: kind must be 'pairwise' or 'single', got {rule.kind!r}")
     return rule
 
   def messages(self, q: dict, answer: str) -> list[dict]:
@@ -94,8 +94,7 @@ class Rule:
 
 
 def _load_rows(path: str) -> list[tuple[int, dict]]:
-  """(record number, row) for a JSON list or JSONL file (one reader with evaluation.vqa)."""
-  from evaluation.vqa import read_records
+  """(record number, row) for a JSON list or JSONL file."""
   return list(enumerate(read_records(path), 1))
 
 
@@ -231,34 +230,37 @@ def main(argv=None) -> int:
   if not args.base_url or not args.model:
     p.error("give --base-url and --model (or set OPENAI_BASE_URL and JUDGE_MODEL)")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  try:
-    endpoint = lc.Endpoint.parse(f"judge={args.base_url},{args.model}", default_key_env=args.api_key_env)
-    rule = Rule.load(args.rule)
-    questions = load_questions(args.questions)
-    answers = load_answers(args.answers)
-    if args.reference_answers:
-      refs = load_answers(args.reference_answers)
-      questions = [{**q, "reference": refs.get(q["question_id"], q["reference"])} for q in questions]
-  except (ValueError, OSError) as e:  # BadSample is a ValueError
-    p.exit(2, f"error: {e}\n")
+  with cli_errors():
+    return run(args)
+
+
+def run(args) -> int:
+  """The command line's work: read, check, judge, summarize; the exit status."""
+  endpoint = lc.Endpoint.parse(f"judge={args.base_url},{args.model}", default_key_env=args.api_key_env)
+  rule = Rule.load(args.rule)
+  questions = load_questions(args.questions)
+  answers = load_answers(args.answers)
+  if args.reference_answers:
+    refs = load_answers(args.reference_answers)
+    questions = [{**q, "reference": refs.get(q["question_id"], q["reference"])} for q in questions]
   missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
   if missing and not args.lenient:
-    p.exit(2, f"error: {len(missing)} question(s) have no answer in {args.answers}: {missing[:10]}"
-              f"{' ...' if len(missing) > 10 else ''} (--lenient skips them)\n")
+    raise UserError(f"{len(missing)} question(s) have no answer in {args.answers}: {missing[:10]}"
+                    f"{' ...' if len(missing) > 10 else ''} (--lenient skips them)")
   questions = [q for q in questions if q["question_id"] in answers]
   client = lc.client_from_args(args, [endpoint])
   with lc.JsonlStore(args.out, key="question_id") as store:
-    run = judge(questions, answers, rule, client, store, rule_name=args.rule, concurrency=args.concurrency,
-                limit=args.limit, retry_failed=args.retry_failed)
+    counts = judge(questions, answers, rule, client, store, rule_name=args.rule, concurrency=args.concurrency,
+                   limit=args.limit, retry_failed=args.retry_failed)
     reviews = list(store.load().values())
   summary = summarize(reviews, rule.kind)
   summary_path = args.summary or args.out.with_name(args.out.stem + ".summary.json")
   lc.write_json_atomic(summary_path, {"rule": args.rule, "judge": args.model, "groups": summary})
   con = lc.console()
-  con.print(lc.counts_table("this run", {**run, "skipped: no answer": len(missing)}))
+  con.print(lc.counts_table("this run", {**counts, "skipped: no answer": len(missing)}))
   con.print(summary_table(summary, rule.kind))
   con.print(f"summary written to {summary_path}")
-  return lc.finish(con, client, run)
+  return lc.finish(con, client, counts)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import statistics
-import sys
 from typing import Optional
 
-from data.errors import BadSample
+from data.errors import BadSample, cli_errors
+from data.jsonfile import read_records
 from evaluation.text_metrics import HEDGES, ROUGE_TYPES, TextMetrics
-from evaluation.vqa import (check_same_ids, index_by_id, md_header, md_row, read_answers,
-                            read_records)
+from evaluation.vqa import check_same_ids, index_by_id, md_header, md_row, read_answers
 
 log = logging.getLogger(__name__)
 GT_FIELDS = ("answer", "gpt4_answer", "reference")
@@ -81,35 +80,52 @@ def summarize(per_answer: list, hedges: tuple) -> dict:
 
 
 def plot(per_model: dict, out_dir: str, hedges: tuple) -> list:
-  """One box plot per metric (models side by side) and a grouped bar chart of hedging counts."""
+  """One box plot per metric (models side by side) and a grouped bar chart of hedging counts.
+  Saved with a tight bounding box, so no title or label is cut off whatever the names' lengths;
+  a chart with nothing to draw says so instead of showing an empty axis."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   names, files = list(per_model), []
+  long_names = max(len(n) for n in names) > 12
+
+  def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=120, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+    files.append(name)
+
   for k, title in BOX_METRICS.items():
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4))
+    fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 1.4 * len(names)), 4))
     ax.boxplot([[r[k] for r in per_model[n]] for n in names], tick_labels=names)
+    if long_names:
+      ax.tick_params(axis="x", labelrotation=20)
     if k == "length_ratio":
       ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_title(title)
-    fig.tight_layout()
-    files.append(f"{k}.png")
-    fig.savefig(os.path.join(out_dir, files[-1]), dpi=120)
-    plt.close(fig)
-  fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(hedges), 4))
-  width = 0.8 / len(names)
-  for i, n in enumerate(names):
-    counts = [sum(r["hedges"][h] for r in per_model[n]) for h in hedges]
-    ax.bar([j + i * width for j in range(len(hedges))], counts, width, label=n)
-  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(hedges))], hedges, rotation=30)
-  ax.set_ylabel("occurrences")
+    save(fig, f"{k}.png")
+  counts = {n: [sum(r["hedges"][h] for r in per_model[n]) for h in hedges] for n in names}
+  fig, ax = plt.subplots(figsize=(max(3.6, 1.5 + 0.9 * len(hedges)), 4))
   ax.set_title("Hedging words")
-  ax.legend()
-  fig.tight_layout()
-  files.append("hedging.png")
-  fig.savefig(os.path.join(out_dir, files[-1]), dpi=120)
-  plt.close(fig)
+  if not any(any(c) for c in counts.values()):
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"no hedging word in any answer\n({len(per_model[names[0]])} answers per "
+            f"model, {len(hedges)} words counted)", ha="center", va="center", wrap=True,
+            transform=ax.transAxes)
+  else:
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+      bars = ax.bar([j + i * width for j in range(len(hedges))], counts[n], width, label=n)
+      ax.bar_label(bars, fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(hedges))], hedges, rotation=30,
+                  ha="right", rotation_mode="anchor")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("occurrences")
+    ax.legend()
+  save(fig, "hedging.png")
   return files
 
 
@@ -184,12 +200,10 @@ def main(argv=None) -> None:
   preds = dict(args.pred)
   if len(preds) != len(args.pred):
     p.error("model names given to --pred must be unique")
-  try:
+  with cli_errors():
     summary = build(args.gt, preds, args.out, gt_field=args.gt_field,
                     hedges=args.hedges.split(","), use_stemmer=not args.no_stemmer,
                     lenient=args.lenient)
-  except (BadSample, ValueError) as e:
-    sys.exit(f"error: {e}")
   print(json.dumps(summary, indent=2))
   print(f"wrote {os.path.join(args.out, 'report.md')}")
 

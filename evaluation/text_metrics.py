@@ -7,6 +7,8 @@ from typing import Sequence
 
 from rouge_score import rouge_scorer
 
+from data.errors import UserError
+
 HEDGES = ("appears", "possibly", "might", "may", "likely", "suggests", "seems", "could")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -17,7 +19,7 @@ class TextMetrics:
   def __init__(self, hedges: Sequence[str] = HEDGES, use_stemmer: bool = True):
     self.hedges = tuple(dict.fromkeys(" ".join(h.lower().split()) for h in hedges if h.strip()))
     if not self.hedges:
-      raise ValueError("the hedging word list is empty")
+      raise UserError("the hedging word list is empty")
     # Whole words or phrases, case-insensitive, longest first: "may" counts in "May be", not in
     # "maybe"; a listed "may be" wins over "may".
     alternatives = (r"\s+".join(map(re.escape, h.split()))

@@ -12,40 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Optional
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError, cli_errors
+from data.jsonfile import load_json, read_records
 from evaluation import vqa_metrics
 
 _DATASET_NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "path_vqa": "VQA-PATH"}
 _SHOWN_IDS = 20
-
-
-def read_records(path: str) -> list:
-  """A JSON list or a JSONL file, as a list of dicts."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
-    raise BadSample("unreadable_file", str(e), path=path) from e
-  if text.lstrip().startswith("["):
-    try:
-      rows = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise BadSample("malformed_json", str(e), path=path) from e
-  else:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise BadSample("malformed_json", f"line {n}: {e}", path=path) from e
-  for n, row in enumerate(rows, 1):
-    if not isinstance(row, dict):
-      raise BadSample("malformed_json", f"record {n} is not an object", path=path)
-  return rows
 
 
 def _field(row: dict, keys: tuple, path: str, n: int):
@@ -157,19 +131,15 @@ def _parse_table_args(items: list) -> list:
   for item in items:
     ds, sep, path = item.partition("=")
     if not sep or not ds or not path:
-      raise BadSample("bad_argument", f"--table expects DATASET=METRICS.json, got {item!r}")
-    try:
-      with open(path, encoding="utf-8") as f:
-        out.append((ds, json.load(f)))
-    except (OSError, json.JSONDecodeError) as e:
-      raise BadSample("unreadable_file", str(e), path=path) from e
+      raise UserError(f"--table expects DATASET=METRICS.json, got {item!r}")
+    out.append((ds, load_json(path)))
   return out
 
 
 def cmd_score(args) -> None:
   if args.table:
     if args.gt or args.pred:
-      raise BadSample("bad_argument", "--table cannot be combined with --gt/--pred")
+      raise UserError("--table cannot be combined with --gt/--pred")
     md = table(_parse_table_args(args.table), args.name)
     print(md)
     if args.out:
@@ -177,7 +147,7 @@ def cmd_score(args) -> None:
         f.write(md + "\n")
     return
   if not (args.gt and args.pred):
-    raise BadSample("bad_argument", "score needs --gt and --pred (or --table)")
+    raise UserError("score needs --gt and --pred (or --table)")
   metrics, rows = score_files(args.gt, args.pred)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
@@ -213,10 +183,8 @@ def main(argv=None) -> None:
   vqa_run.add_parser(sub)
   _add_score_parser(sub)
   args = parser.parse_args(argv)
-  try:
+  with cli_errors():
     args.func(args)
-  except BadSample as e:
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ output JSONL and flushed as soon as its batch is done, one row per question:
   {"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}}
 so a rerun with the same --out skips the ids already answered (a row cut short by a kill is
 dropped and answered again). Defaults follow the papers: greedy, max_new_tokens 1024.
+
+Everything that can be checked is checked before the model loads: the questions file, every
+question's text (an empty one is an error) and image (a file inside --image-root), and --ckpt (a
+checkpoint dir, a HF model dir, or a train.main workdir: vlm.checkpoint.resolve).
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import os
 import sys
 import time
 import uuid
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError
 
 DATASETS = ("vqa_rad", "slake", "path_vqa")
 IMAGE = "<image>"
@@ -28,6 +32,7 @@ class Question(NamedTuple):
   image: Callable  # () -> uint8 [H, W, 3]
   answer: str
   answer_type: str
+  image_ref: Optional[str] = None  # the image path relative to --image-root (test.json)
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ def tfds_questions(name: str, data_dir: str, split: str = "test") -> Iterator[Qu
 
   import data.tfds  # noqa: F401  (registers the builders)
   if name not in DATASETS:
-    raise BadSample("bad_argument", f"--dataset must be one of {DATASETS}, got {name!r}")
+    raise UserError(f"--dataset must be one of {DATASETS}, got {name!r}")
   try:
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing or partial build
@@ -54,7 +59,8 @@ def test_json_questions(path: str, image_root: str) -> Iterator[Question]:
   """LLaVA-Med test.json ([{id, image, conversations|conversatons, answer_type}]), or the flat rows
   `data.ldrt` writes to eval.jsonl ({question_id, image, question, answer}; open-ended)."""
   from data.image import load_image
-  from evaluation.vqa import gt_answer, index_by_id, read_records
+  from data.jsonfile import read_records
+  from evaluation.vqa import gt_answer, index_by_id
   rows = index_by_id(read_records(path), ("id", "question_id"), path)  # duplicate ids: error
   for key, r in rows.items():
     if "conversations" not in r and "conversatons" not in r and isinstance(r.get("question"), str):
@@ -70,7 +76,25 @@ def test_json_questions(path: str, image_root: str) -> Iterator[Question]:
       raise BadSample("malformed_sample", "no 'image' path", sample_id=key, path=path)
     yield Question(r.get("id", r.get("question_id")), q,
                    (lambda im=r["image"], k=key: load_image(im, root=image_root, sample_id=k)),
-                   answer, kind)
+                   answer, kind, r["image"])
+
+
+def check_question(q: Question, image_root: Optional[str], source: str) -> None:
+  """What can be known before the model loads: the question has text, and its image file (a
+  test.json path) exists inside the image root. Raises BadSample naming `source` and the id."""
+  from data.image import resolve_path
+  if not prompt_text(q.text):
+    raise BadSample("empty_question", "the question is empty", sample_id=q.qid, path=source)
+  if q.image_ref is None:
+    return
+  try:
+    found = resolve_path(q.image_ref, image_root, q.qid).is_file()
+  except BadSample as e:
+    raise BadSample(e.reason, f"{e.message}: {q.image_ref}", sample_id=q.qid,
+                    path=source) from None
+  if not found:
+    raise BadSample("missing_image", f"no image file {q.image_ref} under the image root "
+                    f"{image_root}", sample_id=q.qid, path=source)
 
 
 def write_gt(questions: list, path: str) -> None:
@@ -119,30 +143,47 @@ def prompt_text(question: str) -> str:
 
 
 def run(args) -> dict:
-  from vlm import compile_cache
+  from vlm import checkpoint, compile_cache
   from vlm.generate import Generator, sampling_config
   from vlm.prompt import build_prompt
 
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
   if args.test_json:
     if not args.image_root:
-      raise BadSample("bad_argument", "--test-json needs --image-root")
+      raise UserError("--test-json needs --image-root")
+    if not os.path.isdir(args.image_root):
+      raise UserError(f"--image-root {args.image_root} is not a directory")
+    source = args.test_json
     questions = list(test_json_questions(args.test_json, args.image_root))
   elif args.dataset and args.data_dir:
+    source = f"tfds:{args.dataset}:{args.split} in {args.data_dir}"
     questions = list(tfds_questions(args.dataset, args.data_dir, args.split))
   else:
-    raise BadSample("bad_argument", "give --dataset and --data-dir, or --test-json and "
-                    "--image-root")
+    raise UserError("give --dataset and --data-dir, or --test-json and --image-root")
+  if not questions:
+    raise UserError(f"no questions in {source}")
+  ckpt = checkpoint.resolve(args.ckpt)   # a training workdir stands for the model it wrote
   if args.gt_out:
     write_gt(questions, args.gt_out)
   done = answered_ids(args.out)
-  todo = [q for q in questions if str(q.qid) not in done]
-  if args.limit is not None:
-    todo = todo[:args.limit]
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
-  log(f"{len(questions)} questions, {len(done)} already answered in {args.out}, "
-      f"{len(todo)} to answer now")
   stats = {"questions": len(questions), "answered_before": len(done), "answered": 0,
            "skipped": 0}
+  todo = []
+  for q in questions:
+    if str(q.qid) in done:
+      continue
+    try:
+      check_question(q, args.image_root, source)
+      todo.append(q)
+    except BadSample as e:
+      if not args.lenient:
+        raise
+      stats["skipped"] += 1
+      log(f"skipped: {e}")
+  if args.limit is not None:
+    todo = todo[:args.limit]
+  log(f"{len(questions)} questions, {len(done)} already answered in {args.out}, "
+      f"{len(todo)} to answer now" + (f", {stats['skipped']} skipped" if stats["skipped"] else ""))
   if not todo:
     return stats
   cache = compile_cache.enable()
@@ -153,10 +194,9 @@ def run(args) -> dict:
     from vlm.sharding import make_mesh
     mesh = make_mesh([int(x) for x in args.mesh.split(",")])
   overrides = {"dtype": args.dtype} if args.dtype else {}
-  try:
-    gen = Generator.from_checkpoint(args.ckpt, mesh=mesh, **overrides)
-  except FileNotFoundError as e:
-    raise BadSample("missing_checkpoint", str(e), path=args.ckpt) from None
+  if ckpt != args.ckpt:
+    log(f"model: {ckpt}")
+  gen = Generator.from_checkpoint(ckpt, mesh=mesh, **overrides)
   gc = sampling_config(args)
   model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -171,8 +211,8 @@ def run(args) -> dict:
           batch.append(q)
         except BadSample as e:
           if not args.lenient:
-            raise BadSample(e.reason, str(e).removeprefix(f"[{e.reason}] "),
-                            sample_id=q.qid, path=e.path) from None
+            raise BadSample(e.reason, e.message + (f": {e.path}" if e.path else ""),
+                            sample_id=q.qid, path=source) from None
           stats["skipped"] += 1
           log(f"skipped {q.qid}: {e}")
       for q, res in zip(batch, gen.generate(prompts, gc, batch_size=args.batch_size)):
@@ -189,7 +229,8 @@ def add_parser(sub) -> None:
   p = sub.add_parser(
       "run", help="zero-shot answers to a VQA benchmark (resumable JSONL, LLaVA-Med format)",
       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="checkpoint dir of this project or a HF model dir")
+  p.add_argument("--ckpt", required=True, help="checkpoint dir of this project, a HF model dir, "
+                 "or a train.main workdir (its final model; a chained run's last stage)")
   p.add_argument("--dataset", choices=DATASETS, help="TFDS build to read (with --data-dir)")
   p.add_argument("--data-dir", help="TFDS data dir written by `python -m data.tfds build`")
   p.add_argument("--split", default="test")
@@ -207,5 +248,6 @@ def add_parser(sub) -> None:
   p.add_argument("--mesh", help="data,fsdp,tensor mesh shape, e.g. 1,-1,1 (default: one device)")
   p.add_argument("--limit", type=int, help="answer at most this many new questions, then stop")
   p.add_argument("--lenient", action="store_true",
-                 help="skip (and count) questions whose image cannot be read instead of failing")
+                 help="skip (and count) questions that are empty or whose image is missing or "
+                 "cannot be read, instead of failing")
   p.set_defaults(func=lambda a: print(json.dumps(run(a))))

@@ -60,13 +60,46 @@ def test_render_counts_and_spans(files, capsys):
   assert kinds == ["masked", "image", "masked", "trained", "masked", "trained"]
 
 
+def _error(capsys, *argv) -> str:
+  with pytest.raises(SystemExit) as e:
+    insp.main(list(argv))
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+  return err
+
+
 def test_errors_exit_2(files, tmp_path, capsys):
   sample_file, tok_dir = files
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps(SAMPLES[1:]))
-  assert insp.main(["--tokenizer", tok_dir, "--template", "llama3", "--sample", str(bad)]) == 2
-  err = capsys.readouterr().err
+  err = _error(capsys, "--tokenizer", tok_dir, "--template", "llama3", "--sample", str(bad))
   assert "empty_conversation" in err and "pmc-2" in err
   no_image = llama3_tokenizer(tmp_path, image_token=False)
-  assert insp.main(["--tokenizer", no_image, "--template", "llama3", "--sample", sample_file]) == 2
-  assert "no <image> token" in capsys.readouterr().err
+  err = _error(capsys, "--tokenizer", no_image, "--template", "llama3", "--sample", sample_file)
+  assert "no <image> token" in err
+
+
+LONG_Q = ("Compare the opacity in the left lower lobe with the prior study and say whether the "
+          "effusion has grown, stayed the same or resolved since then?")
+
+
+def test_pick_by_id_or_index_and_keep_lines_whole(files, tmp_path, capsys):
+  """--id / --index pick the sample; a long turn stays on one line when the output is piped."""
+  tok_dir = files[1]
+  rows = [{"id": 7, "conversations": [{"from": "human", "value": "Is this normal?"},
+                                      {"from": "gpt", "value": "Yes."}]},
+          {"id": "long", "conversations": [{"from": "human", "value": LONG_Q},
+                                           {"from": "gpt", "value": "It has grown."}]},
+          {"id": "last", "conversations": [{"from": "human", "value": "Is there a fracture?"},
+                                           {"from": "gpt", "value": "No fracture."}]}]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  base = ["--tokenizer", tok_dir, "--template", "llama3", "--sample", str(path)]
+  assert len(LONG_Q) > 100
+  for pick, want in ((["--id", "long"], LONG_Q), (["--id", "7"], "Is this normal?"),
+                     (["--index", "-1"], "No fracture."), ([], "Is this normal?")):
+    assert insp.main(base + pick) == 0
+    out = capsys.readouterr().out
+    assert any(want in line for line in out.splitlines()), (pick, out)   # never wrapped at 80
+  assert "no sample with id 'x'" in _error(capsys, *base, "--id", "x")
+  assert "--index 3 is out of range" in _error(capsys, *base, "--index", "3")

@@ -1,6 +1,7 @@
 """Answer-quality report: ROUGE (against rouge-score itself), hedging counts and length ratios by
 hand, PNG box plots and the side-by-side markdown from two answer files."""
 import json
+import os
 
 import pytest
 from rouge_score import rouge_scorer
@@ -103,7 +104,7 @@ def test_report_builds_plots_and_markdown(tmp_path, capsys):
   assert len(per_answer) == 6 and {r["model"] for r in per_answer} == {"base", "lora"}
 
 
-def test_report_id_mismatch_and_lenient(tmp_path):
+def test_report_id_mismatch_and_lenient(tmp_path, capsys):
   partial = dict(LORA)
   del partial["q2"]
   gt, preds = _write(tmp_path, models=(("base", BASE), ("lora", partial)))
@@ -111,7 +112,8 @@ def test_report_id_mismatch_and_lenient(tmp_path):
           "--out", str(tmp_path / "rep")]
   with pytest.raises(SystemExit) as e:
     report.main(args)
-  assert "1 ids missing from the answers: q2" in str(e.value.code)
+  assert e.value.code == 2
+  assert "1 ids missing from the answers: q2" in capsys.readouterr().err
   report.main(args + ["--lenient"])
   summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
   assert summary["base"]["n"] == summary["lora"]["n"] == 2
@@ -128,3 +130,37 @@ def test_report_gt_from_conversations_and_custom_hedges(tmp_path):
   summary = report.build(str(gt_path), {"base": str(preds["base"])}, str(tmp_path / "rep"),
                          hedges=["appears", "seems"])
   assert summary["base"]["hedges"] == {"appears": 2, "seems": 1}
+
+
+def test_plots_say_when_empty_and_nothing_is_cut_off(tmp_path, monkeypatch):
+  """Each PNG keeps a white margin on every side (a clipped title or label would reach the
+  edge), and a chart with no data says so instead of drawing an empty, signed axis."""
+  import matplotlib.figure
+  import numpy as np
+  from PIL import Image
+  texts, original = {}, matplotlib.figure.Figure.savefig
+
+  def savefig(fig, fname, *a, **k):
+    texts[os.path.basename(fname)] = " ".join(t.get_text() for t in fig.findobj(
+        matplotlib.text.Text) if t.get_visible())
+    texts[os.path.basename(fname) + " axes"] = [ax.get_ylim() for ax in fig.axes if ax.axison]
+    return original(fig, fname, *a, **k)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+  name = "llava-med-v1.5-mistral-7b-lora"   # one long name: the narrowest, longest-label plots
+  gt, preds = _write(tmp_path, models=((name, LORA),))
+  out = tmp_path / "rep"
+  report.build(str(gt), {name: str(preds[name])}, str(out))
+  assert "no hedging word in any answer" in texts["hedging.png"]
+  assert texts["hedging.png axes"] == []   # no axis of made-up (negative) counts
+  assert "(answer words / ground-truth words)" in texts["length_ratio.png"]
+  for png in sorted(out.glob("*.png")):
+    px = np.asarray(Image.open(png).convert("L"))
+    border = np.concatenate([px[:3].ravel(), px[-3:].ravel(), px[:, :3].ravel(),
+                             px[:, -3:].ravel()])
+    assert border.min() == 255, f"{png.name}: something drawn at the edge (cut off)"
+  # with hedges, the counts axis starts at 0
+  gt, preds = _write(tmp_path, models=(("base", BASE),))
+  report.build(str(gt), {"base": str(preds["base"])}, str(tmp_path / "rep2"))
+  [(bottom, top)] = texts["hedging.png axes"]
+  assert bottom == 0 and top >= 2

@@ -4,6 +4,7 @@ Expected values are worked out by hand from LLaVA-Med's definitions (llava/eval/
 eval_metrics/{glossary,evaluate_metrics,utils}.py); each case says how.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -166,31 +167,39 @@ def test_score_cli_writes_metrics(tmp_path):
     assert rows[str(i)]["recall" if kind == "OPEN" else "hit"] == pytest.approx(expected)
 
 
-def test_score_errors_on_mismatched_ids(tmp_path):
-  gt, pred = _write_case_files(tmp_path, drop=(2, 6), extra=(99,))
+def _error(capsys, argv) -> str:
+  """The one `error:` line a failing command prints (exit status 2)."""
   with pytest.raises(SystemExit) as e:
-    vqa.main(["score", "--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "m.json")])
-  msg = str(e.value.code)
+    vqa.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+  return err
+
+
+def test_score_errors_on_mismatched_ids(tmp_path, capsys):
+  gt, pred = _write_case_files(tmp_path, drop=(2, 6), extra=(99,))
+  msg = _error(capsys, ["score", "--gt", str(gt), "--pred", str(pred), "--out",
+                        str(tmp_path / "m.json")])
   assert "2 ids missing from the answers: 2, 6" in msg
   assert "1 ids not in the ground truth: 99" in msg
   assert not (tmp_path / "m.json").exists()
 
 
-def test_score_errors_on_duplicates_and_bad_rows(tmp_path):
+def test_score_errors_on_duplicates_and_bad_rows(tmp_path, capsys):
   gt, pred = _write_case_files(tmp_path)
   with open(pred, "a") as f:
     f.write(json.dumps({"question_id": 1, "text": "again"}) + "\n")
-  with pytest.raises(SystemExit, match="duplicate_id.*'1'"):
-    vqa.main(["score", "--gt", str(gt), "--pred", str(pred)])
+  assert re.search("duplicate_id.*'1'", _error(capsys, ["score", "--gt", str(gt), "--pred",
+                                                         str(pred)]))
   pred.write_text('{"question_id": 1, "text": "yes"}\nnot json\n')
-  with pytest.raises(SystemExit, match="malformed_json.*line 2"):
-    vqa.main(["score", "--gt", str(gt), "--pred", str(pred)])
+  msg = _error(capsys, ["score", "--gt", str(gt), "--pred", str(pred)])
+  assert "malformed_json" in msg and f"line 2 column 1 ({pred})" in msg
   gt, pred = _write_case_files(tmp_path)  # fresh, valid files; then break one answer_type
   bad = json.loads(gt.read_text())
   bad[0]["answer_type"] = "MAYBE"
   gt.write_text(json.dumps(bad))
-  with pytest.raises(SystemExit, match="answer_type.*'MAYBE'"):
-    vqa.main(["score", "--gt", str(gt), "--pred", str(pred)])
+  assert re.search("answer_type.*'MAYBE'", _error(capsys, ["score", "--gt", str(gt), "--pred",
+                                                           str(pred)]))
 
 
 def test_table_prints_six_numbers_and_their_mean(tmp_path, capsys):

@@ -2,6 +2,8 @@
 in LLaVA-Med's row format, and resumes after an interruption without losing or repeating ids."""
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -139,7 +141,7 @@ def test_ldrt_eval_rows_are_answered(ckpt, test_json, tmp_path):
   assert got[0]["text"] == answer_alone(ckpt, QUESTIONS[0][0], img)
 
 
-def test_image_outside_root_fails_or_is_skipped(ckpt, test_json, tmp_path):
+def test_image_outside_root_fails_or_is_skipped(ckpt, test_json, tmp_path, capsys):
   path, root, recs = test_json
   recs[1]["image"] = "../secret.png"
   (tmp_path / "secret.png").write_bytes(png(0))
@@ -147,8 +149,10 @@ def test_image_outside_root_fails_or_is_skipped(ckpt, test_json, tmp_path):
   out = str(tmp_path / "a.jsonl")
   args = ["run", "--ckpt", ckpt, "--test-json", str(path), "--image-root", str(root),
           "--out", out, *FLAGS]
-  with pytest.raises(SystemExit, match=r"path_escape.*sample '?101"):
+  with pytest.raises(SystemExit):
     vqa.main(args)
+  assert re.search(r"path_escape.*\.\./secret\.png \(.*test\.json, sample 101\)$",
+                   capsys.readouterr().err.strip())
   vqa.main(args + ["--lenient"])
   assert [r["question_id"] for r in rows(out)] == [100, 102]
 
@@ -157,3 +161,60 @@ def test_run_help():
   out = subprocess.run([sys.executable, "-m", "evaluation.vqa", "run", "--help"],
                        capture_output=True, text=True, check=True).stdout
   assert "--test-json" in out and "--max-new-tokens" in out and "--limit" in out
+
+
+def test_inputs_are_checked_before_the_model_loads(ckpt, test_json, tmp_path, capsys,
+                                                   monkeypatch):
+  path, root, recs = test_json
+  out = str(tmp_path / "a.jsonl")
+  args = ["run", "--ckpt", ckpt, "--test-json", str(path), "--image-root", str(root),
+          "--out", out, *FLAGS]
+
+  def loaded(*a, **k):
+    raise AssertionError("the model was loaded before the inputs were checked")
+
+  def error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+      vqa.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("error: "), err
+    return err
+
+  with monkeypatch.context() as m:
+    m.setattr(Generator, "from_checkpoint", loaded)
+    recs[0]["conversations"][0]["value"] = "<image>\n   "
+    path.write_text(json.dumps(recs))
+    assert error(args).endswith(f"[empty_question] the question is empty ({path}, sample 100)")
+    recs[0]["conversations"][0]["value"] = "<image>\nIs there a fracture?"
+    recs[1]["image"] = "nope.png"
+    path.write_text(json.dumps(recs))
+    assert f"[missing_image] no image file nope.png under the image root {root} ({path}, " \
+        "sample 101)" in error(args)
+    recs[1]["image"] = "img1.png"
+    path.write_text(json.dumps(recs))
+    assert f"no such checkpoint dir or training workdir: {tmp_path / 'none'}" in error(
+        args[:2] + [str(tmp_path / "none")] + args[3:])
+    assert "is not a directory" in error(args[:6] + [str(tmp_path / "no_root")] + args[7:])
+  # --lenient skips (and counts) such questions and answers the others
+  recs[0]["conversations"][0]["value"] = ""
+  recs[2]["image"] = "gone.png"
+  path.write_text(json.dumps(recs))
+  vqa.main(args + ["--lenient"])
+  assert [r["question_id"] for r in rows(out)] == [101]
+  assert '"skipped": 2' in capsys.readouterr().out
+
+
+def test_training_workdir_as_ckpt(ckpt, test_json, tmp_path, capsys):
+  """A chained train.main workdir stands for its last stage's final model."""
+  path, root, _ = test_json
+  work = tmp_path / "run"
+  for stage, init in (("stage1", "scratch"), ("stage2", str(work / "stage1"))):
+    (work / stage).mkdir(parents=True)
+    (work / stage / "train_config.json").write_text(json.dumps({"model": {"init": init}}))
+  os.symlink(ckpt, work / "stage2" / "final")
+  out = str(tmp_path / "a.jsonl")
+  vqa.main(["run", "--ckpt", str(work), "--test-json", str(path), "--image-root", str(root),
+            "--out", out, *FLAGS])
+  got = rows(out)
+  assert len(got) == 3 and {r["model_id"] for r in got} == {"run"}
+  assert f"model: {work / 'stage2' / 'final'}" in capsys.readouterr().err

@@ -204,8 +204,9 @@ class Generator:
   def from_checkpoint(cls, path: str, *, mesh=None, **overrides) -> "Generator":
     """A checkpoint dir of this project (tokenizer in path/tokenizer) or a HF model dir."""
     import vlm
+    tokenizer = load_tokenizer(path)   # first: a missing tokenizer fails before the weights load
     model, params = vlm.from_pretrained(path, **overrides)
-    return cls(model, params, load_tokenizer(path), mesh=mesh)
+    return cls(model, params, tokenizer, mesh=mesh)
 
   # --- host side -------------------------------------------------------------------------------
 

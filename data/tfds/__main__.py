@@ -3,6 +3,8 @@ into array_record (no TensorFlow); read it back with tfds.data_source(NAME, spli
 or train on it with the data path `tfds:NAME:SPLIT`."""
 import argparse
 
+from data.errors import cli_errors
+
 
 def main(argv=None):
   from data import tfds as ours
@@ -18,7 +20,8 @@ def main(argv=None):
                  help="local copy of the source (HF parquet export or original JSON + images)")
   b.add_argument("--out", required=True, help="TFDS data dir to write")
   args = p.parse_args(argv)
-  builder = ours.build(args.name, args.src, args.out)
+  with cli_errors():
+    builder = ours.build(args.name, args.src, args.out)
   for split, info in sorted(builder.info.splits.items()):
     print(f"{args.name}/{split}: {info.num_examples} examples")
   print(f"written to {builder.data_dir}")

@@ -45,8 +45,7 @@ def image_bytes(raw: bytes, *, where: str, key=None) -> bytes:
   try:
     rgb = load_image(raw)
   except BadSample as e:
-    raise BadSample(e.reason, str(e).removeprefix(f"[{e.reason}] "), sample_id=key,
-                    path=where) from None
+    raise BadSample(e.reason, e.message, sample_id=key, path=where) from None
   with Image.open(io.BytesIO(raw)) as im:
     if im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L"):
       return raw

@@ -2,12 +2,12 @@
 {train,validation,test}.json (img_name, question, answer, answer_type, q_lang, qid) + imgs/."""
 from __future__ import annotations
 
-import json
 import os
 
 import tensorflow_datasets as tfds
 
 from data.image import resolve_path
+from data.jsonfile import load_json
 from data.tfds import common
 
 SPLITS = ("train", "validation", "validate", "test")
@@ -34,9 +34,7 @@ class Slake(tfds.core.GeneratorBasedBuilder):
             for s, path in common.require(self, src, by_split).items()}
 
   def _generate_examples(self, json_path, images):
-    with open(json_path, encoding="utf-8") as f:
-      records = json.load(f)
-    for r in records:
+    for r in load_json(json_path):
       if r.get("q_lang") != "en":
         continue
       key = str(r["qid"])

@@ -4,12 +4,12 @@ the original release: `VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/`
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import tensorflow_datasets as tfds
 
 from data.image import resolve_path
+from data.jsonfile import load_json
 from data.tfds import common
 
 ORIGINAL_JSON = "VQA_RAD Dataset Public.json"
@@ -37,10 +37,9 @@ class VqaRad(tfds.core.GeneratorBasedBuilder):
     found = sorted(glob.glob(os.path.join(src, "**", ORIGINAL_JSON), recursive=True))
     by_split: dict = {}
     if found:
-      with open(found[0], encoding="utf-8") as f:
-        for r in json.load(f):
-          test = str(r.get("phrase_type", "")).startswith("test")
-          by_split.setdefault("test" if test else "train", []).append(r)
+      for r in load_json(found[0]):
+        test = str(r.get("phrase_type", "")).startswith("test")
+        by_split.setdefault("test" if test else "train", []).append(r)
     return {s: self._generate_examples(s, records=recs, json_path=found[0])
             for s, recs in common.require(self, src, by_split).items()}
 
