@@ -20,8 +20,9 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   """-> (VisionConfig, {("vision", canonical HF name): loader})."""
   from vlm import checkpoint
   if is_open_clip(path):
-    with open(os.path.join(path, "open_clip_config.json")) as f:
-      vcfg = open_clip.vision_config(json.load(f), select_layer)
+    cfg_file = os.path.join(path, "open_clip_config.json")
+    with open(cfg_file) as f:
+      vcfg = open_clip.vision_config(json.load(f), select_layer, source=cfg_file)
     files = tensors.find_weights(path, OPEN_CLIP_STEMS)
     if not files:
       raise hf.ConversionError(f"no open_clip_model.safetensors or open_clip_pytorch_model.bin "
