@@ -52,7 +52,8 @@ class VLM(nn.Module):
     dtype = DTYPES[c.dtype]
     self.llm = Llama(c.llm, c.lora, dtype, c.attention, c.remat, c.scan_layers, name="llm")
     if c.vision is not None:
-      self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.remat, name="vision")
+      self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.vision_remat,
+                                name="vision")
       self.connector = Connector(c.connector.kind, c.llm.hidden, dtype, name="connector")
       if c.tiler.kind == "anyres":
         self.image_newline = self.param(
