@@ -66,25 +66,28 @@ def _open_clip_state(ref):
   return out
 
 
+OC_VISION = {"image_size": 28, "layers": 3, "width": 16, "head_width": 8, "patch_size": 14,
+             "mlp_ratio": 2.0}
+
+
+def _open_clip_error(ref, vcfg, seed):
+  """max |ours - HF| on the layer -2 patch tokens, our tower built from the open_clip layout."""
+  params = _tower_params(vcfg, open_clip.canonical_vision(_open_clip_state(ref)))
+  px = np.random.default_rng(seed).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = H.to_np(ref(pixel_values=torch.tensor(px).permute(0, 3, 1, 2),
+                       output_hidden_states=True).hidden_states[-2])[:, 1:]
+  return np.abs(_ours(vcfg, params, px) - want).max()
+
+
 def test_open_clip_layout_matches_hf_tower():
   ref = H.build(T.CLIPVisionModel, H.clip_config(act="quick_gelu"), seed=3)
-  oc_cfg = {"model_cfg": {"embed_dim": 16, "quick_gelu": True,
-                          "vision_cfg": {"image_size": 28, "layers": 3, "width": 16, "head_width": 8,
-                                         "patch_size": 14, "mlp_ratio": 2.0}},
+  oc_cfg = {"model_cfg": {"embed_dim": 16, "quick_gelu": True, "vision_cfg": OC_VISION},
             "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
                                "std": [0.26862954, 0.26130258, 0.27577711]}}
   vcfg = open_clip.vision_config(oc_cfg)
   assert (vcfg.heads, vcfg.mlp_dim, vcfg.act) == (2, 32, "quick_gelu")
-  params = _tower_params(vcfg, open_clip.canonical_vision(_open_clip_state(ref)))
-  px = np.random.default_rng(2).normal(size=(2, 28, 28, 3)).astype(np.float32)
-  with torch.no_grad():
-    want = H.to_np(ref(pixel_values=torch.tensor(px).permute(0, 3, 1, 2),
-                       output_hidden_states=True).hidden_states[-2])[:, 1:]
-  assert np.abs(_ours(vcfg, params, px) - want).max() <= 1e-4
-
-
-OC_VISION = {"image_size": 28, "layers": 3, "width": 16, "head_width": 8, "patch_size": 14,
-             "mlp_ratio": 2.0}
+  assert _open_clip_error(ref, vcfg, 2) <= 1e-4
 
 
 def test_open_clip_norm_eps_is_honoured():
@@ -97,12 +100,7 @@ def test_open_clip_norm_eps_is_honoured():
                           "vision_cfg": dict(OC_VISION, norm_kwargs={"eps": 0.1})}}
   vcfg = open_clip.vision_config(oc_cfg)
   assert vcfg.norm_eps == 0.1
-  params = _tower_params(vcfg, open_clip.canonical_vision(_open_clip_state(ref)))
-  px = np.random.default_rng(5).normal(size=(2, 28, 28, 3)).astype(np.float32)
-  with torch.no_grad():
-    want = H.to_np(ref(pixel_values=torch.tensor(px).permute(0, 3, 1, 2),
-                       output_hidden_states=True).hidden_states[-2])[:, 1:]
-  assert np.abs(_ours(vcfg, params, px) - want).max() <= 1e-4
+  assert _open_clip_error(ref, vcfg, 5) <= 1e-4
 
 
 @pytest.mark.parametrize("key,value", [
