@@ -784,13 +784,10 @@ def parser():
 
 
 def parse_args(argv):
-  args = parser().parse_args(argv)
-  if args.smoke:   # tiny defaults; flags given explicitly still win
-    defaults = parser().parse_args([])
-    for k, v in SMOKE_FLAGS.items():
-      if getattr(args, k) == getattr(defaults, k):
-        setattr(args, k, v)
-  return args
+  p = parser()
+  if p.parse_args(argv).smoke:   # tiny defaults in place of the parser's; given flags still win
+    p.set_defaults(**SMOKE_FLAGS)
+  return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -12,6 +12,8 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
   model.dtype           compute dtype; trainable weights always keep float32 masters
   model.frozen_dtype    storage dtype of frozen weights ("" keeps the stored dtype)
   model.remat / model.attention   vlm.config.VLMConfig.remat / .attention
+  model.vision_remat    the vision tower's own remat policy (VLMConfig.vision_remat; the same
+                        names as model.remat): costs nothing while the tower is frozen
   model.loss_chunk      positions per vocabulary projection in the loss (0: all at once)
   trainable             regexes over '/'-joined parameter paths; everything else is frozen
   data.*                data.pipeline.DataConfig fields; None means the DataConfig / model default
@@ -59,7 +61,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = dict(
       init="", preset="", arch=None, seed=0,
       lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=LLM_PROJECTIONS, vision_targets=()),
-      dtype="bfloat16", frozen_dtype="bfloat16", remat="full", attention="auto", loss_chunk=0)
+      dtype="bfloat16", frozen_dtype="bfloat16", remat="full", vision_remat="full",
+      attention="auto", loss_chunk=0)
   c.trainable = (r"^connector/",)
   c.data = data_defaults()
   c.eval = dict(paths=(), every=0, batches=0, global_batch=0)

@@ -23,18 +23,70 @@ _BLOCK = {
 }
 IGNORED = ("proj",)  # visual projection to the joint embedding space: unused by LLaVA towers
 
+# open_clip's CLIPVisionCfg (src/open_clip/model.py) key by key. Read into VisionConfig:
+_READ = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "norm_kwargs"}
+# No effect on the hidden states a LLaVA tower takes (select_layer, before ln_post): pooling and
+# projection details, dropout of patches while open_clip trains (identity in eval), a sin-cos
+# position table (stored in the weights like a learned one), metadata; timm_* without a timm model.
+_NO_EFFECT = {"patch_dropout", "pool_type", "final_ln_after_pool", "output_tokens",
+              "attn_pooler_queries", "attn_pooler_heads", "image_seq_len", "global_average_pool",
+              "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+              "timm_drop_path", "timm_model_kwargs"}
+# The math changes unless the key keeps open_clip's default; none of these is implemented here.
+_DEFAULT_ONLY = {"ls_init_value": (None,), "no_ln_pre": (False,), "timm_model_name": (None, ""),
+                 "act_kwargs": (None, {}), "attentional_pool": (False,),
+                 "pos_embed_type": ("learnable", "sin_cos_2d"), "block_type": (None, "default"),
+                 "qk_norm": (False,), "scaled_cosine_attn": (False,), "scale_heads": (False,),
+                 "scale_attn_inner": (False,), "scale_attn": (False,), "scale_fc": (False,),
+                 "input_patchnorm": (False,)}
 
-def vision_config(cfg: dict, select_layer: int = -2) -> VisionConfig:
+
+def _square(v, key: str, source: str) -> int:
+  if isinstance(v, (list, tuple)):
+    if len(v) != 2 or v[0] != v[1]:
+      raise ConversionError(f"{source}: open_clip vision_cfg {key}={v!r}: only square sizes are "
+                            "supported")
+    v = v[0]
+  return int(v)
+
+
+def _checked(v: dict, source: str) -> dict:
+  """vision_cfg with every key accounted for: one-line ConversionError for a key that would
+  change the tower's math and is not supported (or is unknown), instead of a silently different
+  tower."""
+  for key, value in v.items():
+    if key in _READ or key in _NO_EFFECT:
+      continue
+    if key not in _DEFAULT_ONLY:
+      raise ConversionError(f"{source}: open_clip vision_cfg key {key!r} is unknown here and "
+                            "may change the tower's math; not supported")
+    if value not in _DEFAULT_ONLY[key]:
+      raise ConversionError(f"{source}: open_clip vision_cfg {key}={value!r} is not supported: "
+                            "the tower it builds computes differently")
+  if isinstance(v["layers"], (list, tuple)):
+    raise ConversionError(f"{source}: open_clip vision_cfg layers={v['layers']!r} is a ResNet "
+                          "tower; only ViT towers are supported")
+  norm = dict(v.get("norm_kwargs") or {})
+  eps = norm.pop("eps", 1e-5)
+  if norm:
+    raise ConversionError(f"{source}: open_clip vision_cfg norm_kwargs {sorted(norm)} change the "
+                          "tower's LayerNorms and are not supported (only eps)")
+  return dict(v, norm_eps=float(eps))
+
+
+def vision_config(cfg: dict, select_layer: int = -2, *,
+                  source: str = "open_clip_config.json") -> VisionConfig:
   """open_clip_config.json (model_cfg.vision_cfg + preprocess_cfg) -> VisionConfig."""
   model = cfg.get("model_cfg", cfg)
-  v = model["vision_cfg"]
+  v = _checked(model["vision_cfg"], source)
   width = v["width"]
   heads = width // v.get("head_width", 64)
   pre = cfg.get("preprocess_cfg", {})
   return VisionConfig(
-      image_size=v["image_size"], patch_size=v["patch_size"], width=width, layers=v["layers"],
+      image_size=_square(v["image_size"], "image_size", source),
+      patch_size=_square(v["patch_size"], "patch_size", source), width=width, layers=v["layers"],
       heads=heads, mlp_dim=int(width * v.get("mlp_ratio", 4.0)),
-      act="quick_gelu" if model.get("quick_gelu") else "gelu", norm_eps=1e-5,
+      act="quick_gelu" if model.get("quick_gelu") else "gelu", norm_eps=v["norm_eps"],
       select_layer=select_layer, mean=tuple(pre.get("mean", OPENAI_CLIP_MEAN)),
       std=tuple(pre.get("std", OPENAI_CLIP_STD)), proj_dim=model.get("embed_dim"))
 

@@ -20,8 +20,8 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   """-> (VisionConfig, {("vision", canonical HF name): loader})."""
   from vlm import checkpoint
   if is_open_clip(path):
-    vcfg = open_clip.vision_config(load_json(os.path.join(path, "open_clip_config.json")),
-                                   select_layer)
+    cfg_file = os.path.join(path, "open_clip_config.json")
+    vcfg = open_clip.vision_config(load_json(cfg_file), select_layer, source=cfg_file)
     files = tensors.find_weights(path, OPEN_CLIP_STEMS)
     if not files:
       raise hf.ConversionError(f"no open_clip_model.safetensors or open_clip_pytorch_model.bin "

@@ -196,9 +196,10 @@ def resize_square(img: np.ndarray, size: int, mode: str = "squash", *,
 
 def anyres_tiles(img: np.ndarray, pinpoints, tile: int) -> tuple:
   """LLaVA-1.6 anyres, as HF LlavaNextImageProcessor: -> (uint8 [1 + rows*cols, tile, tile, 3],
-  (height, width) of the original). Tile 0 is the whole image squashed to tile x tile; the rest
-  are row-major tiles of the image resized (keeping aspect) to fit the best pinpoint resolution
-  and centred on a black canvas of that resolution."""
+  (height, width, rows, cols): the original's size and the grid, the model's `image_sizes` row).
+  Tile 0 is the whole image squashed to tile x tile; the rest are row-major tiles of the image
+  resized (keeping aspect) to fit the best pinpoint resolution and centred on a black canvas of
+  that resolution. The grid is decided here, on the host, in HF's float arithmetic."""
   from vlm.tiler import select_best_resolution  # lazy: keeps jax out of data workers' start-up
 
   h, w = img.shape[:2]
@@ -215,14 +216,14 @@ def anyres_tiles(img: np.ndarray, pinpoints, tile: int) -> tuple:
   rows, cols = th // tile, tw // tile
   tiles = canvas[:rows * tile, :cols * tile].reshape(rows, tile, cols, tile, 3)
   tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile, tile, 3)
-  return np.concatenate([_resize(img, (tile, tile))[None], tiles]), (h, w)
+  return np.concatenate([_resize(img, (tile, tile))[None], tiles]), (h, w, rows, cols)
 
 
 def model_pixels(img: np.ndarray, *, tiler: str, size: int, resize_mode: str,
                  mean: Sequence[float], pinpoints=(), max_tiles: int = 0) -> tuple:
   """One image as the model takes it (training and inference share this):
   square tilers -> (uint8 [size, size, 3], None); anyres (size = the tile) -> (uint8 [max_tiles,
-  size, size, 3] zero-padded past the image's tiles, (height, width))."""
+  size, size, 3] zero-padded past the image's tiles, (height, width, grid rows, grid cols))."""
   if tiler == "anyres":
     tiles, hw = anyres_tiles(img, pinpoints, size)
     out = np.zeros((max_tiles,) + tiles.shape[1:], np.uint8)

@@ -1,7 +1,7 @@
 """Static-shape batches from variable-length samples, as grain IterDatasets.
 
 A sample is {"input_ids": int32[T], "labels": int32[T], "pixel_values": uint8[n, ...]} (plus
-`image_sizes` int32[n, 2] for anyres). Both modes emit `input_ids`, `labels` (-100 where not
+`image_sizes` int32[n, 4] for anyres). Both modes emit `input_ids`, `labels` (-100 where not
 trained), `positions`, `segment_ids` (0 = padding) [B, L] and images padded with zero images to a
 fixed count per row:
 - `LengthGroupedBatch`: one sample per row; each window of `window` batches is sorted by length and

@@ -4,9 +4,9 @@ batches (length-grouped padding or packing).
 
 Batches are numpy dicts for this process: input_ids, labels (-100 where not trained), positions,
 segment_ids [B, T] int32; pixel_values uint8 [B, n_img, S, S, 3] (anyres: [B, n_img, tiles, t, t, 3]
-plus image_sizes int32 [B, n_img, 2]); `skipped`: {reason: count} so far on this process. Rows hold
-their images in order, padded with zero images; the model fills the k-th run of <image>
-placeholders of a row with the k-th image's features.
+plus image_sizes int32 [B, n_img, 4]: height, width and the tile grid chosen here); `skipped`:
+{reason: count} so far on this process. Rows hold their images in order, padded with zero images;
+the model fills the k-th run of <image> placeholders of a row with the k-th image's features.
 
 Bad input raises BadSample naming the sample and file in strict mode; in lenient mode (the training
 default) it is skipped, counted per reason, and the first few of each reason are logged.
@@ -219,7 +219,7 @@ class SampleProcessor:
     out["pixel_values"] = (np.stack([p for p, _ in made]) if made
                            else np.zeros((0,) + shape, np.uint8))
     if anyres:
-      out["image_sizes"] = np.asarray([hw for _, hw in made], np.int32).reshape(len(made), 2)
+      out["image_sizes"] = np.asarray([hw for _, hw in made], np.int32).reshape(len(made), 4)
     return out
 
 

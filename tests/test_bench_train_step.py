@@ -29,6 +29,17 @@ def _check_pair(rows, case, unit_col):
   return ours, ref
 
 
+def test_smoke_keeps_explicit_flags_equal_to_defaults():
+  """--smoke replaces only unset flags: `--loss-chunk 512` (the parser default) stays 512."""
+  smoke = train_step.parse_args(["--smoke"])
+  assert {k: getattr(smoke, k) for k in train_step.SMOKE_FLAGS} == train_step.SMOKE_FLAGS
+  given = train_step.parse_args(["--smoke", "--loss-chunk", "512", "--steps=5", "--dtype",
+                                 "bfloat16", "--micro-batch", "3"])
+  assert (given.loss_chunk, given.steps, given.dtype, given.micro_batch) == (512, 5, "bfloat16", 3)
+  assert (given.seq, given.warmup) == (train_step.SMOKE_FLAGS["seq"], 1)
+  assert train_step.parse_args(["--loss-chunk", "512"]).loss_chunk == 512
+
+
 def test_smoke_stage1_and_vision(capsys):
   train_step.main(["--smoke", "--cases", "stage1", "vision"])
   out = capsys.readouterr().out

@@ -243,7 +243,7 @@ def test_greedy_llava_next_anyres_matches_hf(tmp_path):
     with torch.no_grad():
       out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False,
                          pixel_values=torch.tensor(norm).permute(0, 3, 1, 2)[None],
-                         image_sizes=torch.tensor([size]))
+                         image_sizes=torch.tensor([size[:2]]))
     want.append(out[0, len(ids):].numpy())
   assert len(prompts[0].ids) != len(prompts[1].ids)
   for g, w in zip(Generator(model, params).generate(prompts, GREEDY), want):

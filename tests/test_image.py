@@ -167,9 +167,9 @@ def test_anyres_matches_hf_llava_next():
     tiles, hw = anyres_tiles(img, LLAVA16_PINPOINTS, 336)
     rows, cols = anyres_grid(img.shape[:2], LLAVA16_PINPOINTS, 336)
     assert tiles.shape == (1 + rows * cols, 336, 336, 3) and tiles.dtype == np.uint8
-    assert hw == img.shape[:2] and rows * cols > 1
+    assert hw == img.shape[:2] + (rows, cols) and rows * cols > 1
     hf = proc(images=[Image.fromarray(img)], return_tensors="np")
-    assert tuple(hf["image_sizes"][0]) == hw
+    assert tuple(hf["image_sizes"][0]) == hw[:2]
     ours = ((tiles / 255.0 - mean) / std).transpose(0, 3, 1, 2)
     worst = max(worst, float(np.abs(ours - hf["pixel_values"][0]).max()))
   print(f"anyres max |ours - HF| = {worst:.2e}")

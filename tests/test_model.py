@@ -1,5 +1,9 @@
 """VLM-level behaviour: packing with segment ids, attention implementations, checkpoint round trip."""
+import contextlib
 import dataclasses
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 import vlm
 from vlm import checkpoint
 from vlm.config import LlamaConfig, TilerConfig, VisionConfig, VLMConfig
-from vlm.model import VLM, init_params, unstack_layers
+from vlm.model import VLM, abstract_params, init_params, unstack_layers
 
 CFG = VLMConfig(
     llm=LlamaConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=64),
@@ -95,8 +99,41 @@ def test_remat_policies_keep_gradients(remat):
 
   def grads(c):
     return jax.jit(jax.grad(lambda p: jnp.mean(VLM(c).apply({"params": p}, ids, px) ** 2)))(params)
-  for x, y in zip(jax.tree_util.tree_leaves(grads(CFG)), jax.tree_util.tree_leaves(grads(CFG.replace(remat=remat)))):
+  for x, y in zip(jax.tree_util.tree_leaves(grads(CFG)), jax.tree_util.tree_leaves(grads(CFG.replace(remat=remat, vision_remat=remat)))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
+
+
+def _saved_shapes(cfg, params, ids, px):
+  """Shapes of the residuals the backward pass keeps (jax.ad_checkpoint.print_saved_residuals)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: VLM(cfg).apply({"params": p}, ids, px).sum(), params)
+  return [tuple(map(int, m.group(1).split(","))) for m in
+          re.finditer(r"^[a-z0-9]+\[([\d,]+)\]", out.getvalue(), re.M)]
+
+
+def test_tower_remat_policy_is_its_own_and_saves_its_named_tensors():
+  """vision_remat alone decides what the tower keeps per layer, counted on the residuals of a
+  gradient through the tower: stacked [layers, images, tokens, ...] activations."""
+  cfg = CFG.replace(vision=dataclasses.replace(CFG.vision, layers=3, select_layer=-1))
+  params = abstract_params(cfg, boxed=False)  # tracing only: shapes are enough
+  rng = np.random.default_rng(5)
+  ids = np.stack([_sample(rng, 8), _sample(rng, 8)])
+  px = rng.integers(0, 256, size=(2, 1, 28, 28, 3), dtype=np.uint8)
+  n_img, tokens, heads, hd = 2, 5, 2, 8          # 4 patches + CLS per image, width 16 = 2 x 8
+  tower = lambda shapes: sorted(s for s in shapes if s[:3] == (3, n_img, tokens))
+  llm = lambda shapes: [s for s in shapes if s[:3] == (2,) + ids.shape]
+  got = {p: _saved_shapes(cfg.replace(remat="full", vision_remat=p), params, ids, px)
+         for p in ("none", "full", "save_dots", "save_attn_proj")}
+  x = (3, n_img, tokens, 16)
+  assert tower(got["full"]) == [x]                                      # each layer's input
+  assert tower(got["save_attn_proj"]) == sorted([x, x] + [(3, n_img, tokens, heads, hd)] * 3)
+  assert tower(got["save_dots"]) == sorted([x] * 5 + [(3, n_img, tokens, 32)])  # q k v o fc1
+  assert len(tower(got["none"])) > len(tower(got["save_dots"]))
+  assert len({len(llm(s)) for s in got.values()}) == 1                  # the decoder: model.remat
+  own = _saved_shapes(cfg.replace(remat="none", vision_remat="full"), params, ids, px)
+  assert tower(own) == [x] and len(llm(own)) > len(llm(got["full"]))
 
 
 def test_bfloat16_compute_close_to_float32():

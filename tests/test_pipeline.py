@@ -271,7 +271,7 @@ def test_worker_processes_give_the_same_batches(tmp_path, tok_dir):
 
 
 def test_anyres_tiles_and_placeholders(tmp_path, tok_dir):
-  from vlm.tiler import anyres_num_features
+  from vlm.tiler import anyres_grid, anyres_num_features
   recs = [sample(i) for i in range(6)]
   path = write_data(str(tmp_path), recs)
   pins = ((14, 28), (28, 14), (28, 28))
@@ -285,8 +285,9 @@ def test_anyres_tiles_and_placeholders(tmp_path, tok_dir):
       text = tok.decode([t for t in batch["input_ids"][b] if t != IMG_ID])
       i = int(re.search(r"Case (\d+):", text).group(1))
       seen.add(i)
-      h, w = batch["image_sizes"][b, 0]
+      h, w, rows, cols = batch["image_sizes"][b, 0]
       assert (h, w) == (4 + i % 2, 5 + i % 3)
+      assert (rows, cols) == anyres_grid((h, w), pins, 14)   # the host's grid, for the model
       assert (batch["input_ids"][b] == IMG_ID).sum() == anyres_num_features((h, w), pins, 14, 7)
       tiles = batch["pixel_values"][b, 0]
       assert (tiles[0] == colour(i)).all()   # the squashed base image comes first

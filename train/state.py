@@ -85,7 +85,8 @@ def source_config(config) -> VLMConfig:
 def train_config(config, src: VLMConfig) -> VLMConfig:
   """The network trained: the source plus LoRA adapters and the run's compute settings."""
   m = config.model
-  out = src.replace(dtype=m.dtype, remat=m.remat, attention=m.attention)
+  out = src.replace(dtype=m.dtype, remat=m.remat, vision_remat=m.vision_remat,
+                    attention=m.attention)
   if m.lora.rank:
     out = out.replace(lora=LoraConfig(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
                                       targets=tuple(m.lora.targets),
@@ -263,4 +264,6 @@ def load(config, p: Plan) -> tuple:
 
 def export_config(p: Plan) -> VLMConfig:
   """config.json of the trained network: its LoRA, the source's runtime defaults."""
-  return p.config.replace(dtype=p.source.dtype, remat=p.source.remat, attention=p.source.attention)
+  s = p.source
+  return p.config.replace(dtype=s.dtype, remat=s.remat, vision_remat=s.vision_remat,
+                          attention=s.attention)

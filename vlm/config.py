@@ -120,7 +120,10 @@ class VLMConfig:
   image_token_id: int = -1
   template: str = "vicuna_v1"
   dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
-  remat: str = "none"  # none | full | save_dots | save_attn_proj
+  remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
+  # The vision tower's own policy (same names): its activations differ in shape and number from the
+  # decoder's, and a frozen tower that no gradient crosses needs none.
+  vision_remat: str = "none"
   attention: str = "xla"  # xla | cudnn | pallas | splash | auto
   # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
   # generation uses it on GPUs (see vlm/generate.py). Checkpoints always hold the stacked layout.

@@ -232,7 +232,8 @@ class Generator:
     if with_px:
       n_img = max(len(p.pixels) for p in with_px)
       px = np.zeros((rows, n_img) + with_px[0].pixels.shape[1:], with_px[0].pixels.dtype)
-      sizes = np.ones((rows, n_img, 2), np.int32) * self.config.vision.image_size
+      s = self.config.vision.image_size  # absent images: a one-tile grid, never read
+      sizes = np.tile(np.int32([s, s, 1, 1]), (rows, n_img, 1))
       for i, p in enumerate(prompts):
         if p.pixels is not None:
           px[i, :len(p.pixels)] = p.pixels

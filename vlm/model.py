@@ -52,7 +52,8 @@ class VLM(nn.Module):
     dtype = DTYPES[c.dtype]
     self.llm = Llama(c.llm, c.lora, dtype, c.attention, c.remat, c.scan_layers, name="llm")
     if c.vision is not None:
-      self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.remat, name="vision")
+      self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.vision_remat,
+                                name="vision")
       self.connector = Connector(c.connector.kind, c.llm.hidden, dtype, name="connector")
       if c.tiler.kind == "anyres":
         self.image_newline = self.param(
@@ -69,13 +70,14 @@ class VLM(nn.Module):
     encode = lambda t: self.vision(t.astype(DTYPES[c.dtype]), deterministic)
     if c.tiler.kind == "anyres":
       if image_sizes is None:
-        raise ValueError("anyres models need image_sizes [B, n_images, 2] (height, width)")
+        raise ValueError("anyres models need image_sizes [B, n_images, 4] (height, width, grid "
+                         "rows, grid cols)")
+      sizes = tiler.model_image_sizes(image_sizes, c.tiler.grid_pinpoints, v.image_size)
       t = x.shape[2]
       f = self.connector(encode(x.reshape((b * n * t,) + x.shape[3:])))
       f = f.reshape(b * n, t, f.shape[1], f.shape[2])
-      seq, counts = tiler.anyres_pack(f, jnp.asarray(image_sizes).reshape(b * n, 2),
-                                      self.image_newline, c.tiler.grid_pinpoints, v.image_size,
-                                      v.grid)
+      seq, counts = tiler.anyres_pack(f, jnp.reshape(sizes, (b * n, 4)), self.image_newline,
+                                      c.tiler.grid_pinpoints, v.image_size, v.grid)
       return seq.reshape(b, n, *seq.shape[1:]), counts.reshape(b, n)
     x = x.reshape((b * n,) + x.shape[2:])
     if c.tiler.kind == "s2":
@@ -101,7 +103,8 @@ class VLM(nn.Module):
                segment_ids=None, deterministic: bool = True, cache=None, return_hidden=False):
     if self.is_initializing() and self.config.vision is not None and pixel_values is None:
       pixel_values = self._dummy_pixels(input_ids.shape[0])
-      image_sizes = jnp.full((input_ids.shape[0], 1, 2), self.config.vision.image_size, jnp.int32)
+      s = self.config.vision.image_size  # a one-tile grid: init needs only the shapes
+      image_sizes = jnp.tile(jnp.int32([s, s, 1, 1]), (input_ids.shape[0], 1, 1))
     h = self.embed(input_ids, pixel_values, image_sizes, deterministic)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)

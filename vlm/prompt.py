@@ -21,14 +21,16 @@ from vlm.config import VLMConfig
 @dataclasses.dataclass
 class Prompt:
   """One row of a generation batch. pixels: uint8 [n_images, S, S, 3] (square tilers) or
-  [n_images, tiles, t, t, 3] (anyres) or None; image_sizes: int32 [n_images, 2] (anyres only)."""
+  [n_images, tiles, t, t, 3] (anyres) or None; image_sizes: int32 [n_images, 4] (anyres only:
+  height, width, tile rows, tile cols)."""
   ids: np.ndarray
   pixels: Optional[np.ndarray] = None
   image_sizes: Optional[np.ndarray] = None
 
 
 def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
-  """uint8 [H, W, 3] -> (pixels for one image, (height, width) or None, placeholder count)."""
+  """uint8 [H, W, 3] -> (pixels for one image, (height, width, rows, cols) or None, placeholder
+  count)."""
   v, t = config.vision, config.tiler
   if v is None:
     raise ValueError("this model has no vision tower; it cannot take an image")

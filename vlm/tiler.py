@@ -1,7 +1,8 @@
 """Image tilers: S2 multi-scale (Llama3-Med) and LLaVA-1.6 anyres.
 
-Host side (pure Python, shared with the data pipeline so placeholder counts agree by construction):
-`select_best_resolution`, `anyres_grid`, `anyres_unpad_box`, `anyres_num_features`.
+Host side (numpy, shared by the data pipeline and the prompt path so placeholder counts and tile
+grids agree by construction): `best_pinpoint`, `select_best_resolution`, `anyres_grid`,
+`anyres_image_sizes`, `anyres_unpad_box`, `anyres_num_features`.
 Device side (jitted, inside the model): `torch_bicubic_matrix`, `s2_features`, `anyres_pack`.
 """
 from __future__ import annotations
@@ -15,30 +16,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
-# --- anyres geometry (host and device agree: integer arithmetic only) ----------------------------
+# --- anyres geometry: decided on the host --------------------------------------------------------
 
-def _best_pinpoint(oh, ow, pinpoints, xp):
-  """Index of LLaVA-1.6's best resolution: most image pixels kept, then least waste, first on ties.
+def best_pinpoint(image_hw, pinpoints) -> np.ndarray:
+  """Index into `pinpoints` of LLaVA-1.6's best resolution for images of (height, width) [..., 2]:
+  most image pixels kept, then least waste, first on ties.
 
-  HF computes this in Python floats (int(ow * scale)); we use the exact rational values with integer
-  arithmetic so the host (placeholder counts) and the jitted model (unpad) agree bit for bit. Both
-  agree with HF except where float rounding moves int(ow * scale) by one pixel (none in the test
-  sweep over 1..1400 px sides; see tests/test_tiler.py)."""
-  hs = xp.asarray([int(h) for h, _ in pinpoints])
-  ws = xp.asarray([int(w) for _, w in pinpoints])
-  oh, ow = oh[..., None], ow[..., None]
-  by_width = ws * oh <= hs * ow  # scale = w / ow is the smaller one
-  dw = xp.where(by_width, ws, (ow * hs) // oh)
-  dh = xp.where(by_width, (oh * ws) // ow, hs)
-  eff = xp.minimum(dw * dh, ow * oh)
-  waste = hs * ws - eff
-  best = eff == eff.max(-1, keepdims=True)
-  return xp.argmin(xp.where(best, waste, xp.iinfo(waste.dtype).max), axis=-1)
+  Computed as HF's and LLaVA's select_best_resolution do, in float64 (Python floats):
+  scale = min(w / ow, h / oh), kept = int(ow * scale) * int(oh * scale). Float rounding makes
+  int(ow * (w / ow)) fall one pixel short for some sides, and near 1:2 or 2:1 (567x1133, 600x1199)
+  that flips the choice; placeholder counts agree either way, so only an exact copy of the float
+  rule reads the tiles a checkpoint was trained on. The device has no float64: the grid is chosen
+  here and shipped to the model in `image_sizes` (`anyres_image_sizes`)."""
+  hw = np.asarray(image_hw, np.int64)
+  oh, ow = hw[..., 0:1].astype(np.float64), hw[..., 1:2].astype(np.float64)
+  ph = np.asarray([h for h, _ in pinpoints], np.float64)
+  pw = np.asarray([w for _, w in pinpoints], np.float64)
+  scale = np.minimum(pw / ow, ph / oh)
+  kept = np.trunc(ow * scale).astype(np.int64) * np.trunc(oh * scale).astype(np.int64)
+  kept = np.minimum(kept, hw[..., 0:1] * hw[..., 1:2])
+  waste = ph.astype(np.int64) * pw.astype(np.int64) - kept
+  best = kept == kept.max(-1, keepdims=True)
+  return np.argmin(np.where(best, waste, np.iinfo(np.int64).max), axis=-1)
 
 
 def select_best_resolution(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]]) -> tuple:
   """LLaVA-1.6: the (height, width) pinpoint for an image of (height, width)."""
-  i = int(_best_pinpoint(np.int64(image_hw[0]), np.int64(image_hw[1]), pinpoints, np))
+  i = int(best_pinpoint(image_hw[:2], pinpoints))
   return int(pinpoints[i][0]), int(pinpoints[i][1])
 
 
@@ -46,6 +50,14 @@ def anyres_grid(image_hw, pinpoints, tile: int) -> tuple:
   """(rows, cols) of tiles for an image of (height, width)."""
   h, w = select_best_resolution(image_hw, pinpoints)
   return h // tile, w // tile
+
+
+def anyres_image_sizes(image_hw, pinpoints, tile: int) -> np.ndarray:
+  """(height, width) [..., 2] -> the model's `image_sizes` int32 [..., 4]: (height, width, grid
+  rows, grid cols), the grid chosen here in float64 (`best_pinpoint`)."""
+  hw = np.asarray(image_hw, np.int64)
+  grid = np.asarray([(h // tile, w // tile) for h, w in pinpoints], np.int64)
+  return np.concatenate([hw, grid[best_pinpoint(hw, pinpoints)]], -1).astype(np.int32)
 
 
 def anyres_unpad_box(image_hw, grid_hw, side: int) -> tuple:
@@ -63,9 +75,10 @@ def anyres_unpad_box(image_hw, grid_hw, side: int) -> tuple:
 
 def anyres_num_features(image_hw, pinpoints, tile: int, patch: int) -> int:
   """Placeholder ids one anyres image expands to: base tile + unpadded grid + one newline per row
-  (tile: the tower's input side in px; patch: its patch size)."""
+  (image_hw: (height, width) or an `image_sizes` row; tile: the tower's input side in px; patch:
+  its patch size)."""
   side = tile // patch
-  grid = anyres_grid(image_hw, pinpoints, tile)
+  grid = anyres_grid(image_hw[:2], pinpoints, tile)
   r0, r1, c0, c1 = anyres_unpad_box(image_hw, grid, side)
   return side * side + (r1 - r0) * (c1 - c0 + 1)
 
@@ -133,18 +146,32 @@ def s2_features(encode: Callable, pixels, scales: Sequence[int], tile: int, grid
   return jnp.concatenate(outs, axis=-1)
 
 
+def model_image_sizes(image_sizes, pinpoints, tile: int):
+  """The model's `image_sizes` [..., 4] (height, width, rows, cols). A HF-style [..., 2] (height,
+  width) is completed here while it is concrete (an eager call, or a constant closed over); a
+  traced one cannot be: the grid is a float64 decision the device cannot make."""
+  if isinstance(image_sizes, jax.core.Tracer):
+    if image_sizes.shape[-1] != 4:
+      raise ValueError("anyres under jit needs image_sizes [..., 4] (height, width, rows, cols) "
+                       "made on the host by vlm.tiler.anyres_image_sizes, not "
+                       f"{tuple(image_sizes.shape)}")
+    return image_sizes
+  sizes = np.asarray(image_sizes)
+  return sizes if sizes.shape[-1] == 4 else anyres_image_sizes(sizes, pinpoints, tile)
+
+
 def anyres_pack(feats, image_sizes, newline, pinpoints, tile: int, side: int):
   """LLaVA-1.6 packing inside jit with static shapes.
 
   feats [N, T, side*side, D] per tile (tile 0 = squashed base image, then the grid row-major,
-  zero-padded up to T); image_sizes [N, 2] (height, width). Returns (seq [N, F, D], count [N]):
-  base tokens, then the stitched grid map with HF's unpadding, a `newline` vector after each row;
-  entries past `count` are zeros."""
+  zero-padded up to T); image_sizes [N, 4] (height, width, grid rows, grid cols: the host's choice,
+  `anyres_image_sizes`). Returns (seq [N, F, D], count [N]): base tokens, then the stitched grid
+  map with HF's unpadding (integer arithmetic, `anyres_unpad_box`), a `newline` vector after each
+  row; entries past `count` are zeros."""
   n, t, _, d = feats.shape
-  oh, ow = image_sizes[:, 0].astype(jnp.int32), image_sizes[:, 1].astype(jnp.int32)
-  best = _best_pinpoint(oh, ow, pinpoints, jnp)
-  gh = jnp.asarray([h // tile for h, _ in pinpoints])[best][:, None, None]
-  gw = jnp.asarray([w // tile for _, w in pinpoints])[best][:, None, None]
+  image_sizes = jnp.asarray(image_sizes).astype(jnp.int32)
+  oh, ow = image_sizes[:, 0], image_sizes[:, 1]
+  gh, gw = image_sizes[:, 2, None, None], image_sizes[:, 3, None, None]
   ch, cw = gh * side, gw * side
   oh, ow = oh[:, None, None], ow[:, None, None]
   wider = ow * ch > cw * oh

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm.attention import attend
 from vlm.config import LoraConfig, VisionConfig
@@ -62,9 +63,11 @@ class VisionBlock(nn.Module):
                    lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, name=name)
 
     h = LayerNorm(c.norm_eps, self.dtype, name="ln1")(x)
-    q, k, v = (dense(nm, c.width, ("vision_embed", "vision_heads"))(h, deterministic).reshape(
-        n, t, c.heads, hd) for nm in ("q", "k", "v"))
+    # Named as in the decoder, so a named remat policy (save_attn_proj) keeps them on the tower too.
+    q, k, v = (checkpoint_name(dense(nm, c.width, ("vision_embed", "vision_heads"))(
+        h, deterministic).reshape(n, t, c.heads, hd), f"{nm}_proj") for nm in ("q", "k", "v"))
     o = attend(q, k, v, causal=False, impl=self.impl).reshape(n, t, c.width)
+    o = checkpoint_name(o, "attn_out")
     x = x + dense("o", c.width, ("vision_heads", "vision_embed"))(o, deterministic)
     h = LayerNorm(c.norm_eps, self.dtype, name="ln2")(x)
     h = ACTIVATIONS[c.act](dense("fc1", c.mlp_dim, ("vision_embed", "vision_mlp"))(h, deterministic))
@@ -100,7 +103,7 @@ class VisionTower(nn.Module):
   lora: LoraConfig = LoraConfig()
   dtype: Any = jnp.float32
   impl: str = "xla"
-  remat: str = "none"
+  remat: str = "none"  # its own policy (VLMConfig.vision_remat; MaxText: remat_policy_for_vit)
 
   @nn.compact
   def __call__(self, pixels, deterministic: bool = True):
