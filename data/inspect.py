@@ -77,6 +77,9 @@ def main(argv=None) -> int:
   ap.add_argument("--image-tokens", type=int, default=729,
                   help="placeholders per image (729 S2-378, 576 LLaVA-1.5); default 729")
   ap.add_argument("--system", default=None, help="system prompt ('' for none; default: template's)")
+  ap.add_argument("--image-position", choices=conversation.IMAGE_POSITIONS, default=None,
+                  help="keep <image> where the sample has it, or first in its turn (LLaVA); "
+                  "default: the template's")
   ap.add_argument("--max-len", type=int, default=None, help="truncate as training does")
   ap.add_argument("--json", action="store_true",
                   help='print {"input_ids": [...], "labels": [...]}')
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     image_id = image_token_id(tokenizer)
     sample = first_sample(args.sample)
     out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
-                              image_token_id=image_id, system=args.system, max_len=args.max_len)
+                              image_token_id=image_id, system=args.system,
+                              image_position=args.image_position, max_len=args.max_len)
   except (BadSample, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
