@@ -17,8 +17,10 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
   model.loss_chunk      positions per vocabulary projection in the loss (0: all at once)
   trainable             regexes over '/'-joined parameter paths; everything else is frozen
   data.*                data.pipeline.DataConfig fields; None means the DataConfig / model default
-                        (template, image geometry and placeholder counts come from the model;
-                        num_epochs from train.epochs, or endless when train.steps is set)
+                        (template, image_position, system, image geometry and placeholder counts
+                        come from the model; num_epochs from train.epochs, or endless when
+                        train.steps is set). The final checkpoint records the prompt format the
+                        data was rendered in (template, image_position, system; not for `plain`)
   eval.*                held-out loss: paths (empty: none), every (steps), batches (0: all)
   optim.*               lr, groups ({name: {pattern, lr}} per-group rates), schedule (cosine |
                         linear | constant), warmup_ratio, min_lr_ratio, weight_decay, no_decay
@@ -51,7 +53,8 @@ def data_defaults() -> dict:
               global_batch=128, per_process_batch=None, mode="pad", pad_buckets=None,
               group_window=32, pack_bins=None, seed=0, shuffle=True, num_epochs=None,
               worker_count=0, worker_buffer_size=4, read_threads=2, read_buffer=8, strict=False,
-              resize_mode=None, max_images_per_row=None, system=None, cache_dir=None,
+              resize_mode=None, max_images_per_row=None, system=None, image_position=None,
+              cache_dir=None,
               tfds_data_dir=None, log_skips=3)
 
 

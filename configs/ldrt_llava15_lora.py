@@ -22,6 +22,10 @@ def get_config():
   c.data.paths = ("data/ldrt/ldrt_train.json",)     # `python -m data.ldrt` output (97% split)
   c.data.image_root = "data/ldrt/images"
   c.data.max_len = 2048             # Sec. 4: maximum sequence length 2048
+  # The LLaVA code base's format (the model's template, vicuna_v1): LLaVA train.py
+  # preprocess_multimodal moves <image> to the front of its turn ("<image>\n" + the question).
+  c.data.template = None
+  c.data.image_position = "first"
   c.data.global_batch = 16          # Sec. 4: batch size 16 (4 per GPU x 4 GPUs)
   c.eval.paths = ("data/ldrt/ldrt_eval.json",)      # Sec. 3.1: the 3% evaluation split
   c.eval.every = 500

@@ -4,6 +4,7 @@ Starts from stage 1's output (its workdir stands for WORKDIR/final). The tower s
 connector and the whole LLM train (App. D "visual instruction tuning").
 """
 from configs import common, stage1
+from data import conversation
 
 
 def get_config():
@@ -16,6 +17,11 @@ def get_config():
   c.data.paths = ("data/llava_med/llava_med_instruct_60k_inline_mention.json",
                   "data/llama3_med/synth_20k.json")
   c.data.template = None            # the model's: llama3
+  # The prompt format of Llama3-Med's code (github standardmodelbio/Llama3-Med): base.py renders the
+  # question as the data has it (<image> kept in place; the move to the front is commented out) and
+  # llama3_template.py always renders its system block with this prompt.
+  c.data.image_position = "keep"
+  c.data.system = conversation.LLAMA3_MED_SYSTEM
   c.data.max_len = 2048             # Table 9: Max Length 2048
   c.data.global_batch = 128         # Table 9: Global Batch Size 128 (Sec. 4)
   c.optim.lr = 2e-5                 # Table 9: Learning Rate 2e-5 (Sec. 4)

@@ -3,8 +3,9 @@
 378/756/1134 with the DFN5B tower, mlp2x_gelu, Llama-3-8B-Instruct).
 
 Shapes come from the given parts; the preset contributes the tiler, connector kind, feature layer
-and template. When a part's shapes differ from the preset's (tiny test models), S2 scales are
-rescaled to the tower's resolution and the difference is logged.
+and prompt format (template, image position, system prompt). When a part's shapes differ from the
+preset's (tiny test models), S2 scales are rescaled to the tower's resolution and the difference is
+logged.
 """
 from __future__ import annotations
 

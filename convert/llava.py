@@ -121,8 +121,9 @@ def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
   if d.get("mm_hidden_size", want) != want:
     raise hf.ConversionError(f"{source}: mm_hidden_size {d['mm_hidden_size']} != tower width "
                              f"{vision.width} x {n_scales} scale(s)")
+  # LlavaMistralForCausalLM (LLaVA-Med v1.5) trained in the code base's conv_mistral_instruct
   template = ("llama3" if llm.vocab_size >= 128000 else
-              "mistral_instruct" if mt == "llava_mistral" else "vicuna_v1")
+              "llava_mistral" if mt == "llava_mistral" else "vicuna_v1")
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig(kind),
                    lora=lora, template=template,
                    image_token_id=int(d.get("image_token_index", -1)))
@@ -135,7 +136,7 @@ def from_vlm(cfg: VLMConfig, tower_path: str, dtype: str) -> dict:
   rope = text.pop("rope_parameters")
   text["rope_theta"] = rope.pop("rope_theta")
   text["rope_scaling"] = None if rope["rope_type"] == "default" else rope
-  mistral = cfg.template == "mistral_instruct" or bool(cfg.llm.sliding_window)
+  mistral = cfg.template in ("mistral_instruct", "llava_mistral") or bool(cfg.llm.sliding_window)
   v, t = cfg.vision, cfg.tiler
   aspect = {"pad": "pad", "squash": "squash", "center_crop": "square"}[t.resize_mode]
   d = dict(text, architectures=["LlavaMistralForCausalLM" if mistral else "LlavaLlamaForCausalLM"],

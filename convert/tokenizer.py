@@ -2,10 +2,18 @@
 
 LLaVA grows the vocabulary when it adds tokens and initializes the new input and output embedding
 rows with the mean of the existing rows (LlavaMetaForCausalLM.initialize_vision_tokenizer).
+
+Files are copied byte for byte (import, the checkpoint's tokenizer/, export). Adding `<image>`
+rewrites them through transformers' save_pretrained, which drops settings it does not write back
+(transformers 5: `legacy`, `add_bos_token`, ...); a missing `legacy` reloads as legacy=False and a
+Llama-2 / Mistral SentencePiece tokenizer then splits '</s>[INST]' as '</s>' '[' instead of
+'</s>' '▁['. So the source's tokenizer_config.json settings are put back and the saved tokenizer
+is checked to tokenize like the source before the import goes on.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Optional
@@ -70,8 +78,11 @@ def ensure_image_token(tok_dir: Optional[str], params: dict, cfg: VLMConfig, log
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(tok_dir)
   if IMAGE_TOKEN not in tok.get_vocab():
+    settings = _read_config(tok_dir)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)  # as LLaVA adds its tokens
     tok.save_pretrained(tok_dir)
+    _restore_settings(tok_dir, settings, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    _check_same_tokens(tok, AutoTokenizer.from_pretrained(tok_dir), tok_dir)
     log(f"added {IMAGE_TOKEN} to the tokenizer as id {tok.convert_tokens_to_ids(IMAGE_TOKEN)}")
   tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
   if tid >= cfg.llm.vocab_size:
@@ -79,3 +90,43 @@ def ensure_image_token(tok_dir: Optional[str], params: dict, cfg: VLMConfig, log
     log(f"growing the vocabulary {cfg.llm.vocab_size} -> {tid + 1} (new rows = mean of the old)")
     params, cfg = grow_embeddings(params, cfg, n)
   return params, cfg.replace(image_token_id=tid)
+
+
+def _read_config(tok_dir) -> dict:
+  path = os.path.join(tok_dir, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _restore_settings(tok_dir, before: dict, image_id: int):
+  """tokenizer_config.json as save_pretrained wrote it, with every setting of the source's put
+  back; added_tokens_decoder keeps the source's entries plus the new token."""
+  after = _read_config(tok_dir)
+  merged = {**after, **{k: v for k, v in before.items() if k != "added_tokens_decoder"}}
+  if "added_tokens_decoder" in before or "added_tokens_decoder" in after:
+    added = {**before.get("added_tokens_decoder", {}), **after.get("added_tokens_decoder", {})}
+    added.setdefault(str(image_id), dict(content=IMAGE_TOKEN, lstrip=False, normalized=False,
+                                         rstrip=False, single_word=False, special=True))
+    merged["added_tokens_decoder"] = added
+  with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(merged, f, indent=2, ensure_ascii=False)
+
+
+def _check_same_tokens(source, saved, tok_dir):
+  """The saved tokenizer must split text exactly as the source does, around special tokens too
+  (where SentencePiece settings such as `legacy` show)."""
+  from convert.hf import ConversionError
+  bos, eos = source.bos_token or "", source.eos_token or ""
+  probes = [f"{bos}[INST] What is shown? [/INST] A 3 cm cyst.{eos}[INST] Where? [/INST]",
+            f"USER: Is it normal? ASSISTANT: No.{eos}USER: Why?\nASSISTANT:",
+            " leading space,  two spaces\n\nand newlines", f"{IMAGE_TOKEN}\nDescribe it."]
+  for text in probes:
+    a = source(text, add_special_tokens=True)["input_ids"]
+    b = saved(text, add_special_tokens=True)["input_ids"]
+    if a != b:
+      raise ConversionError(
+          f"{tok_dir}: the tokenizer saved with {IMAGE_TOKEN} tokenizes {text[:40]!r} as "
+          f"{saved.convert_ids_to_tokens(b)[:12]}, the source as "
+          f"{source.convert_ids_to_tokens(a)[:12]}")

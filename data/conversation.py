@@ -20,11 +20,24 @@ Templates (labels are -100 except on the trained pieces; BOS is an id, never tex
   vicuna_v1         <s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>
                     trained: " {a}</s>" (LLaVA conv_vicuna_v1; system defaults to LLaVA's)
   mistral_instruct  <s>[INST] {q} [/INST] {a}</s>[INST] {q2} [/INST] {a2}</s>
-                    trained: " {a}</s>" (a system prompt goes before the first question + "\n\n")
+                    trained: " {a}</s>" (a system prompt goes before the first question + "\n\n").
+                    Mistral's own format (mistral-common InstructTokenizerV1): every message is
+                    its own SentencePiece input, so "[INST]" after "</s>" is tokenized as the
+                    start of a text ('▁[') whatever the tokenizer's `legacy` flag says.
+  llava_mistral     <s>[INST] [<<SYS>>\n{system}\n<</SYS>>\n\n]{q} [/INST] {a} </s>[INST] {q2} ...
+                    trained: " {a} </s>" (LLaVA / LLaVA-Med v1.5 conv_mistral_instruct, a
+                    SeparatorStyle.LLAMA_2 template, tokenized as one text like LLaVA's
+                    preprocess_llama_2: what LLaVA-Med v1.5 (Mistral) was trained in)
   plain             <s><image>{caption}\n   (stage 1; the human text is dropped as LLaVA does)
                     trained: "{caption}\n"
-</s> and <s> stand for the tokenizer's own eos / bos tokens. All message texts are stripped; in a
-human turn each `<image>` keeps its place and is joined to the text around it by one newline.
+</s> and <s> stand for the tokenizer's own eos / bos tokens. All message texts are stripped.
+
+Image placement in a human turn (`image_position`; default per template, DEFAULT_IMAGE_POSITION):
+  first  LLaVA / LLaVA-NeXT training (train.py preprocess_multimodal) and eval: a turn holding one
+         `<image>` becomes "<image>\n" + the rest with the marker removed, stripped. Turns with
+         several images keep their layout (LLaVA-NeXT applies the rule to single-image turns).
+  keep   Llama3-Med (llama3med/data/template/base.py renders the question as the data has it):
+         the turn's text unchanged, each `<image>` where it is.
 """
 from __future__ import annotations
 
@@ -36,11 +49,20 @@ import numpy as np
 
 from data.errors import BadSample, UserError
 
-TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "plain")
+TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "llava_mistral", "plain")
+IMAGE_POSITIONS = ("keep", "first")
+# What a checkpoint trained without an explicit position used: Llama3-Med (llama3) keeps the data's
+# placement, the LLaVA-family templates put the image first.
+DEFAULT_IMAGE_POSITION = {"llama3": "keep", "vicuna_v1": "first", "mistral_instruct": "first",
+                          "llava_mistral": "first", "plain": "first"}
 IMAGE = "<image>"
 IGNORE = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+# Llama3-Med llama3med/data/template/llama3_template.py: `system = "You are a helpful language and
+# vision assistant. "`; the two string lines under it are separate statements, not part of it, so
+# its Llama3Template renders exactly this, trailing space included, before <|eot_id|>.
+LLAMA3_MED_SYSTEM = "You are a helpful language and vision assistant. "
 LLAMA3_BOS, LLAMA3_EOT, LLAMA3_EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 LLAMA3_SH, LLAMA3_EH = "<|start_header_id|>", "<|end_header_id|>"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -98,13 +120,20 @@ def _bad(reason, message, sid):
   return BadSample(reason, message, sample_id=sid)
 
 
-def _place_images(text: str) -> str:
-  """Keep each <image> where it is, strip the text around it, join the parts with one newline."""
-  parts = text.split(IMAGE)
-  out = [parts[0].strip()]
-  for p in parts[1:]:
-    out += [IMAGE, p.strip()]
-  return "\n".join(x for x in out if x)
+def image_position_for(template: str, position: Optional[str] = None) -> str:
+  """The placement rule in force: `position`, else the template's default."""
+  position = position or DEFAULT_IMAGE_POSITION.get(template)
+  if position not in IMAGE_POSITIONS:
+    raise ValueError(f"unknown image_position {position!r}; choose from {IMAGE_POSITIONS}")
+  return position
+
+
+def _place_images(text: str, position: str) -> str:
+  """Apply the image placement rule (module docstring) to one human turn."""
+  if position == "first" and text.count(IMAGE) == 1:
+    rest = text.replace(IMAGE, "").strip()
+    return f"{IMAGE}\n{rest}" if rest else IMAGE
+  return text
 
 
 def _n_images(sample: dict) -> int:
@@ -114,7 +143,7 @@ def _n_images(sample: dict) -> int:
   return len(img) if isinstance(img, (list, tuple)) else 1
 
 
-def _pairs(sample, spec: _Spec, sid) -> list:
+def _pairs(sample, spec: _Spec, sid, position: str) -> list:
   """Validated (question, answer) pairs with images placed; raises BadSample."""
   if not isinstance(sample, dict):
     raise _bad("malformed", f"sample is a {type(sample).__name__}, not an object", sid)
@@ -149,39 +178,44 @@ def _pairs(sample, spec: _Spec, sid) -> list:
     turns[0] = ("human", IMAGE + "\n" + turns[0][1])
   elif n_mark != n_img:
     raise _bad("malformed", f"{n_mark} <image> markers for {n_img} images", sid)
-  return [(_place_images(turns[i][1]), turns[i + 1][1]) for i in range(0, len(turns), 2)]
+  return [(_place_images(turns[i][1], position), turns[i + 1][1])
+          for i in range(0, len(turns), 2)]
 
 
-# --- templates: pairs -> pieces (text, trained) --------------------------------------------------
+# --- templates: pairs -> pieces (text, trained, fresh) -------------------------------------------
 
 def _pieces(template: str, pairs: list, spec: _Spec, system: Optional[str]) -> list:
-  """`pairs` is [(question, answer)]; answer None ends the text at the assistant header."""
+  """`pairs` is [(question, answer)]; answer None ends the text at the assistant header. A fresh
+  piece starts a new tokenizer input (no continuation of the text before it)."""
   out = []
   if template == "llama3":
     head = lambda role: f"{LLAMA3_SH}{role}{LLAMA3_EH}\n\n"
     if system:
-      out.append((head("system") + system + LLAMA3_EOT, False))
+      out.append((head("system") + system + LLAMA3_EOT, False, False))
     for q, a in pairs:
-      out.append((head("user") + q + LLAMA3_EOT + head("assistant"), False))
+      out.append((head("user") + q + LLAMA3_EOT + head("assistant"), False, False))
       if a is not None:
-        out.append((a + LLAMA3_EOT, True))
+        out.append((a + LLAMA3_EOT, True, False))
   elif template == "vicuna_v1":
     system = VICUNA_SYSTEM if system is None else system
     for i, (q, a) in enumerate(pairs):
       prefix = system + " " if i == 0 and system else ""
-      out.append((f"{prefix}USER: {q} ASSISTANT:", False))
+      out.append((f"{prefix}USER: {q} ASSISTANT:", False, False))
       if a is not None:
-        out.append((f" {a}{spec.end}", True))
-  elif template == "mistral_instruct":
+        out.append((f" {a}{spec.end}", True, False))
+  elif template in ("mistral_instruct", "llava_mistral"):
+    llava = template == "llava_mistral"
     for i, (q, a) in enumerate(pairs):
-      q = f"{system}\n\n{q}" if i == 0 and system else q
-      out.append((f"[INST] {q} [/INST]", False))
+      if i == 0 and system:
+        q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}" if llava else f"{system}\n\n{q}"
+      # mistral-common encodes each message on its own; LLaVA tokenizes the whole text
+      out.append((f"[INST] {q} [/INST]", False, not llava))
       if a is not None:
-        out.append((f" {a}{spec.end}", True))
+        out.append((f" {a} {spec.end}" if llava else f" {a}{spec.end}", True, False))
   else:  # plain
-    out.append((IMAGE * pairs[0][0].count(IMAGE), False))
+    out.append((IMAGE * pairs[0][0].count(IMAGE), False, False))
     if pairs[0][1] is not None:
-      out.append((pairs[0][1] + spec.end, True))
+      out.append((pairs[0][1] + spec.end, True, False))
   return out
 
 
@@ -197,10 +231,12 @@ def _encode_batch(tokenizer, texts: list) -> list:
 
 def _tokenize(pieces: list, tokenizer, spec: _Spec, sid) -> list:
   """-> items [kind, ids, trained], kind 'image' (ids None) or 'text'. Raises
-  BadSample('template_mismatch') unless the pieces of each chunk (text between images) tokenize
-  exactly like the chunk's whole text."""
+  BadSample('template_mismatch') unless the pieces of each chunk (text between images and fresh
+  pieces) tokenize exactly like the chunk's whole text."""
   items, chunks, texts, anchors = [], [[]], [], []
-  for text, trained in pieces:
+  for text, trained, fresh in pieces:
+    if fresh and chunks[-1]:
+      chunks.append([])
     for j, part in enumerate(text.split(IMAGE)):
       if j:
         items.append(["image", None, False])
@@ -262,18 +298,19 @@ def _assemble(items, spec, image_tokens, image_token_id, sid):
 
 def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
            image_token_id: int, system: Optional[str] = None,
-           max_len: Optional[int] = None) -> dict:
+           image_position: Optional[str] = None, max_len: Optional[int] = None) -> dict:
   """LLaVA / LLaVA-Med sample -> {"input_ids": int32[T], "labels": int32[T]}.
 
   labels equal input_ids on trained tokens and -100 elsewhere, aligned (not shifted: the loss
   shifts). Each <image> becomes `image_tokens` copies of `image_token_id` (an int, or one count
   per image for anyres). `system` None means the template's default (LLaVA's for vicuna_v1, none
-  otherwise); "" means none. Truncation to `max_len` never cuts an image's placeholders and never
-  leaves a sample without trained tokens: such a sample raises BadSample('too_long').
+  otherwise); "" means none. `image_position` ('keep' | 'first') None means the template's
+  default (DEFAULT_IMAGE_POSITION). Truncation to `max_len` never cuts an image's placeholders and
+  never leaves a sample without trained tokens: such a sample raises BadSample('too_long').
   """
   sid = sample.get("id") if isinstance(sample, dict) else None
   spec = _spec(tokenizer, template)
-  pairs = _pairs(sample, spec, sid)
+  pairs = _pairs(sample, spec, sid, image_position_for(template, image_position))
   if template == "plain":
     if len(pairs) != 1 or IMAGE not in pairs[0][0]:
       raise _bad("malformed", "plain template needs one image and exactly one caption turn", sid)
@@ -309,11 +346,13 @@ def _check_system(system, spec, sid):
 
 
 def render_prompt(question: str, tokenizer, template: str, *, image_tokens: ImageTokens,
-                  image_token_id: int, system: Optional[str] = None) -> np.ndarray:
-  """Generation prompt ids: the conversation up to the assistant header, images expanded.
-  A question without <image> gets one in front when image_tokens is given (as LLaVA's eval does);
-  image_tokens=0 means a text-only prompt."""
+                  image_token_id: int, system: Optional[str] = None,
+                  image_position: Optional[str] = None) -> np.ndarray:
+  """Generation prompt ids: the conversation up to the assistant header, images expanded, placed
+  and prompted as encode() does in training. A question without <image> gets one in front when
+  image_tokens is given (as LLaVA's eval does); image_tokens=0 means a text-only prompt."""
   spec = _spec(tokenizer, template)
+  position = image_position_for(template, image_position)
   scalar = isinstance(image_tokens, (int, np.integer))
   n_given = (1 if image_tokens else 0) if scalar else len(image_tokens)
   if IMAGE not in question and n_given:
@@ -321,7 +360,7 @@ def render_prompt(question: str, tokenizer, template: str, *, image_tokens: Imag
   if spec.special_re is not None and spec.special_re.search(question):
     raise _bad("malformed", "question contains a special token", "prompt")
   _check_system(system, spec, "prompt")
-  q = _place_images(question.strip())
+  q = _place_images(question.strip(), position)
   if template == "plain" and IMAGE not in q:
     raise _bad("malformed", "plain template needs an image", "prompt")
   items = _tokenize(_pieces(template, [(q, None)], spec, system), tokenizer, spec, "prompt")

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
   ap.add_argument("--image-tokens", type=int, default=729,
                   help="placeholders per image (729 S2-378, 576 LLaVA-1.5); default 729")
   ap.add_argument("--system", default=None, help="system prompt ('' for none; default: template's)")
+  ap.add_argument("--image-position", choices=conversation.IMAGE_POSITIONS, default=None,
+                  help="keep <image> where the sample has it, or first in its turn (LLaVA); "
+                  "default: the template's")
   ap.add_argument("--max-len", type=int, default=None, help="truncate as training does")
   ap.add_argument("--json", action="store_true",
                   help='print {"input_ids": [...], "labels": [...]}')
@@ -102,7 +105,8 @@ def show(args) -> int:
   tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
   image_id = image_token_id(tokenizer)
   out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
-                            image_token_id=image_id, system=args.system, max_len=args.max_len)
+                            image_token_id=image_id, system=args.system,
+                            image_position=args.image_position, max_len=args.max_len)
   if args.json:
     print(json.dumps({"input_ids": out["input_ids"].tolist(), "labels": out["labels"].tolist()}))
     return 0

@@ -68,7 +68,8 @@ class DataConfig:
   image_token_id: int = -1
   max_images_per_row: Optional[int] = None   # default: pad 1, pack as many as max_len could hold;
                                              # 0: text only (batches carry no pixel_values)
-  system: Optional[str] = None
+  system: Optional[str] = None       # None: the template's default; "": none
+  image_position: Optional[str] = None   # keep | first; None: the template's default
   cache_dir: Optional[str] = None    # where JSON indexes are cached (never next to the data)
   tfds_data_dir: Optional[str] = None
   log_skips: int = 3                 # bad samples logged per reason
@@ -101,9 +102,11 @@ class DataConfig:
 
   @classmethod
   def from_model(cls, model_config, **kw) -> "DataConfig":
-    """Image geometry, placeholder counts and template taken from a vlm.config.VLMConfig."""
+    """Image geometry, placeholder counts and prompt format (template, image position, system
+    prompt) taken from a vlm.config.VLMConfig."""
     v, t = model_config.vision, model_config.tiler
-    derived = dict(template=model_config.template, image_token_id=model_config.image_token_id)
+    derived = dict(template=model_config.template, image_token_id=model_config.image_token_id,
+                   image_position=model_config.image_position, system=model_config.system)
     if v is not None:
       derived.update(image_size=t.input_size(v), resize_mode=t.resize_mode, tiler=t.kind,
                      image_mean=tuple(v.mean),
@@ -188,7 +191,8 @@ class SampleProcessor:
     """Template + loss mask (data.validate calls it without the cut to see the full length)."""
     cfg = self.cfg
     return encode(sample, self.tokenizer, cfg.template, image_tokens=tokens,
-                  image_token_id=cfg.image_token_id, system=cfg.system, max_len=max_len)
+                  image_token_id=cfg.image_token_id, system=cfg.system,
+                  image_position=cfg.image_position, max_len=max_len)
 
   def _process(self, rec, sid, src) -> dict:
     cfg = self.cfg

@@ -1,11 +1,16 @@
 """Templates and loss masks. Expected ids come from the test's own rendering of the DESIGN.md
-template strings and from tokenizing the answers on their own, never from encode()'s output."""
+template strings and from tokenizing the answers on their own, from transcriptions of the reference
+code's rules (LLaVA, LLaVA-Med v1.5, Llama3-Med) and from mistral-common's tokenizer, never from
+encode()'s output."""
+import copy
+import re
+
 import numpy as np
 import pytest
 
 from data import conversation as C
 from data.errors import BadSample
-from tiny_tokenizers import llama2_tokenizer, llama3_tokenizer, load
+from tiny_tokenizers import llama2_tokenizer, llama3_tokenizer, load, mistral_tokenizer
 
 IMG_TOKENS = 5
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
@@ -48,16 +53,20 @@ def render(template, q1, system, eos):
   raise ValueError(template)
 
 
-def oracle_ids(tok, text):
+def oracle_ids(tok, text, fresh_after=None):
   """BOS + text tokenized in chunks split at <image> (LLaVA's tokenizer_image_token), each image
-  expanded to IMG_TOKENS copies of the <image> id."""
+  expanded to IMG_TOKENS copies of the <image> id. Text after each `fresh_after` string is a new
+  tokenizer input (mistral-common encodes every message on its own)."""
   img = tok.convert_tokens_to_ids("<image>")
   ids = [tok.bos_token_id]
-  for i, chunk in enumerate(text.split("<image>")):
-    if i:
-      ids += [img] * IMG_TOKENS
-    if chunk:
-      ids += tok(chunk, add_special_tokens=False)["input_ids"]
+  segments = text.split(fresh_after) if fresh_after else [text]
+  segments = [s + fresh_after for s in segments[:-1]] + segments[-1:] if fresh_after else segments
+  for segment in segments:
+    for i, chunk in enumerate(segment.split("<image>")):
+      if i:
+        ids += [img] * IMG_TOKENS
+      if chunk:
+        ids += tok(chunk, add_special_tokens=False)["input_ids"]
   return np.array(ids)
 
 
@@ -80,11 +89,13 @@ def expected_labels(ids, pieces):
 
 
 def check(tok, template, image_first, system):
+  """The data's placement kept (image_position='keep'); the 'first' rule has its own tests."""
   img = tok.convert_tokens_to_ids("<image>")
   out = C.encode(sample(image_first), tok, template, image_tokens=IMG_TOKENS, image_token_id=img,
-                 system=system)
+                 system=system, image_position="keep")
   q1 = f"<image>\n{Q1}" if image_first else f"{Q1}\n<image>"
-  ids = oracle_ids(tok, render(template, q1, system, tok.eos_token))
+  ids = oracle_ids(tok, render(template, q1, system, tok.eos_token),
+                   tok.eos_token if template == "mistral_instruct" else None)
   pieces = trained_pieces(tok, template)
   np.testing.assert_array_equal(out["input_ids"], ids)
   np.testing.assert_array_equal(out["labels"], expected_labels(ids, pieces))
@@ -136,18 +147,23 @@ def test_plain_trains_caption_and_newline(tok, request):
 
 def test_image_placement_whitespace_and_misspelled_key(tok3):
   img = tok3.convert_tokens_to_ids("<image>")
-  ref = C.encode(sample(True), tok3, "llama3", image_tokens=3, image_token_id=img)
+  enc = lambda s, pos: C.encode(s, tok3, "llama3", image_tokens=3, image_token_id=img,
+                                image_position=pos)
+  ref = enc(sample(True), "keep")
   messy = sample(True, key="conversatons")
   messy["conversatons"][0]["value"] = f"  <image>\n\n {Q1} \n"
-  got = C.encode(messy, tok3, "llama3", image_tokens=3, image_token_id=img)
+  got = enc(messy, "first")   # LLaVA's rule re-joins "<image>\n" + the stripped rest
   np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
   np.testing.assert_array_equal(got["labels"], ref["labels"])
+  # 'keep' renders the text as the data has it (Llama3-Med), stripped at its ends only
+  kept = enc(messy, "keep")["input_ids"]
+  assert (kept == img).sum() == 3 and kept.tolist() != ref["input_ids"].tolist()
+  text = tok3.decode(kept[kept != img][1:].tolist())
+  assert text.startswith(f"<|start_header_id|>user<|end_header_id|>\n\n\n\n {Q1}<|eot_id|>")
   # A VQA-style sample without a marker gets the image in front, as LLaVA's eval does.
   bare = sample(True)
   bare["conversations"][0]["value"] = Q1
-  np.testing.assert_array_equal(
-      C.encode(bare, tok3, "llama3", image_tokens=3, image_token_id=img)["input_ids"],
-      ref["input_ids"])
+  np.testing.assert_array_equal(enc(bare, "keep")["input_ids"], ref["input_ids"])
 
 
 def test_per_image_counts(tok3):
@@ -233,3 +249,249 @@ def test_stop_tokens(tok3, tok2):
   assert C.stop_token_ids(tok2, "vicuna_v1") == [tok2.convert_tokens_to_ids("</s>")]
   with pytest.raises(ValueError, match="llama3"):
     C.stop_token_ids(tok2, "llama3")
+
+
+# --- the reference code's rules, transcribed -----------------------------------------------------
+# LLaVA (haotian-liu/LLaVA): llava/mm_utils.py tokenizer_image_token, llava/train/train.py
+# preprocess_multimodal / preprocess_v1 / preprocess_llama_2, llava/conversation.py conv_vicuna_v1;
+# LLaVA-Med v1.5 (microsoft/LLaVA-Med) llava/conversation.py conv_mistral_instruct; Llama3-Med
+# (standardmodelbio/Llama3-Med) llama3med/data/template/base.py + llama3_template.py.
+
+REF_IMAGE = -200   # IMAGE_TOKEN_INDEX of both code bases
+
+
+@pytest.fixture(scope="module")
+def mistral_legacy(tmp_path_factory):
+  """Mistral's real SentencePiece tokenizer as Mistral-7B-Instruct-v0.2 ships it (legacy)."""
+  return load(mistral_tokenizer(tmp_path_factory.mktemp("tok"), legacy=True))
+
+
+@pytest.fixture(scope="module")
+def mistral_nonlegacy(tmp_path_factory):
+  return load(mistral_tokenizer(tmp_path_factory.mktemp("tok"), legacy=False))
+
+
+def ref_tokenizer_image_token(prompt, tok):
+  chunks = [tok(c).input_ids for c in prompt.split("<image>")]
+  ids, offset = [], 0
+  if chunks and chunks[0] and chunks[0][0] == tok.bos_token_id:
+    offset = 1
+    ids.append(chunks[0][0])
+  for i, x in enumerate(chunks):
+    if i:
+      ids += [REF_IMAGE]
+    ids += x[offset:]
+  return ids
+
+
+def ref_preprocess_multimodal(source):
+  for s in source:
+    if "<image>" in s["value"]:
+      s["value"] = ("<image>\n" + s["value"].replace("<image>", "").strip()).strip()
+  return source
+
+
+def ref_masks(conversation, tok, sep, sep2, legacy_fix):
+  """preprocess_v1 (legacy_fix=not tokenizer.legacy) / preprocess_llama_2 (False) target masks."""
+  ids = ref_tokenizer_image_token(conversation, tok)
+  target = list(ids)
+  cur = 1
+  target[:cur] = [C.IGNORE]
+  for i, rou in enumerate(conversation.split(sep2)):
+    if rou == "":
+      break
+    parts = rou.split(sep)
+    if len(parts) != 2:
+      break
+    parts[0] += sep
+    round_len = len(ref_tokenizer_image_token(rou, tok))
+    instruction_len = len(ref_tokenizer_image_token(parts[0], tok)) - 2
+    if i != 0 and legacy_fix:
+      round_len, instruction_len = round_len - 1, instruction_len - 1
+    target[cur:cur + instruction_len] = [C.IGNORE] * instruction_len
+    cur += round_len
+  target[cur:] = [C.IGNORE] * (len(target) - cur)
+  assert cur == len(ids), "LLaVA would zero this sample's targets"
+  return ids, target
+
+
+def llava_vicuna_v1(source, tok, legacy):
+  source = ref_preprocess_multimodal(copy.deepcopy(source))
+  seps = (" ", "</s>")
+  text = VICUNA_SYSTEM + seps[0] + "".join(
+      ("USER", "ASSISTANT")[i % 2] + ": " + s["value"] + seps[i % 2] for i, s in enumerate(source))
+  return ref_masks(text, tok, " ASSISTANT: ", "</s>", legacy_fix=not legacy)
+
+
+def llava_med_mistral(source, tok, system=""):
+  """conv_mistral_instruct: SeparatorStyle.LLAMA_2 with sep "" and sep2 "</s>"."""
+  source = ref_preprocess_multimodal(copy.deepcopy(source))
+  text = ""
+  for i, s in enumerate(source):
+    m = s["value"]
+    if i == 0 and system:
+      m = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + m
+    text += f"[INST] {m} [/INST]" if i % 2 == 0 else " " + m + " " + "</s>"
+  return ref_masks(text, tok, "[/INST] ", "</s>", legacy_fix=False)
+
+
+def llama3_med(source, tok, system):
+  """Llama3Template.encode: the question as the data has it, the system block always."""
+  h = lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
+  prompt = h("system") + system + "<|eot_id|>" + "".join(
+      (h("user") if i % 2 == 0 else h("assistant")) + s["value"] + "<|eot_id|>"
+      for i, s in enumerate(source))
+  ids = ref_tokenizer_image_token(prompt, tok)
+  parts = re.split(r"(<\|start_header_id\|>(?:system|user|assistant)<\|end_header_id\|>\n\n)",
+                   prompt)
+  rounds = [parts[i] + parts[i + 1].strip() for i in range(1, len(parts), 2)]
+  labels, cur, sep = list(ids), 1, h("assistant")
+  labels[:1] = [C.IGNORE]
+  for rou in rounds:
+    p = rou.split(sep)
+    if len(p) == 2:
+      p[0] += sep
+    round_len = len(ref_tokenizer_image_token(rou, tok)) - 1
+    instruction_len = len(ref_tokenizer_image_token(p[0], tok)) - 1
+    labels[cur:cur + instruction_len] = [C.IGNORE] * instruction_len
+    cur += round_len
+  assert cur == len(ids)
+  return ids, labels
+
+
+def expand(ids, labels, img, n=IMG_TOKENS):
+  """Each reference image index -> n copies of our <image> id (masked)."""
+  out_ids, out_labels = [], []
+  for t, l in zip(ids, labels):
+    k = n if t == REF_IMAGE else 1
+    out_ids += [img if t == REF_IMAGE else t] * k
+    out_labels += [C.IGNORE if t == REF_IMAGE else l] * k
+  return out_ids, out_labels
+
+
+def conv(*values, image=True):
+  s = {"id": "r1", "conversations": [{"from": ("human", "gpt")[i % 2], "value": v}
+                                     for i, v in enumerate(values)]}
+  if image:
+    s["image"] = "x.png"
+  return s
+
+
+PLACEMENTS = [  # human turns as LLaVA-Med data has them: image after, inside, alone, second turn
+    (f"{Q1}\n<image>", A1, Q2, A2), ("What is <image> shown here?", A1, Q2, A2),
+    ("<image>", A1, Q2, A2), (Q1, A1, f"<image>\n{Q2}", A2), (f"<image>\n{Q1}", A1, Q2, A2)]
+
+
+@pytest.mark.parametrize("values", PLACEMENTS)
+@pytest.mark.parametrize("tok_name,legacy", [("mistral_legacy", True),
+                                             ("mistral_nonlegacy", False)])
+def test_vicuna_v1_image_first_is_llavas_training_rule(values, tok_name, legacy, request):
+  """vicuna_v1's default placement ('first') is LLaVA's preprocess_multimodal + preprocess_v1,
+  token for token and label for label."""
+  tok = request.getfixturevalue(tok_name)
+  img = tok.convert_tokens_to_ids("<image>")
+  out = C.encode(conv(*values), tok, "vicuna_v1", image_tokens=IMG_TOKENS, image_token_id=img)
+  ids, labels = expand(*llava_vicuna_v1(conv(*values)["conversations"], tok, legacy), img)
+  assert out["input_ids"].tolist() == ids
+  assert out["labels"].tolist() == labels
+
+
+@pytest.mark.parametrize("values", PLACEMENTS[:3])
+@pytest.mark.parametrize("system", ["", "You are a careful radiologist."])
+def test_llava_mistral_is_llava_med_v15s_rendering(mistral_legacy, values, system):
+  """llava_mistral = LLaVA-Med v1.5's conv_mistral_instruct trained by preprocess_llama_2, with
+  Mistral's tokenizer: ids and labels equal, ' {a} </s>' trained."""
+  tok = mistral_legacy
+  img = tok.convert_tokens_to_ids("<image>")
+  out = C.encode(conv(*values), tok, "llava_mistral", image_tokens=IMG_TOKENS, image_token_id=img,
+                 system=system)
+  ids, labels = expand(*llava_med_mistral(conv(*values)["conversations"], tok, system), img)
+  assert out["input_ids"].tolist() == ids
+  assert out["labels"].tolist() == labels
+  question = values[0].replace("<image>", "").strip()
+  if not question:   # model_vqa.py would leave "<image>\n" unstripped, unlike training
+    return
+  prompt = C.render_prompt(values[0], tok, "llava_mistral", image_tokens=IMG_TOKENS,
+                           image_token_id=img, system=system)   # LLaVA-Med model_vqa.py
+  text = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else "") + "<image>\n" + question
+  want = ref_tokenizer_image_token(f"[INST] {text} [/INST]", tok)
+  assert prompt.tolist() == expand(want, want, img)[0]
+
+
+@pytest.fixture(scope="module")
+def mistral_common_v1():
+  from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+  from tiny_tokenizers import mistral_model_file
+  return MistralTokenizer.from_file(mistral_model_file("v1")).instruct_tokenizer
+
+
+def mistral_common_ids(mc, values, system):
+  from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+  from mistral_common.protocol.instruct.request import InstructRequest
+  msgs = [(UserMessage if i % 2 == 0 else AssistantMessage)(content=v)
+          for i, v in enumerate(values)]
+  return mc.encode_instruct(InstructRequest(messages=msgs, system_prompt=system or None)).tokens
+
+
+@pytest.mark.parametrize("system", [None, "You are a careful radiologist."])
+@pytest.mark.parametrize("tok_name", ["mistral_legacy", "mistral_nonlegacy"])
+def test_mistral_instruct_is_mistral_commons_tokens(mistral_common_v1, tok_name, system, request):
+  """After '</s>', '[INST]' is Mistral's '▁[' whether or not the HF tokenizer is legacy; the
+  trained tokens are mistral-common's assistant message tokens (answer + </s>)."""
+  tok = request.getfixturevalue(tok_name)
+  values = (Q1, A1, Q2, A2)
+  out = C.encode(conv(*values, image=False), tok, "mistral_instruct", image_tokens=0,
+                 image_token_id=0, system=system)
+  assert out["input_ids"].tolist() == mistral_common_ids(mistral_common_v1, values, system)
+  from mistral_common.protocol.instruct.messages import AssistantMessage
+  trained = [t for a in (A1, A2) for t in mistral_common_v1.encode_assistant_message(
+      AssistantMessage(content=a), False, False)]
+  assert out["labels"][out["labels"] != C.IGNORE].tolist() == trained
+  prompt = C.render_prompt(Q2, tok, "mistral_instruct", image_tokens=0, image_token_id=0,
+                           system=system)
+  assert prompt.tolist() == mistral_common_ids(mistral_common_v1, (Q2,), system)
+
+
+@pytest.mark.parametrize("values", PLACEMENTS[:2])
+def test_llama3_med_configs_render_like_llama3_med(tok3, values):
+  """configs/stage2.py (and the llama3_med preset) train in Llama3-Med's format: its system
+  prompt and the image where the data puts it."""
+  from configs import stage2
+  from vlm.config import preset
+  data = stage2.get_config().data
+  p = preset("llama3_med")
+  assert (data.system, data.image_position) == (p.system, p.image_position)
+  img = tok3.convert_tokens_to_ids("<image>")
+  out = C.encode(conv(*values), tok3, "llama3", image_tokens=IMG_TOKENS, image_token_id=img,
+                 system=data.system, image_position=data.image_position)
+  ids, labels = expand(*llama3_med(conv(*values)["conversations"], tok3,
+                                   "You are a helpful language and vision assistant. "), img)
+  assert out["input_ids"].tolist() == ids
+  assert out["labels"].tolist() == labels
+
+
+def test_image_position_at_inference_follows_the_checkpoint(tok2, tok3):
+  """build_prompt renders with the checkpoint config's image position and system prompt, as
+  LLaVA-Med's model_vqa.py (image first) and Llama3-Med (in place, its system) do."""
+  from vlm.config import VLMConfig, VisionConfig
+  from vlm.prompt import build_prompt
+  vision = VisionConfig(image_size=28, patch_size=14, width=8, layers=1, heads=1, mlp_dim=8)
+  image = np.zeros((30, 30, 3), np.uint8)
+  q = f"{Q1}\n<image>"
+  cfg = VLMConfig(vision=vision, template="vicuna_v1", image_token_id=tok2.convert_tokens_to_ids(
+      "<image>"))   # no image_position stored (an older checkpoint): vicuna_v1's default
+  got = build_prompt(cfg, tok2, q, [image]).ids.tolist()
+  want = ref_tokenizer_image_token(f"{VICUNA_SYSTEM} USER: <image>\n{Q1} ASSISTANT:", tok2)
+  assert got == expand(want, want, cfg.image_token_id, n=4)[0]
+  cfg = VLMConfig(vision=vision, template="llama3", image_position="keep",
+                  system=C.LLAMA3_MED_SYSTEM, image_token_id=tok3.convert_tokens_to_ids("<image>"))
+  got = build_prompt(cfg, tok3, q, [image]).ids.tolist()
+  h = lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
+  want = ref_tokenizer_image_token(f"{h('system')}{C.LLAMA3_MED_SYSTEM}<|eot_id|>{h('user')}{q}"
+                                   f"<|eot_id|>{h('assistant')}", tok3)
+  assert got == expand(want, want, cfg.image_token_id, n=4)[0]
+
+
+def test_unknown_image_position(tok3):
+  with pytest.raises(ValueError, match="image_position"):
+    C.encode(sample(), tok3, "llama3", image_tokens=1, image_token_id=1, image_position="last")

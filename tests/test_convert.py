@@ -162,3 +162,35 @@ def test_compose_llama3_med(tmp_path):
   want = proj["model.mm_projector.2.weight"].numpy().T
   assert np.array_equal(p2[("connector", "fc1", "kernel")], want)
   assert np.array_equal(p2[("llm", "embed")], p[("llm", "embed")])
+
+
+def test_import_and_export_keep_the_tokenizer_settings(tmp_path):
+  """Adding <image> on import (here a composition; LLaVA-Med v1.5 through --from llava alike)
+  rewrites the tokenizer: Mistral's legacy SentencePiece tokenizer (tokenizer.model only, as
+  Mistral-7B-Instruct-v0.2's config describes it) must tokenize the same before the import, in
+  the checkpoint and after the export, and keep its settings."""
+  src = tiny_tokenizers.mistral_tokenizer(tmp_path, legacy=True, padding_side="left",
+                                          model_max_length=32768)
+  llm_dir = tmp_path / "llm"
+  hf_model("mistral", vocab=32000, seed=1).save_pretrained(llm_dir)
+  for f in os.listdir(src):
+    shutil.copy(os.path.join(src, f), llm_dir / f)
+  vision = _open_clip_dir(tmp_path / "clip", H.build(T.CLIPVisionModel, H.clip_config(), seed=3),
+                          "safetensors")
+  cli("import", "--llm", llm_dir, "--vision", vision, "--preset", "llama3_med_mistral",
+      "--out", tmp_path / "ck")
+  cli("export", "--to", "llava", tmp_path / "ck", "--out", tmp_path / "out")
+  before = tiny_tokenizers.load(src)
+  with open(os.path.join(src, "tokenizer_config.json")) as f:
+    settings = {k: v for k, v in json.load(f).items() if k != "added_tokens_decoder"}
+  texts = ["<s>[INST] What is shown? [/INST] A 3 cm cyst.</s>[INST] Where? [/INST]",
+           "USER: Is it normal? ASSISTANT: No.</s>USER: Why?", "</s> spaced  out\n\ntext"]
+  for where in (tmp_path / "ck" / "tokenizer", tmp_path / "out"):
+    tok = tiny_tokenizers.load(str(where))
+    assert tok.convert_tokens_to_ids("<image>") == 32000 and len(tok) == 32001
+    for text in texts:
+      assert tok(text)["input_ids"] == before(text)["input_ids"], (where, text)
+    with open(where / "tokenizer_config.json") as f:
+      saved = json.load(f)
+    assert {k: saved.get(k) for k in settings} == settings
+    assert saved["added_tokens_decoder"]["32000"]["content"] == "<image>"

@@ -207,3 +207,19 @@ def test_lora_output_matches_peft(tmp_path):
   with torch.no_grad(), pm.disable_adapter():  # the adapters matter in this check
     plain = _hf_logits(pm, ids, px, sizes, vocab)
   assert np.abs(plain - want).max() > 1e-2
+
+
+def test_llava_med_v15_imports_in_its_training_format():
+  """LlavaMistralForCausalLM (LLaVA-Med v1.5) was trained in the code base's conv_mistral_instruct
+  (SeparatorStyle.LLAMA_2, ' {a} </s>'), image first: it imports as llava_mistral and exports as
+  a LlavaMistralForCausalLM again."""
+  from convert import llava
+  from data.conversation import image_position_for
+  from vlm.config import VisionConfig
+  d = H.llama_config(vocab=96, mistral=True).to_dict()
+  d.update(model_type="llava_mistral", mm_vision_tower="tower", mm_hidden_size=16,
+           mm_projector_type="mlp2x_gelu")
+  cfg = llava.to_vlm(d, VisionConfig(image_size=28, patch_size=14, width=16, layers=3, heads=2,
+                                     mlp_dim=32))
+  assert cfg.template == "llava_mistral" and image_position_for(cfg.template) == "first"
+  assert llava.from_vlm(cfg, "tower", "float32")["model_type"] == "llava_mistral"

@@ -43,6 +43,15 @@ PAPER = {
                               warmup_ratio=0.03, schedule="cosine", rank=128, alpha=256,
                               vision_lora=True),
 }
+# The prompt format each config trains in and its final checkpoint records (template, image
+# position, system prompt), from the reference code: Llama3-Med llama3med/data/template/
+# llama3_template.py (system string) + base.py (<image> left in place); LLaVA llava/train/train.py
+# preprocess_multimodal (image first) with conv_vicuna_v1 (its own system: None = the template's).
+# Stage 1 trains in `plain` and keeps the model's format (the llama3_med preset's).
+LLAMA3_MED_FORMAT = ("llama3", "keep", "You are a helpful language and vision assistant. ")
+FORMATS = {"stage1": LLAMA3_MED_FORMAT, "stage2": LLAMA3_MED_FORMAT,
+           "stage2_lora": LLAMA3_MED_FORMAT, "ldrt_llava15_lora": ("vicuna_v1", "first", None),
+           "ldrt_llava16_lora": ("vicuna_v1", "first", None)}
 LLAMA3_8B_PARAMS = 8_030_261_248      # Meta-Llama-3-8B(-Instruct)
 LLAMA_13B_PARAMS = 13_015_864_320     # LLaMA / Vicuna-13B
 LLAMA3_8B_LORA_R128 = 335_544_320     # peft, r=128 on q,k,v,o,gate,up,down of Llama-3-8B
@@ -133,6 +142,12 @@ def test_paper_config_plans_full_size_state_without_allocating(name):
     if name == "stage2_lora":
       assert adapters == LLAMA3_8B_LORA_R128
     assert any(p.startswith("vision/") for p in paths) == name.startswith("ldrt")
+  # the final checkpoint records the prompt format the data was rendered in
+  from data.pipeline import DataConfig
+  data = DataConfig.from_model(plan.config, **{k: v for k, v in c.data.to_dict().items()
+                                               if v is not None and k != "tokenizer_dir"})
+  out = state_lib.export_config(plan, data)
+  assert (out.template, out.image_position, out.system) == FORMATS[name]
   # the optimizer state is sharded like its parameters, and parameters are sharded
   mu = flatten_dict(optax.tree_utils.tree_get(st["opt"], "mu"))
   assert mu.keys() == trainable.keys()

@@ -140,6 +140,9 @@ def test_two_stages_chain_and_write_checkpoints_metrics_tensorboard(root):
     assert np.array_equal(one[k], v) != trained1(k), k
   for k, v in one.items():     # stage 2 starts from stage 1's output; the tower stays frozen
     assert np.array_equal(two[k], v) == (k[0] == "vision"), k
+  # stage 2's output renders prompts as its data was rendered (stage 1, `plain`, keeps the model's)
+  formats = [checkpoint.load_config(f"{run}/{n}/final") for n in c.chain]
+  assert [(f.template, f.image_position) for f in formats] == [("llama3", None), ("llama3", "keep")]
   # a finished stage is skipped when the chain runs again
   assert [r["step"] for r in train_main.run(c, run)] == [None, None]
   # `python -m convert export` takes the final output (S2 towers go out in the LLaVA layout)

@@ -1,6 +1,7 @@
 """Tiny HF tokenizers built in the test (no hub): a Llama-3-style byte-level BPE and a Llama-2 /
 Vicuna / Mistral-style SentencePiece-like BPE. Both are trained with the `tokenizers` library on a
-small text and saved as HF tokenizer dirs that `AutoTokenizer.from_pretrained(dir)` loads.
+small text and saved as HF tokenizer dirs that `AutoTokenizer.from_pretrained(dir)` loads. Also
+Mistral's real SentencePiece tokenizer, from the model file the mistral-common package ships.
 
 Named tiny_tokenizers (not tokenizers) so it never shadows the `tokenizers` package on sys.path.
 
@@ -101,6 +102,39 @@ def llama2_tokenizer(tmp_path, vocab_size: int = 400) -> str:
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
   return _save(tok, os.path.join(str(tmp_path), "llama2_tok"), True, bos_token=bos,
                eos_token="</s>", unk_token="<unk>")
+
+
+# tokenizer_config.json of mistralai/Mistral-7B-Instruct-v0.2 (chat_template left out): a slow
+# LlamaTokenizer over tokenizer.model with legacy SentencePiece handling.
+MISTRAL_TOKENIZER_CONFIG = {
+    "add_bos_token": True, "add_eos_token": False,
+    "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False,
+                                      "rstrip": False, "single_word": False, "special": True}
+                             for i, t in enumerate(["<unk>", "<s>", "</s>"])},
+    "additional_special_tokens": [], "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+    "eos_token": "</s>", "legacy": True, "model_max_length": 1000000000000000019884624838656,
+    "pad_token": None, "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+    "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False}
+
+
+def mistral_model_file(version: str = "v1") -> str:
+  """A real Mistral SentencePiece model shipped in the mistral-common package (v1: the 32000-piece
+  tokenizer of Mistral-7B-(Instruct-)v0.1 / v0.2)."""
+  import importlib.resources
+  return str(importlib.resources.files("mistral_common") / "data" / f"tokenizer.model.{version}")
+
+
+def mistral_tokenizer(tmp_path, *, legacy: bool = True, **settings) -> str:
+  """A HF tokenizer dir as Mistral-7B-Instruct-v0.2 ships it without tokenizer.json: the real
+  tokenizer.model + its tokenizer_config.json (`legacy` and other `settings` overridable).
+  Loading it converts the SentencePiece model (needs sentencepiece + protobuf)."""
+  import shutil
+  path = os.path.join(str(tmp_path), f"mistral_tok_{'legacy' if legacy else 'nonlegacy'}")
+  os.makedirs(path, exist_ok=True)
+  shutil.copy(mistral_model_file(), os.path.join(path, "tokenizer.model"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({**MISTRAL_TOKENIZER_CONFIG, "legacy": legacy, **settings}, f, indent=2)
+  return path
 
 
 def load(path: str):

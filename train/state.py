@@ -27,6 +27,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data.conversation import image_position_for
 from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
@@ -262,8 +263,14 @@ def load(config, p: Plan) -> tuple:
   return state, frozen
 
 
-def export_config(p: Plan) -> VLMConfig:
-  """config.json of the trained network: its LoRA, the source's runtime defaults."""
+def export_config(p: Plan, data=None) -> VLMConfig:
+  """config.json of the trained network: its LoRA, the source's runtime defaults and the prompt
+  format `data` (a data.pipeline.DataConfig) rendered the samples in, so that chat and VQA runs
+  render as it was trained; a stage-1 `plain` run keeps the model's own format."""
   s = p.source
-  return p.config.replace(dtype=s.dtype, remat=s.remat, vision_remat=s.vision_remat,
-                          attention=s.attention)
+  cfg = p.config.replace(dtype=s.dtype, remat=s.remat, vision_remat=s.vision_remat,
+                         attention=s.attention)
+  if data is not None and data.template != "plain":
+    cfg = cfg.replace(template=data.template, system=data.system,
+                      image_position=image_position_for(data.template, data.image_position))
+  return cfg

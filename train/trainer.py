@@ -313,7 +313,8 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
     return {"final": None, "step": step, "preempted": False, "state": st, "frozen": frozen,
             "step_fn": step_fn, "batch": batch}
   params = lora.combine(frozen, st["trainable"])
-  checkpoint.save(final, state_lib.export_config(plan), params, dcfg.tokenizer_dir)
+  checkpoint.save(final, state_lib.export_config(plan, dcfg), params,
+                  dcfg.tokenizer_dir)
   logger.message(f"{config.name}: done at step {step}; model in {final}")
   logger.close()
   if jax.process_index() == 0:

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any, Optional
 
+from data.conversation import LLAMA3_MED_SYSTEM
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -119,6 +121,10 @@ class VLMConfig:
   lora: LoraConfig = LoraConfig()
   image_token_id: int = -1
   template: str = "vicuna_v1"
+  # How prompts are rendered (data/conversation.py), stored so that a checkpoint renders as it was
+  # trained. None takes the template's defaults (and reads checkpoints written before the fields).
+  image_position: Optional[str] = None  # keep | first
+  system: Optional[str] = None  # system prompt; "" for none
   dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
   remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
   # The vision tower's own policy (same names): its activations differ in shape and number from the
@@ -212,13 +218,18 @@ def _grow_vocab(llm: LlamaConfig, n: int = 1) -> LlamaConfig:
 
 
 # Llama3-Med: S2 (378, 756, 1134) DFN5B tower -> 729 x 3840 -> mlp2x_gelu -> Llama-3-8B-Instruct.
+# Its code (llama3med/data/template/) keeps <image> where the data puts it and its llama3 template
+# always renders its system prompt.
 LLAMA3_MED = VLMConfig(
     llm=_grow_vocab(LLAMA3_8B_INSTRUCT), vision=DFN5B_CLIP_VIT_H_14_378,
     tiler=TilerConfig(kind="s2", scales=(378, 756, 1134)), connector=ConnectorConfig("mlp2x_gelu"),
-    image_token_id=LLAMA3_8B.vocab_size, template="llama3")
+    image_token_id=LLAMA3_8B.vocab_size, template="llama3", image_position="keep",
+    system=LLAMA3_MED_SYSTEM)
+# The Mistral variant: no Mistral template in the Llama3-Med code, so Mistral's own format and no
+# system prompt; the image stays where the data puts it, as in all of that code.
 LLAMA3_MED_MISTRAL = LLAMA3_MED.replace(
     llm=_grow_vocab(MISTRAL_7B_INSTRUCT_V02), image_token_id=MISTRAL_7B_INSTRUCT_V02.vocab_size,
-    template="mistral_instruct")
+    template="mistral_instruct", system=None)
 # LLaVA-1.5/1.6 as the llava-hf checkpoints ship them: vocab padded to 32064, <image> = 32000.
 LLAVA15_13B = VLMConfig(
     llm=dataclasses.replace(VICUNA_13B, vocab_size=32064), vision=CLIP_VIT_L_14_336,

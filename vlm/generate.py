@@ -48,7 +48,8 @@ class GenerationConfig:
 
 def add_sampling_args(p, *, max_new_tokens: int) -> None:
   """The sampling flags every generating command shares (chat, VQA runs)."""
-  p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+  p.add_argument("--system", default=None,
+                 help="system prompt ('' for none; default: the checkpoint's config.json)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--top-k", type=int, default=0, help="0 = off")

@@ -43,12 +43,15 @@ def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
 
 def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),
                  *, system: Optional[str] = None) -> Prompt:
-  """Render `question` with the model's template; each image is placed at an `<image>` marker in
-  the question or, without markers, in front of it (as LLaVA's eval does)."""
+  """Render `question` as the model was trained: its template, image position and system prompt
+  (`system` None: the model's). Each image goes where an `<image>` marker in the question says,
+  as the image position rule places it, or, without markers, in front (as LLaVA's eval does)."""
   prepared = [image_inputs(config, im) for im in images]
   counts = [c for _, _, c in prepared]
   ids = render_prompt(question, tokenizer, config.template, image_tokens=counts or 0,
-                      image_token_id=config.image_token_id, system=system)
+                      image_token_id=config.image_token_id,
+                      system=config.system if system is None else system,
+                      image_position=config.image_position)
   if not prepared:
     return Prompt(ids)
   pixels = np.stack([p for p, _, _ in prepared])
