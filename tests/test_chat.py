@@ -1,4 +1,4 @@
-"""`python -m vlm.chat`: streams the answer the model gives for a DICOM or PNG image."""
+"""`python -m serve.chat`: streams the answer the model gives for a DICOM or PNG image."""
 import io
 import subprocess
 import sys
@@ -10,9 +10,9 @@ from PIL import Image
 
 from data.image import load_image
 from tests.tiny_ckpt import shared_llava_checkpoint
-from vlm import chat
-from vlm.generate import GenerationConfig, Generator
-from vlm.prompt import build_prompt
+from serve import chat
+from serve.generate import GenerationConfig, Generator
+from serve.prompt import build_prompt
 
 DICOM = pydicom.data.get_testdata_file("CT_small.dcm")
 MAX_NEW = 12
@@ -72,7 +72,7 @@ def test_bad_image_is_a_clear_error(ckpt, tmp_path):
 
 
 def test_module_help():
-  out = subprocess.run([sys.executable, "-m", "vlm.chat", "--help"], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "serve.chat", "--help"], capture_output=True,
                        text=True, check=True).stdout
   assert "--temperature" in out and "--top-p" in out and "--max-new-tokens" in out
 
@@ -84,14 +84,14 @@ def test_second_run_loads_its_programs_from_the_compilation_cache(ckpt, png, tmp
   cache = tmp_path / "xla"
   env = dict(os.environ, MEDVLM_COMPILE_CACHE=str(cache), JAX_LOG_COMPILES="1",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
-  cmd = [sys.executable, "-m", "vlm.chat", "--ckpt", ckpt, "--image", png, "--max-new-tokens",
+  cmd = [sys.executable, "-m", "serve.chat", "--ckpt", ckpt, "--image", png, "--max-new-tokens",
          str(MAX_NEW), "What is shown in the image?"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   entries = sorted(p.name for p in cache.iterdir())
   assert entries and "Persistent compilation cache hit" not in first.stderr
   second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   assert second.stdout == first.stdout and second.stdout.strip()
-  for program in ("jit__prefill", "jit__decode"):   # vlm/generate.py's two programs
+  for program in ("jit__prefill", "jit__decode"):   # serve/generate.py's two programs
     assert f"Persistent compilation cache hit for '{program}'" in second.stderr, second.stderr
   assert sorted(p.name for p in cache.iterdir()) == entries      # nothing compiled anew
 

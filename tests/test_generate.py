@@ -1,4 +1,4 @@
-"""vlm/generate.py: greedy decoding equals HF `generate`; batching, KV cache, sampling, stops,
+"""serve/generate.py: greedy decoding equals HF `generate`; batching, KV cache, sampling, stops,
 streaming and a sharded mesh change nothing they should not."""
 import json
 
@@ -12,9 +12,10 @@ import transformers as T
 import vlm
 from tests import hf_models as H
 from tests.tiny_ckpt import shared_llava_checkpoint
-from vlm import generate, sharding
-from vlm.generate import GenerationConfig, Generator, bucket, sample_logits
-from vlm.prompt import Prompt, build_prompt, image_inputs
+from serve import generate
+from vlm import sharding
+from serve.generate import GenerationConfig, Generator, bucket, sample_logits
+from serve.prompt import Prompt, build_prompt, image_inputs
 
 IMG = 95
 N = 10
@@ -224,7 +225,7 @@ def test_bench_xla_flag_set_reaches_its_child(capsys):
 @pytest.mark.slow  # ~8 s: compiles the anyres vision path
 def test_greedy_llava_next_anyres_matches_hf(tmp_path):
   """Images of different aspect ratios (different tile grids and placeholder counts) in one batch,
-  prepared by vlm.prompt.image_inputs as chat and eval do."""
+  prepared by serve.prompt.image_inputs as chat and eval do."""
   cfg = T.LlavaNextConfig(vision_config=H.clip_config(), text_config=H.llama_config(**NO_EOS),
                           image_token_index=IMG, image_grid_pinpoints=[[28, 56], [56, 28],
                                                                        [56, 56], [84, 28]])

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 
 from vlm import sharding
 from vlm.model import VLM, unstack_layers
-from vlm.prompt import Prompt, load_tokenizer
+from serve.prompt import Prompt, load_tokenizer
 
 MAX_STOP_IDS = 8  # stop ids travel as a fixed-size array: no recompile per template
 STREAM_CHUNK = 1  # decode steps between host callbacks when streaming

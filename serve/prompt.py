@@ -1,6 +1,6 @@
 """Generation prompts: a question (+ images) -> token ids and model-ready pixels.
 
-The host side of inference, shared by `vlm.chat`, `evaluation.vqa run` and the benchmarks so that
+The host side of inference, shared by `serve.chat`, `evaluation.vqa run` and the benchmarks so that
 placeholder counts, image geometry and templates agree with training (data/pipeline.py): square
 tilers ship uint8 [S, S, 3] at the tiler's input size (normalized inside the model); anyres ships
 the base image + tiles padded to the tiler's maximum, with the original (height, width).

@@ -1,7 +1,7 @@
 """Chat with a model about an image from the command line; the answer streams as it is generated.
 
-  python -m vlm.chat --ckpt CKPT --image scan.dcm "Is there a fracture?"
-  python -m vlm.chat --ckpt CKPT --image slide.png          # interactive: one question per line
+  python -m serve.chat --ckpt CKPT --image scan.dcm "Is there a fracture?"
+  python -m serve.chat --ckpt CKPT --image slide.png          # interactive: one question per line
 
 Images may be PNG, JPEG (any PIL format) or DICOM. In the interactive loop each question is
 answered on its own about the current image (no history); `/image PATH` switches the image,
@@ -19,13 +19,13 @@ PROMPT = ">>> "
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m vlm.chat", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m serve.chat", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("question", nargs="?", help="one question; omit it for an interactive loop")
   p.add_argument("--ckpt", required=True, help="checkpoint dir of this project or a HF model dir")
   p.add_argument("--image", help="PNG / JPEG / DICOM file (omit for a text-only question)")
   p.add_argument("--frame", type=int, default=0, help="frame of a multi-frame DICOM / TIFF / GIF")
-  from vlm.generate import add_sampling_args
+  from serve.generate import add_sampling_args
   add_sampling_args(p, max_new_tokens=512)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the checkpoint's)")
@@ -36,7 +36,7 @@ class Chat:
   """A loaded model + the current image; `ask` streams one answer to `out`."""
 
   def __init__(self, args):
-    from vlm.generate import Generator, sampling_config
+    from serve.generate import Generator, sampling_config
     overrides = {"dtype": args.dtype} if args.dtype else {}
     self.gen = Generator.from_checkpoint(args.ckpt, **overrides)
     self.gc = sampling_config(args)
@@ -51,7 +51,7 @@ class Chat:
     self.image = load_image(path, frame=self.frame)
 
   def ask(self, question: str, out=None) -> str:
-    from vlm.prompt import build_prompt
+    from serve.prompt import build_prompt
     out = out or sys.stdout
     prompt = build_prompt(self.gen.config, self.gen.tokenizer, question,
                           [] if self.image is None else [self.image], system=self.system)
