@@ -203,6 +203,7 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, **overrides) -> "Generator":
     """A checkpoint dir of this project (tokenizer in path/tokenizer) or a HF model dir."""
+    import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
     import vlm
     model, params = vlm.from_pretrained(path, **overrides)
     return cls(model, params, load_tokenizer(path), mesh=mesh)

@@ -9,13 +9,14 @@ import pytest
 import torch
 import transformers as T
 
+import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
-from tests.tiny_ckpt import shared_llava_checkpoint
 from serve import generate
-from vlm import sharding
 from serve.generate import GenerationConfig, Generator, bucket, sample_logits
 from serve.prompt import Prompt, build_prompt, image_inputs
+from tests.tiny_ckpt import shared_llava_checkpoint
+from vlm import sharding
 
 IMG = 95
 N = 10
