@@ -1,11 +1,13 @@
 """Chat with a model about an image from the command line; the answer streams as it is generated.
 
   python -m serve.chat --ckpt CKPT --image scan.dcm "Is there a fracture?"
-  python -m serve.chat --ckpt CKPT --image slide.png          # interactive: one question per line
+  python -m serve.chat --ckpt CKPT --image slide.png          # interactive: a conversation
 
-Images may be PNG, JPEG (any PIL format) or DICOM. In the interactive loop each question is
-answered on its own about the current image (no history); `/image PATH` switches the image,
-`/quit` or end of input leaves.
+CKPT is a checkpoint dir of this project, a HF model dir or a train.main workdir (its final/).
+Images may be PNG, JPEG (any PIL format) or DICOM. The interactive loop keeps the conversation,
+as LLaVA's cli does: each answer sees the earlier turns, and the image goes with the first
+question. `/reset` starts a new conversation about the same image, `/image PATH` a new one about
+another image, `/quit` or end of input leaves.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import sys
 from typing import Optional
 
-from data.errors import BadSample
+from data.errors import BadSample, UserError, cli_errors
 
 PROMPT = ">>> "
 
@@ -22,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m serve.chat", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("question", nargs="?", help="one question; omit it for an interactive loop")
-  p.add_argument("--ckpt", required=True, help="checkpoint dir of this project or a HF model dir")
+  p.add_argument("--ckpt", required=True,
+                 help="checkpoint dir of this project, a HF model dir or a train.main workdir")
   p.add_argument("--image", help="PNG / JPEG / DICOM file (omit for a text-only question)")
   p.add_argument("--frame", type=int, default=0, help="frame of a multi-frame DICOM / TIFF / GIF")
   from serve.generate import add_sampling_args
@@ -33,42 +36,44 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Chat:
-  """A loaded model + the current image; `ask` streams one answer to `out`."""
+  """A loaded model, the current image and the conversation so far; `ask` streams one answer
+  to `out` and adds the turn to the history."""
 
-  def __init__(self, args):
+  def __init__(self, args, image=None):
     from serve.generate import Generator, sampling_config
     overrides = {"dtype": args.dtype} if args.dtype else {}
     self.gen = Generator.from_checkpoint(args.ckpt, **overrides)
     self.gc = sampling_config(args)
-    self.system, self.frame, self.image = args.system, args.frame, None
-    if args.image:
-      self.set_image(args.image)
+    self.system, self.frame, self.image, self.history = args.system, args.frame, None, []
+    if image is not None or args.image:
+      self.set_image(args.image, image)
 
-  def set_image(self, path: str):
+  def set_image(self, path: str, decoded=None):
+    """Switches to the image at `path` (`decoded`: already read) and starts a new conversation."""
     from data.image import load_image
     if self.gen.config.vision is None:
       raise BadSample("no_vision", "this model is text-only; it cannot take an image", path=path)
-    self.image = load_image(path, frame=self.frame)
+    self.image = load_image(path, frame=self.frame) if decoded is None else decoded
+    self.reset()
+
+  def reset(self):
+    self.history = []
 
   def ask(self, question: str, out=None) -> str:
     from serve.prompt import build_prompt
     out = out or sys.stdout
     prompt = build_prompt(self.gen.config, self.gen.tokenizer, question,
-                          [] if self.image is None else [self.image], system=self.system)
-    started = []
+                          [] if self.image is None else [self.image], system=self.system,
+                          history=self.history)
 
     def emit(_row, delta):
-      if not started:  # the template leaves a space or newline before the answer
-        delta = delta.lstrip()
-        if not delta:
-          return
-        started.append(True)
       out.write(delta)
       out.flush()
 
     [res] = self.gen.generate([prompt], self.gc, stream=emit, batch_size=1)
     out.write("\n")
     out.flush()
+    self.history.append((question, res.text))
     return res.text
 
 
@@ -84,27 +89,42 @@ def interactive(chat: Chat, inp=None, out=None):
     if not line:
       continue
     try:
-      if line.startswith("/image "):
+      if line == "/reset":
+        chat.reset()
+        out.write("(new conversation)\n")
+      elif line.startswith("/image "):
         chat.set_image(line[len("/image "):].strip())
-        out.write("(image loaded)\n")
+        out.write("(image loaded; new conversation)\n")
       else:
         chat.ask(line, out)
     except BadSample as e:  # a bad image or question ends that turn, not the session
       out.write(f"error: {e}\n")
 
 
+def check_inputs(args):
+  """Everything that can be checked before the model loads (seconds to minutes for a large one):
+  the question, the checkpoint path, the image. Returns the decoded image or None."""
+  from data.image import load_image
+  from serve.generate import resolve_checkpoint
+  if args.question is not None and not args.question.strip():
+    raise UserError("the question is empty")
+  if args.max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  args.ckpt = resolve_checkpoint(args.ckpt)
+  return load_image(args.image, frame=args.frame) if args.image else None
+
+
 def main(argv: Optional[list] = None) -> None:
   args = _parser().parse_args(argv)
-  from vlm import compile_cache
-  compile_cache.enable()   # a rerun skips the prefill / decode compiles (vlm/compile_cache.py)
-  try:
-    chat = Chat(args)
+  with cli_errors():
+    image = check_inputs(args)
+    from vlm import compile_cache
+    compile_cache.enable()   # a rerun skips the prefill / decode compiles (vlm/compile_cache.py)
+    chat = Chat(args, image)
     if args.question is not None:
       chat.ask(args.question)
     else:
       interactive(chat)
-  except (BadSample, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

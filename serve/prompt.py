@@ -40,13 +40,14 @@ def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
 
 
 def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),
-                 *, system: Optional[str] = None) -> Prompt:
-  """Render `question` with the model's template; each image is placed at an `<image>` marker in
-  the question or, without markers, in front of it (as LLaVA's eval does)."""
+                 *, system: Optional[str] = None, history: Sequence[tuple] = ()) -> Prompt:
+  """Render `question` with the model's template after the earlier (question, answer) turns of
+  `history`; the images, in order, go to the `<image>` markers of the questions or, without
+  markers, in front of the first question (as LLaVA's eval and cli do)."""
   prepared = [image_inputs(config, im) for im in images]
   counts = [c for _, _, c in prepared]
   ids = render_prompt(question, tokenizer, config.template, image_tokens=counts or 0,
-                      image_token_id=config.image_token_id, system=system)
+                      image_token_id=config.image_token_id, system=system, history=history)
   if not prepared:
     return Prompt(ids)
   pixels = np.stack([p for p, _, _ in prepared])
