@@ -105,6 +105,8 @@ def main(argv=None):
                ("stage 1 run (metrics.jsonl, tensorboard/, checkpoints/)", os.path.join(w, "stage1")),
                ("stage 2 run", os.path.join(w, "stage2")), *art.items()]:
     print(f"  {k:55s} {v}")
+  print(f"\nChat with it in a browser: `make serve` or `python -m serve --ckpt {w} --image-root "
+        f"{os.path.join(w, 'data')}`, then open http://127.0.0.1:8000/")
 
 
 if __name__ == "__main__":
