@@ -52,6 +52,7 @@ class Sampling:
   top_k: int
   seed: int
   stop: tuple
+  ignore_eos: bool = False   # vLLM's extension: run to max_tokens (benchmarks)
 
 
 @dataclasses.dataclass
@@ -81,6 +82,13 @@ def _number(body: dict, name: str, kind, lo, hi, default, *, lo_open: bool = Fal
     raise _bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
                f"], got {x}", name)
   return kind(x)
+
+
+def _flag(body: dict, name: str) -> bool:
+  x = body.get(name, False)
+  if not isinstance(x, bool):
+    raise _bad(f"{name} must be true or false, got {x!r:.40}", name)
+  return x
 
 
 def _text(content: Any, where: str, *, images: Optional[list]) -> str:
@@ -169,11 +177,12 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
       top_p=_number(body, "top_p", float, 0.0, 1.0, defaults.top_p, lo_open=True),
       top_k=_number(body, "top_k", int, 0, None, defaults.top_k),
       seed=_number(body, "seed", int, -2**63, 2**63 - 1, defaults.seed),
-      stop=tuple(dict.fromkeys(list(defaults.stop_strings) + stop)))
+      stop=tuple(dict.fromkeys(list(defaults.stop_strings) + stop)),
+      ignore_eos=_flag(body, "ignore_eos"))
   options = body.get("stream_options") or {}
   return ChatRequest(system="\n".join(system) if system else None, history=history,
                      question=turns[-1][1], images=images, sampling=sampling,
-                     max_tokens=max_tokens, stream=bool(body.get("stream", False)),
+                     max_tokens=max_tokens, stream=_flag(body, "stream"),
                      include_usage=bool(isinstance(options, dict)
                                         and options.get("include_usage")),
                      default_max_tokens=asked is None)

@@ -129,7 +129,7 @@ class Batcher:
     s = batch[0].sampling
     gc = GenerationConfig(max_new_tokens=max(j.max_tokens for j in batch),
                           temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                          stop_strings=s.stop)
+                          stop_strings=s.stop, stop_token_ids=[] if s.ignore_eos else None)
     streaming = any(j.stream for j in batch)
     try:
       results = self.gen.generate(

@@ -1,7 +1,8 @@
 """The HTTP server: an OpenAI-compatible API and the web chat page, over one Batcher.
 
   POST /v1/chat/completions   text + image_url parts, stream (server-sent events), temperature,
-                              top_p, max_tokens (max_completion_tokens), stop, seed
+                              top_p, max_tokens (max_completion_tokens), stop, seed; vLLM's
+                              top_k and ignore_eos
   GET  /v1/models             the one model served
   GET  /                      the chat page (serve/page.html)
   POST /preview               image bytes -> the PNG the page shows (DICOM rendered as the model
@@ -160,6 +161,33 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
             "usage": _usage(len(prompt.ids), value)}
 
   return app
+
+
+class Background:
+  """`app` served by uvicorn on host:<a free port> in a daemon thread (tests, benchmarks,
+  notebooks): `.url`, `.close()`."""
+
+  def __init__(self, app, host: str = "127.0.0.1", timeout: float = 60.0):
+    import socket
+    import threading
+
+    import uvicorn
+    sock = socket.socket()
+    sock.bind((host, 0))
+    self.url = f"http://{host}:{sock.getsockname()[1]}"
+    self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                   daemon=True)
+    self.thread.start()
+    deadline = time.monotonic() + timeout
+    while not self.server.started:
+      if time.monotonic() > deadline or not self.thread.is_alive():
+        raise RuntimeError("the server did not start")
+      time.sleep(0.02)
+
+  def close(self) -> None:
+    self.server.should_exit = True
+    self.thread.join(10)
 
 
 def _usage(prompt_tokens: int, gen) -> dict:

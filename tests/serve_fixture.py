@@ -11,10 +11,7 @@ import functools
 import json
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -23,7 +20,7 @@ from PIL import Image
 
 from serve import api
 from serve.generate import GenerationConfig, Generator
-from serve.server import create_app
+from serve.server import Background, create_app
 from tests.tiny_ckpt import shared_llava_checkpoint
 
 MAX_NEW = 12
@@ -33,27 +30,8 @@ LIMITS = dict(max_request_bytes=2**20, max_image_pixels=512 * 512, max_images=4,
 ROWS = 4  # every batch padded to 4 rows: the tests compile few programs
 
 
-class Running:
-  """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
-
-  def __init__(self, app):
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    self.port = sock.getsockname()[1]
-    self.url = f"http://127.0.0.1:{self.port}"
-    self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-    self.thread.start()
-    deadline = time.monotonic() + 60
-    while not self.server.started:
-      if time.monotonic() > deadline or not self.thread.is_alive():
-        raise RuntimeError("the test server did not start")
-      time.sleep(0.02)
-
-  def close(self):
-    self.server.should_exit = True
-    self.thread.join(10)
+class Running(Background):
+  """The app on a loopback port (serve.server.Background), plus GET-as-JSON for the tests."""
 
   def get(self, path: str) -> dict:
     with urllib.request.urlopen(self.url + path, timeout=30) as r:

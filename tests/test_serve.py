@@ -94,6 +94,13 @@ def test_answers_equal_the_generators(srv):
     assert choice["finish_reason"] == want.finish_reason
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": len(want.tokens),
                              "total_tokens": n_prompt + len(want.tokens)}
+  # vLLM's ignore_eos: no stop token ends the answer (what the benchmark uses)
+  r = ask(srv, [user(Q, "slide.png")], ignore_eos=True).json()
+  prompt = build_prompt(srv.gen.config, srv.gen.tokenizer, Q, [slide])
+  [free] = srv.gen.generate([prompt], GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=[]),
+                            batch_size=ROWS)
+  assert r["choices"][0]["message"]["content"] == free.text
+  assert r["usage"]["completion_tokens"] == MAX_NEW == len(free.tokens)
 
 
 def test_streaming_concatenates_to_the_same_text(srv):
@@ -202,6 +209,7 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(srv)
       ([user(Q)], {"top_p": 0}, 400, None, "top_p"),
       ([user(Q)], {"n": 2}, 400, None, "n=1"),
       ([user(Q)], {"stop": [""]}, 400, None, "stop"),
+      ([user(Q)], {"stream": "yes"}, 400, None, "stream must be true or false"),
       ([], {}, 400, None, "non-empty list"),
       ([user(Q), {"role": "assistant", "content": "x"}], {}, 400, None, "end with a user"),
       ([{"role": "tool", "content": "x"}], {}, 400, None, "role"),
@@ -375,3 +383,12 @@ def test_python_m_serve_end_to_end(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
   assert "serving 'tiny-llava'" in err and f"http://127.0.0.1:{port}/" in err
+
+
+@pytest.mark.slow  # ~30 s: compiles every batch bucket and runs HF's generate
+def test_bench_serve_smoke():
+  out = subprocess.run([sys.executable, "-m", "bench.serve", "--clients", "1", "2",
+                        "--requests-per-client", "1", "--new-tokens", "4", "--max-batch", "2",
+                        "--repeats", "1"], capture_output=True, text=True, check=True).stdout
+  rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+  assert len(rows) == 2 and all(" - |" not in r for r in rows), out

@@ -123,7 +123,7 @@ class VLMConfig:
   remat: str = "none"  # none | full | save_dots | save_attn_proj
   attention: str = "xla"  # xla | cudnn | pallas | splash | auto
   # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
-  # generation uses it on GPUs (see vlm/generate.py). Checkpoints always hold the stacked layout.
+  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
   scan_layers: bool = True
 
   @property
