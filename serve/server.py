@@ -100,6 +100,10 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
     with open(PAGE, encoding="utf-8") as f:
       return HTMLResponse(f.read())
 
+  @app.get("/favicon.ico")
+  async def favicon():
+    return Response(status_code=204)
+
   @app.get("/health")
   async def health():
     b = state["batcher"]
