@@ -1,10 +1,11 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` and `make test` (`make serve` then
+# serves the demo's model).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo install clean
+.PHONY: test test-all demo serve browser install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,16 +18,35 @@ $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
+# The chat page's browser test drives Debian's chromium through its chromedriver (nothing is
+# downloaded by the test). As root with apt (CI) they are installed here; otherwise the test skips.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  else \
+	    echo "note: no chromium-driver (as root: apt-get install chromium chromium-driver); the browser test will skip"; \
+	  fi; }
+
 # Default suite: CPU, 8 simulated devices, heavy cases marked `slow` are skipped.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Everything, slow cases included.
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m train.demo
+
+# The demo's model behind the OpenAI-compatible API and the chat page (http://127.0.0.1:8000/);
+# runs the demo first when it has not run yet. PORT=... picks another port.
+PORT ?= 8000
+serve: $(STAMP)
+	@test -d runs/demo/stage2/final/params || $(BIN)/python -m train.demo
+	$(BIN)/python -m serve --ckpt runs/demo --served-model-name demo --image-root runs/demo/data \
+	  --max-new-tokens 64 --port $(PORT)
 
 clean:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Generation speed on one GPU: vlm.generate (JAX) vs HF transformers `generate` (PyTorch).
+"""Generation speed on one GPU: serve.generate (JAX) vs HF transformers `generate` (PyTorch).
 
 A Llama-3-8B-shaped decoder with random bf16 weights, greedy, no stop tokens: a prompt of 1024
 tokens (729 of them where Llama3-Med puts its image features; the vision tower is left out, decode
@@ -71,9 +71,9 @@ def _random_params(config):
 def run_jax(args) -> dict:
   import jax
   from vlm.config import LlamaConfig, VLMConfig
-  from vlm.generate import GenerationConfig, Generator
+  from serve.generate import GenerationConfig, Generator
   from vlm.model import VLM
-  from vlm.prompt import Prompt
+  from serve.prompt import Prompt
   s = args.shape
   llm = LlamaConfig(vocab_size=s["vocab"], hidden=s["hidden"], layers=s["layers"],
                     heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
@@ -216,7 +216,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--hf-cache", choices=("auto", "dynamic", "static"), default="auto")
   p.add_argument("--layout", choices=("auto", "scan", "unstacked"), default="auto",
-                 help="our decoder's parameter layout (vlm.generate.Generator scan_layers; auto: "
+                 help="our decoder's parameter layout (serve.generate.Generator scan_layers; auto: "
                       "one subtree per layer except on TPU)")
   p.add_argument("--xla-flags", nargs="+", default=None, metavar="SET",
                  help="our side once per XLA flag set, each its own process (bench/xla_flags.py "

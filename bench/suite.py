@@ -47,7 +47,7 @@ Stages (warm-up 2 + 3 timed steps for the 8B steps):
   + 3 x 10 calls per function (XLA's fwd+bwd at S=4096 ~40 ms) ~3 s: 4 x 21 = 84; torch SDPA ~5;
   kernel profiles of Pallas and cuDNN fwd+bwd at S=4096 (3 traced calls each) ~5.
 - gen-b32 155: JAX 10 + 3 + ~45 (prefill + decode loop; generation unrolls the 32 layers, see
-  vlm/generate.py, so the two programs take longer to compile than a scanned step) + 2 runs x
+  serve/generate.py, so the two programs take longer to compile than a scanned step) + 2 runs x
   ~3.5 s = 65; HF with a static
   cache 8 + 5 + ~60 (generate torch.compiles the decode step for static caches) + 2 full runs x
   7.7 s (1,065 tokens/s) + 3 one-token runs ~3 = 90.
@@ -146,7 +146,7 @@ STAGES = (
           STEP + ("--cases", "stage1"), 90, 300,
           ("bench.train_step", "--smoke", "--cases", "stage1"), render="train_step"),
     Stage("gen-layout", 2, "#10: the scanned-layer layout at batch 1 (gen-b1 runs the per-layer "
-          "default): the effect of vlm.generate's layout choice",
+          "default): the effect of serve.generate's layout choice",
           ("bench.generate", "--batch", "1", "--repeats", "1", "--impl", "jax", "--layout",
            "scan", "--xla-flags", "base", "dynamic_slice_fusion"), 120, 260,
           ("bench.generate", "--smoke", "--impl", "jax", "--layout", "scan", "--xla-flags",

@@ -347,22 +347,31 @@ def _check_system(system, spec, sid):
 
 def render_prompt(question: str, tokenizer, template: str, *, image_tokens: ImageTokens,
                   image_token_id: int, system: Optional[str] = None,
-                  image_position: Optional[str] = None) -> np.ndarray:
+                  image_position: Optional[str] = None,
+                  history: Sequence[tuple] = ()) -> np.ndarray:
   """Generation prompt ids: the conversation up to the assistant header, images expanded, placed
-  and prompted as encode() does in training. A question without <image> gets one in front when
-  image_tokens is given (as LLaVA's eval does); image_tokens=0 means a text-only prompt."""
+  and prompted as encode() does in training. `history` holds the earlier (question, answer) turns
+  of a multi-turn chat, rendered as training renders them. Without any <image> marker, the images
+  go in front of the first question (as LLaVA's eval and cli do); image_tokens=0 means a
+  text-only prompt."""
   spec = _spec(tokenizer, template)
   position = image_position_for(template, image_position)
   scalar = isinstance(image_tokens, (int, np.integer))
   n_given = (1 if image_tokens else 0) if scalar else len(image_tokens)
-  if IMAGE not in question and n_given:
-    question = IMAGE * n_given + "\n" + question
-  if spec.special_re is not None and spec.special_re.search(question):
-    raise _bad("malformed", "question contains a special token", "prompt")
+  questions = [str(q) for q, _ in history] + [question]
+  answers = [str(a).strip() for _, a in history] + [None]
+  if n_given and not any(IMAGE in q for q in questions):
+    questions[0] = IMAGE * n_given + "\n" + questions[0]
+  for text in questions + answers[:-1]:
+    if spec.special_re is not None and spec.special_re.search(text):
+      raise _bad("malformed", f"{'question' if text in questions else 'answer'} contains a "
+                 f"special token {spec.special_re.search(text).group()!r}", "prompt")
+  if any(IMAGE in a for a in answers[:-1]):
+    raise _bad("malformed", "<image> in an answer", "prompt")
   _check_system(system, spec, "prompt")
-  q = _place_images(question.strip(), position)
-  if template == "plain" and IMAGE not in q:
-    raise _bad("malformed", "plain template needs an image", "prompt")
-  items = _tokenize(_pieces(template, [(q, None)], spec, system), tokenizer, spec, "prompt")
+  pairs = [(_place_images(q.strip(), position), a) for q, a in zip(questions, answers)]
+  if template == "plain" and (history or IMAGE not in pairs[0][0]):
+    raise _bad("malformed", "plain template needs an image and takes one turn", "prompt")
+  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, "prompt")
   ids, _, _ = _assemble(items, spec, image_tokens, image_token_id, "prompt")
   return np.asarray(ids, np.int32)

@@ -16,7 +16,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -49,10 +49,13 @@ def resolve_path(src, root, sample_id=None) -> Path:
 
 # --- decoding ------------------------------------------------------------------------------------
 
-def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None) -> np.ndarray:
+def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None,
+               max_pixels: Optional[int] = None) -> np.ndarray:
   """Decode `src` (a path relative to `root`, or the file's bytes) to uint8 [H, W, 3] RGB.
-  `frame` picks one frame of a multi-frame DICOM / TIFF / GIF. Raises BadSample with reason
-  'path_escape', 'missing_image' or 'corrupt_image', naming `sample_id` and the file."""
+  `frame` picks one frame of a multi-frame DICOM / TIFF / GIF. `max_pixels` bounds height x width,
+  checked from the header before any pixel is decoded (a server's guard against huge images).
+  Raises BadSample with reason 'path_escape', 'missing_image', 'corrupt_image' or 'too_large',
+  naming `sample_id` and the file."""
   path = None
   if isinstance(src, (bytes, bytearray, memoryview)):
     data = bytes(src)
@@ -65,9 +68,12 @@ def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None) -> np.
                       sample_id=sample_id, path=str(src)) from None
   try:
     if data[128:132] == b"DICM" or (path is not None and path.suffix.lower() in _DICOM_SUFFIXES):
-      img = _decode_dicom(data, frame)
+      img = _decode_dicom(data, frame, max_pixels)
     else:
-      img = _decode_pil(data, frame)
+      img = _decode_pil(data, frame, max_pixels)
+  except _TooLarge as e:
+    raise BadSample("too_large", str(e), sample_id=sample_id,
+                    path=str(src) if path is not None else None) from None
   except Exception as e:  # any decoder failure: truncated, unknown format, bad DICOM, bomb, frame
     raise BadSample("corrupt_image", f"cannot decode image: {e.__class__.__name__}: {e}"[:300],
                     sample_id=sample_id, path=str(src) if path is not None else None) from None
@@ -85,8 +91,19 @@ def _minmax(x: np.ndarray) -> np.ndarray:
   return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def _decode_pil(data: bytes, frame: int) -> np.ndarray:
+class _TooLarge(ValueError):
+  pass
+
+
+def _check_pixels(height: int, width: int, max_pixels: Optional[int]) -> None:
+  if max_pixels is not None and height * width > max_pixels:
+    raise _TooLarge(f"image of {width}x{height} = {height * width} pixels, more than the limit of "
+                    f"{max_pixels}")
+
+
+def _decode_pil(data: bytes, frame: int, max_pixels: Optional[int] = None) -> np.ndarray:
   with Image.open(io.BytesIO(data)) as im:
+    _check_pixels(im.height, im.width, max_pixels)
     if frame:
       n = getattr(im, "n_frames", 1)
       if not 0 <= frame < n:
@@ -121,11 +138,12 @@ def _voi_unit(x: np.ndarray, ds):
   return (np.asarray(y, np.float64) - lo) / max(hi - lo, 1e-12)
 
 
-def _decode_dicom(data: bytes, frame: int) -> np.ndarray:
+def _decode_dicom(data: bytes, frame: int, max_pixels: Optional[int] = None) -> np.ndarray:
   import pydicom
   from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
   ds = pydicom.dcmread(io.BytesIO(data), force=True)
+  _check_pixels(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), max_pixels)
   n = int(ds.get("NumberOfFrames", 1) or 1)
   if not 0 <= frame < n:
     raise ValueError(f"frame {frame} requested, the DICOM has {n}")

@@ -144,8 +144,8 @@ def prompt_text(question: str) -> str:
 
 def run(args) -> dict:
   from vlm import checkpoint, compile_cache
-  from vlm.generate import Generator, sampling_config
-  from vlm.prompt import build_prompt
+  from serve.generate import Generator, sampling_config
+  from serve.prompt import build_prompt
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   if args.test_json:
@@ -241,7 +241,7 @@ def add_parser(sub) -> None:
                  "ground truth `score --gt` reads; useful with TFDS builds)")
   p.add_argument("--model-id", help="model_id written in each row (default: the ckpt dir name)")
   p.add_argument("--batch-size", type=int, default=8)
-  from vlm.generate import add_sampling_args
+  from serve.generate import add_sampling_args
   add_sampling_args(p, max_new_tokens=1024)  # the papers' zero-shot setting: greedy, 1024
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the checkpoint's)")

@@ -16,7 +16,7 @@ import vlm
 from tests import hf_models as H
 from vlm import tiler
 from vlm.config import LLAVA16_PINPOINTS
-from vlm.prompt import image_inputs
+from serve.prompt import image_inputs
 
 SIDE = 1400
 # LLaVA-NeXT's other grid in use (llava-onevision / LLaVA-Video "anyres_max_9"): 384 px tiles

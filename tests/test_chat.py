@@ -1,5 +1,7 @@
-"""`python -m vlm.chat`: streams the answer the model gives for a DICOM or PNG image."""
+"""`python -m serve.chat`: streams the answer the model gives for a DICOM or PNG image, keeps the
+conversation, and checks its inputs before the model loads."""
 import io
+import os
 import subprocess
 import sys
 
@@ -10,9 +12,9 @@ from PIL import Image
 
 from data.image import load_image
 from tests.tiny_ckpt import shared_llava_checkpoint
-from vlm import chat
-from vlm.generate import GenerationConfig, Generator
-from vlm.prompt import build_prompt
+from serve import chat
+from serve.generate import GenerationConfig, Generator
+from serve.prompt import build_prompt
 
 DICOM = pydicom.data.get_testdata_file("CT_small.dcm")
 MAX_NEW = 12
@@ -48,31 +50,71 @@ def test_one_question_streams_the_answer(ckpt, png, image, capsys):
   assert out.endswith("\n") and out.strip() == expected(ckpt, path, "What is shown in the image?")
 
 
-def test_interactive_loop_switches_images(ckpt, png):
+def expected_turns(ckpt, image_path, questions):
+  """The answers of a conversation, each turn rendered with the earlier ones as history."""
+  gen = Generator.from_checkpoint(ckpt)
+  history = []
+  for q in questions:
+    prompt = build_prompt(gen.config, gen.tokenizer, q, [load_image(image_path)], history=history)
+    [res] = gen.generate([prompt], GenerationConfig(max_new_tokens=MAX_NEW))
+    history.append((q, res.text))
+  return [a for _, a in history]
+
+
+def test_interactive_loop_keeps_the_conversation(ckpt, png):
   args = chat._parser().parse_args(["--ckpt", ckpt, "--image", DICOM,
                                     "--max-new-tokens", str(MAX_NEW)])
   session = chat.Chat(args)
-  inp = io.StringIO("Is there a fracture?\n\n/image missing.png\n"
+  inp = io.StringIO("Is there a fracture?\nWhere?\n\n/reset\nWhere?\n/image missing.png\n"
                     f"/image {png}\nIs there a fracture?\n/quit\nnot asked\n")
   out = io.StringIO()
   chat.interactive(session, inp, out)
-  turns = out.getvalue().split(chat.PROMPT)
-  assert turns[1].strip() == expected(ckpt, DICOM, "Is there a fracture?")
-  assert "error: [missing_image]" in turns[3] and "missing.png" in turns[3]
-  assert turns[4] == "(image loaded)\n"
-  assert turns[5].strip() == expected(ckpt, png, "Is there a fracture?")
-  assert len(turns) == 7 and turns[6] == ""  # /quit ends the loop before "not asked"
+  turns = [t.strip() for t in out.getvalue().split(chat.PROMPT)]
+  first, second = expected_turns(ckpt, DICOM, ["Is there a fracture?", "Where?"])
+  assert turns[1:4] == [first, second, ""]    # a blank line asks nothing
+  assert turns[4] == "(new conversation)" and turns[5] == expected(ckpt, DICOM, "Where?")
+  assert second != turns[5]   # the history changed the answer
+  assert "error: [missing_image]" in turns[6] and "missing.png" in turns[6]
+  assert turns[7] == "(image loaded; new conversation)"
+  assert turns[8] == expected(ckpt, png, "Is there a fracture?")
+  assert len(turns) == 10 and turns[9] == ""  # /quit ends the loop before "not asked"
 
 
-def test_bad_image_is_a_clear_error(ckpt, tmp_path):
+def test_inputs_are_checked_before_the_model_loads(ckpt, png, tmp_path, monkeypatch, capsys):
+  """#16: one `error: ...` line and exit status 2, before any weight is read."""
+  def no_load(*a, **k):
+    raise AssertionError("the model was loaded before the inputs were checked")
+  monkeypatch.setattr(Generator, "from_checkpoint", no_load)
   bad = tmp_path / "scan.dcm"
   bad.write_bytes(b"not a dicom")
-  with pytest.raises(SystemExit, match=r"corrupt_image.*scan\.dcm"):
-    chat.main(["--ckpt", ckpt, "--image", str(bad), "question"])
+  cases = [(ckpt, png, "  ", "the question is empty"),
+           (ckpt, png, "", "the question is empty"),
+           (ckpt, str(tmp_path / "nope.png"), "q", "[missing_image]"),
+           (ckpt, str(bad), "q", "[corrupt_image]"),
+           (str(tmp_path), png, "q", "not a checkpoint dir"),
+           (str(tmp_path / "absent"), png, "q", "no such checkpoint dir")]
+  for where, image, question, message in cases:
+    with pytest.raises(SystemExit) as e:
+      chat.main(["--ckpt", where, "--image", image, question])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err, (message, err)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_training_workdir_resolves_to_its_newest_final(ckpt, png, tmp_path, capsys):
+  run = tmp_path / "run"
+  old = run / "stage1" / "final"
+  (old / "params").mkdir(parents=True)
+  (old / "config.json").write_text("{}")
+  os.utime(old / "config.json", (0, 0))
+  (run / "stage2").mkdir()
+  os.symlink(ckpt, run / "stage2" / "final")
+  chat.main(["--ckpt", str(run), "--image", png, "--max-new-tokens", str(MAX_NEW), "Describe."])
+  assert capsys.readouterr().out.strip() == expected(ckpt, png, "Describe.")
 
 
 def test_module_help():
-  out = subprocess.run([sys.executable, "-m", "vlm.chat", "--help"], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "serve.chat", "--help"], capture_output=True,
                        text=True, check=True).stdout
   assert "--temperature" in out and "--top-p" in out and "--max-new-tokens" in out
 
@@ -84,14 +126,14 @@ def test_second_run_loads_its_programs_from_the_compilation_cache(ckpt, png, tmp
   cache = tmp_path / "xla"
   env = dict(os.environ, MEDVLM_COMPILE_CACHE=str(cache), JAX_LOG_COMPILES="1",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
-  cmd = [sys.executable, "-m", "vlm.chat", "--ckpt", ckpt, "--image", png, "--max-new-tokens",
+  cmd = [sys.executable, "-m", "serve.chat", "--ckpt", ckpt, "--image", png, "--max-new-tokens",
          str(MAX_NEW), "What is shown in the image?"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   entries = sorted(p.name for p in cache.iterdir())
   assert entries and "Persistent compilation cache hit" not in first.stderr
   second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   assert second.stdout == first.stdout and second.stdout.strip()
-  for program in ("jit__prefill", "jit__decode"):   # vlm/generate.py's two programs
+  for program in ("jit__prefill", "jit__decode"):   # serve/generate.py's two programs
     assert f"Persistent compilation cache hit for '{program}'" in second.stderr, second.stderr
   assert sorted(p.name for p in cache.iterdir()) == entries      # nothing compiled anew
 

@@ -243,6 +243,23 @@ def test_render_prompt_is_the_training_prefix(tok3, template):
   assert prompt.dtype == np.int32
 
 
+@pytest.mark.parametrize("template", ["llama3", "vicuna_v1", "mistral_instruct"])
+def test_multi_turn_prompt_is_the_training_prefix_of_the_second_answer(tok3, tok2, template):
+  """A chat's second question with the first turn as history renders exactly like training
+  renders that conversation up to the second answer; the image goes to the first question."""
+  tok = tok3 if template == "llama3" else tok2
+  img = tok.convert_tokens_to_ids("<image>")
+  out = C.encode(sample(True), tok, template, image_tokens=IMG_TOKENS, image_token_id=img)
+  trained = np.flatnonzero(out["labels"] != -100)
+  second = int(trained[np.flatnonzero(np.diff(trained) > 1)[0] + 1])  # first id of answer 2
+  prompt = C.render_prompt(Q2, tok, template, image_tokens=IMG_TOKENS, image_token_id=img,
+                           history=[(Q1, A1)])
+  np.testing.assert_array_equal(prompt, out["input_ids"][:second])
+  with pytest.raises(BadSample, match="special token"):
+    C.render_prompt(Q2, tok, template, image_tokens=0, image_token_id=img,
+                    history=[(Q1, f"{A1}{tok.eos_token}")])
+
+
 def test_stop_tokens(tok3, tok2):
   ids = lambda *t: [tok3.convert_tokens_to_ids(x) for x in t]
   assert C.stop_token_ids(tok3, "llama3") == ids("<|eot_id|>", "<|end_of_text|>")
@@ -474,7 +491,7 @@ def test_image_position_at_inference_follows_the_checkpoint(tok2, tok3):
   """build_prompt renders with the checkpoint config's image position and system prompt, as
   LLaVA-Med's model_vqa.py (image first) and Llama3-Med (in place, its system) do."""
   from vlm.config import VLMConfig, VisionConfig
-  from vlm.prompt import build_prompt
+  from serve.prompt import build_prompt
   vision = VisionConfig(image_size=28, patch_size=14, width=8, layers=1, heads=1, mlp_dim=8)
   image = np.zeros((30, 30, 3), np.uint8)
   q = f"{Q1}\n<image>"

@@ -1,4 +1,4 @@
-"""vlm/generate.py: greedy decoding equals HF `generate`; batching, KV cache, sampling, stops,
+"""serve/generate.py: greedy decoding equals HF `generate`; batching, KV cache, sampling, stops,
 streaming and a sharded mesh change nothing they should not."""
 import json
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 import transformers as T
 
+import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
+from serve import generate
+from serve.generate import GenerationConfig, Generator, bucket, sample_logits
+from serve.prompt import Prompt, build_prompt, image_inputs
 from tests.tiny_ckpt import shared_llava_checkpoint
-from vlm import generate, sharding
-from vlm.generate import GenerationConfig, Generator, bucket, sample_logits
-from vlm.prompt import Prompt, build_prompt, image_inputs
+from vlm import sharding
 
 IMG = 95
 N = 10
@@ -181,7 +183,7 @@ def test_stream_and_stop_strings():
   pieces = []
   [streamed] = gen.generate([prompt], free_cfg, stream=lambda row, d: pieces.append((row, d)))
   assert streamed.text == free.text and len(pieces) > 1
-  assert {r for r, _ in pieces} == {0} and "".join(d for _, d in pieces).strip() == free.text
+  assert {r for r, _ in pieces} == {0} and "".join(d for _, d in pieces) == free.text
   # A stop string taken from the middle of the free answer cuts it there (and in the stream).
   word = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
   assert word.strip(), free.text
@@ -191,7 +193,29 @@ def test_stream_and_stop_strings():
                                                   stop_strings=(word,)),
                        stream=lambda row, d: pieces.append(d))
   assert cut.text == want and cut.finish_reason == "stop"
-  assert "".join(pieces).strip() == want
+  assert "".join(pieces) == want
+
+
+def test_row_limits_and_cancel_in_one_batch():
+  """A server's batch: each row stops at its own token limit, a cancelled row stops being fed
+  where it was, and the other rows answer as they would alone."""
+  gen = Generator.from_checkpoint(shared_llava_checkpoint())
+  img = np.random.default_rng(5).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+  prompts = [build_prompt(gen.config, gen.tokenizer, q, [img])
+             for q in ("What is shown in the image?", "Describe it.", "Any fracture?")]
+  cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=[])
+  alone = [gen.generate([p], cfg)[0] for p in prompts]
+  asked = []
+  out = gen.generate(prompts, cfg, limits=[5, 24, 24],
+                     cancel=lambda row: asked.append(row) or asked.count(2) == 2)
+  np.testing.assert_array_equal(out[0].tokens, alone[0].tokens[:5])
+  assert out[0].finish_reason == "length"
+  assert out[0].text == gen.tokenizer.decode(alone[0].tokens[:5].tolist(),
+                                             skip_special_tokens=True).strip()
+  np.testing.assert_array_equal(out[1].tokens, alone[1].tokens)
+  assert out[1].text == alone[1].text and out[1].finish_reason == "length"
+  assert out[2].finish_reason == "cancelled" and 0 < len(out[2].tokens) < 24
+  np.testing.assert_array_equal(out[2].tokens, alone[2].tokens[:len(out[2].tokens)])
 
 
 @pytest.mark.slow  # ~10 s: a third model shape to compile, and HF's generate
@@ -224,7 +248,7 @@ def test_bench_xla_flag_set_reaches_its_child(capsys):
 @pytest.mark.slow  # ~8 s: compiles the anyres vision path
 def test_greedy_llava_next_anyres_matches_hf(tmp_path):
   """Images of different aspect ratios (different tile grids and placeholder counts) in one batch,
-  prepared by vlm.prompt.image_inputs as chat and eval do."""
+  prepared by serve.prompt.image_inputs as chat and eval do."""
   cfg = T.LlavaNextConfig(vision_config=H.clip_config(), text_config=H.llama_config(**NO_EOS),
                           image_token_index=IMG, image_grid_pinpoints=[[28, 56], [56, 28],
                                                                        [56, 56], [84, 28]])

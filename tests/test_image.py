@@ -134,6 +134,33 @@ def test_bad_paths_and_files(tmp_path):
     load_image(get_testdata_file("MR_truncated.dcm"))
 
 
+def png_claiming(width, height) -> bytes:
+  """A PNG whose header claims width x height, with one row of pixel data."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+          + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width))))
+
+
+def test_max_pixels_is_checked_from_the_header_before_decoding():
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(buf, format="PNG")
+  assert load_image(buf.getvalue(), max_pixels=1200).shape == (30, 40, 3)
+  with pytest.raises(BadSample, match=r"too_large.*40x30 = 1200 pixels.*1199"):
+    load_image(buf.getvalue(), max_pixels=1199)
+  bomb = png_claiming(9000, 9000)   # 81 Mpx claimed (below PIL's own bomb checks), 1 row sent
+  with pytest.raises(BadSample, match="too_large"):
+    load_image(bomb, max_pixels=10**6)
+  ct = get_testdata_file("CT_small.dcm")   # 128 x 128
+  assert load_image(ct, max_pixels=128 * 128).shape == (128, 128, 3)
+  with pytest.raises(BadSample, match=r"too_large.*128x128.*CT_small"):
+    load_image(ct, max_pixels=128 * 128 - 1)
+
+
 def test_resize_modes():
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (60, 150, 3), dtype=np.uint8)

@@ -17,8 +17,8 @@ from data import tfds as builders
 from data.image import load_image
 from evaluation import vqa
 from tests.tiny_ckpt import shared_llava_checkpoint
-from vlm.generate import GenerationConfig, Generator
-from vlm.prompt import build_prompt
+from serve.generate import GenerationConfig, Generator
+from serve.prompt import build_prompt
 
 QUESTIONS = [("Is there a fracture?", "yes"), ("Where is the lesion?", "left lung"),
              ("Is this normal?", "no"), ("What modality is this?", "CT"),

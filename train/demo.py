@@ -5,7 +5,7 @@
    Llama-3 special tokens and `<image>`, trained on that text;
 2. training: configs/demo.py, stage 1 (connector alignment) then stage 2 (LoRA), on CPU;
 3. evaluation: zero-shot VQA with the LLaVA-Med metrics, the answer-quality report, and one
-   `vlm.chat` answer about the CT image (read from its DICOM file).
+   `serve.chat` answer about the CT image (read from its DICOM file).
 
   python -m train.demo [--workdir runs/demo]
 """
@@ -66,7 +66,7 @@ def evaluate(workdir: str) -> dict:
   """VQA answers + LLaVA-Med metrics, the answer-quality report and a chat answer on the CT DICOM."""
   from pydicom.data import get_testdata_file
   from evaluation import report, vqa
-  from vlm import chat
+  from serve import chat
   data, out = os.path.join(workdir, "data"), os.path.join(workdir, "eval")
   ckpt = os.path.join(workdir, "stage2", "final")
   os.makedirs(out, exist_ok=True)
@@ -81,7 +81,7 @@ def evaluate(workdir: str) -> dict:
             "--out", art["table"]])
   report.main(["--gt", gt, "--pred", f"demo={art['answers']}", "--out", art["report"]])
   ct = get_testdata_file("CT_small.dcm")
-  print(f"\n$ python -m vlm.chat --ckpt {ckpt} --image {ct} {QUESTION!r}")
+  print(f"\n$ python -m serve.chat --ckpt {ckpt} --image {ct} {QUESTION!r}")
   chat.main(["--ckpt", ckpt, "--image", ct, "--max-new-tokens", "24", QUESTION])
   return art
 
@@ -105,6 +105,8 @@ def main(argv=None):
                ("stage 1 run (metrics.jsonl, tensorboard/, checkpoints/)", os.path.join(w, "stage1")),
                ("stage 2 run", os.path.join(w, "stage2")), *art.items()]:
     print(f"  {k:55s} {v}")
+  print(f"\nChat with it in a browser: `make serve` or `python -m serve --ckpt {w} --image-root "
+        f"{os.path.join(w, 'data')}`, then open http://127.0.0.1:8000/")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A persistent XLA compilation cache for the command-line tools, on unless turned off.
 
-Each `vlm.chat` question, `evaluation.vqa run` and `train.main` start compiles the same programs
+Each `serve.chat` question, `evaluation.vqa run` and `train.main` start compiles the same programs
 again: for Llama-3-8B a prefill and a decode program per prompt bucket, or the training step, with
 gemm autotuning on a GPU (tens of seconds each). With this cache a rerun on the same shapes loads
 them instead. JAX keys every entry on the program, its compile options, the jax/XLA versions, the

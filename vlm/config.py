@@ -132,7 +132,7 @@ class VLMConfig:
   vision_remat: str = "none"
   attention: str = "xla"  # xla | cudnn | pallas | splash | auto
   # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
-  # generation uses it on GPUs (see vlm/generate.py). Checkpoints always hold the stacked layout.
+  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
   scan_layers: bool = True
 
   @property

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 
 from vlm import sharding
 from vlm.model import VLM, unstack_layers
-from vlm.prompt import Prompt, load_tokenizer
+from serve.prompt import Prompt, load_tokenizer
 
 MAX_STOP_IDS = 8  # stop ids travel as a fixed-size array: no recompile per template
 STREAM_CHUNK = 1  # decode steps between host callbacks when streaming
@@ -203,8 +203,12 @@ class Generator:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, **overrides) -> "Generator":
-    """A checkpoint dir of this project (tokenizer in path/tokenizer) or a HF model dir."""
+    """A checkpoint dir of this project (tokenizer in path/tokenizer), a HF model dir or a
+    train.main workdir (vlm.checkpoint.resolve)."""
+    import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
     import vlm
+    from vlm import checkpoint
+    path = checkpoint.resolve(path)
     tokenizer = load_tokenizer(path)   # first: a missing tokenizer fails before the weights load
     model, params = vlm.from_pretrained(path, **overrides)
     return cls(model, params, tokenizer, mesh=mesh)
@@ -254,14 +258,23 @@ class Generator:
 
   def generate(self, prompts: Sequence[Prompt], gc: GenerationConfig = GenerationConfig(), *,
                stream: Optional[Callable[[int, str], None]] = None, return_logits: bool = False,
-               batch_size: Optional[int] = None) -> list:
+               batch_size: Optional[int] = None, limits: Optional[Sequence[int]] = None,
+               cancel: Optional[Callable[[int], bool]] = None) -> list:
     """Generates for every prompt in one batch. `stream(row, text_delta)` is called as text
-    becomes final (held back while it could still turn into a stop string). `batch_size` pads
-    the batch to a fixed row count (default: the next power of two) so batches share programs."""
+    becomes final (held back while it could still turn into a stop string); the deltas of a row
+    add up to its Generation.text. `batch_size` pads the batch to a fixed row count (default: the
+    next power of two) so batches share programs. A server batching requests passes each row's
+    own token limit in `limits` (<= gc.max_new_tokens) and `cancel(row)`, asked between decode
+    chunks, to stop rows whose client left (finish_reason 'cancelled')."""
     if not prompts:
       return []
     if gc.max_new_tokens < 1:
       raise ValueError("max_new_tokens must be at least 1")
+    limits = np.minimum(np.asarray(limits if limits is not None else [gc.max_new_tokens]
+                                   * len(prompts), np.int64), gc.max_new_tokens)
+    if len(limits) != len(prompts) or (limits < 1).any():
+      raise ValueError("limits: one token limit >= 1 per prompt")
+    host_rows = bool(cancel) or bool((limits < gc.max_new_tokens).any())
     if (stream or gc.stop_strings) and self.tokenizer is None:
       raise ValueError("streaming and stop strings need a tokenizer")
     stops = self.stop_ids(gc)
@@ -290,43 +303,53 @@ class Generator:
            jnp.int32(gc.top_k))
     static = dict(config=self.config, greedy=gc.temperature <= 0, collect=return_logits)
     texts = [_TextState(self.tokenizer, gc.stop_strings) for _ in prompts] if (
-        stream or gc.stop_strings) else None
+        stream or gc.stop_strings or host_rows) and self.tokenizer is not None else None
     chunk = STREAM_CHUNK if stream else STOP_STRING_CHUNK
+    ends = [None] * len(prompts)   # (steps, reason) of rows ended by a limit or a cancel
     step = 0
     while step < gc.max_new_tokens:
-      stop_at = gc.max_new_tokens if texts is None else min(step + chunk, gc.max_new_tokens)
+      stop_at = gc.max_new_tokens
+      if texts is not None or host_rows:
+        open_limits = [int(n) for n, e in zip(limits, ends) if e is None and n > step]
+        stop_at = min([step + chunk, gc.max_new_tokens] + open_limits)
       state = _decode(self.params, state, *args, jnp.int32(stop_at), *dyn, **static)
       step = int(state["step"])
-      if texts is None:
+      if texts is None and not host_rows:
         break
       # fetched whole and sliced on the host: a device slice per step would compile per length
       tokens, done = jax.device_get((state["tokens"], state["done"]))
       tokens = tokens[:, :step]
       finished = np.array(done)
-      for i, t in enumerate(texts):
-        delta = t.update(tokens[i], stops, final=bool(done[i]) or step >= gc.max_new_tokens)
-        if stream and delta:
-          stream(i, delta)
-        finished[i] |= t.stopped
+      for i in range(len(prompts)):
+        if ends[i] is None and not done[i] and (step >= limits[i] or (cancel and cancel(i))):
+          ends[i] = (step, "length" if step >= limits[i] else "cancelled")
+        t = texts[i] if texts is not None else None
+        if t is not None and not t.closed:
+          delta = t.update(tokens[i][:step if ends[i] is None else ends[i][0]], stops,
+                           final=bool(done[i]) or ends[i] is not None or step >= gc.max_new_tokens)
+          if stream and delta:
+            stream(i, delta)
+        finished[i] |= ends[i] is not None or (t is not None and t.stopped)
       if finished[:len(prompts)].all() or step >= gc.max_new_tokens:
         break
-      if (finished != done).any():  # a stop string ended a row: stop feeding it
+      if (finished != done).any():  # a stop string, limit or cancel ended a row: stop feeding it
         state["done"] = jnp.asarray(finished)
-    out = self._results(prompts, state, stops, texts, return_logits)
+    out = self._results(prompts, state, stops, texts, return_logits, ends)
     self.timings = {"prefill_s": t_prefill - t0, "decode_s": time.perf_counter() - t_prefill,
                     "steps": int(state["step"]), "rows": rows, "prompt_width": width,
                     "cache_len": cache_len}
     return out
 
-  def _results(self, prompts, state, stops, texts, return_logits) -> list:
+  def _results(self, prompts, state, stops, texts, return_logits, ends) -> list:
     step = int(state["step"])
     tokens = np.asarray(jax.device_get(state["tokens"]))[:, :step]
     logits = np.asarray(jax.device_get(state["all_logits"]))[:, :step] if return_logits else None
     out = []
     for i in range(len(prompts)):
-      row = tokens[i]
+      row = tokens[i] if ends[i] is None else tokens[i, :ends[i][0]]
       hit = np.flatnonzero(np.isin(row, stops)) if stops else np.array([], int)
-      n, reason = (int(hit[0]), "stop") if hit.size else (len(row), "length")
+      n, reason = (int(hit[0]), "stop") if hit.size else (
+          len(row), "length" if ends[i] is None else ends[i][1])
       if texts is not None and texts[i].stopped:
         text, reason = texts[i].text, "stop"
       elif self.tokenizer is not None:
@@ -340,16 +363,18 @@ class Generator:
 
 
 class _TextState:
-  """Incremental detokenization of one row: final text so far, cut at the first stop string."""
+  """Incremental detokenization of one row: final text so far, cut at the first stop string.
+  The deltas add up to the stripped text: leading whitespace is never sent, trailing whitespace
+  waits for what follows it."""
 
   def __init__(self, tokenizer, stop_strings: Sequence[str]):
     self.tokenizer, self.stops = tokenizer, [s for s in stop_strings if s]
     self.hold = max((len(s) for s in self.stops), default=1) - 1
-    self.emitted, self.text, self.stopped = 0, "", False
+    self.emitted, self.text, self.stopped, self.closed = 0, "", False, False
 
   def update(self, tokens: np.ndarray, stop_ids, final: bool) -> str:
     """New final text of this row given all its tokens so far."""
-    if self.stopped:
+    if self.closed:
       return ""
     hit = np.flatnonzero(np.isin(tokens, stop_ids)) if len(stop_ids) else []
     if len(hit):
@@ -360,8 +385,10 @@ class _TextState:
       text, final, self.stopped = text[:cut], True, True
     # Hold back an incomplete UTF-8 sequence and anything that may still become a stop string.
     ready = len(text) if final else max(self.emitted, len(text.rstrip("\ufffd")) - self.hold)
-    delta = text[self.emitted:ready] if ready > self.emitted else ""
+    ready = min(ready, len(text.rstrip()))
+    start = max(self.emitted, len(text) - len(text.lstrip()))
+    delta = text[start:ready] if ready > start else ""
     self.emitted = max(self.emitted, ready)
     if final:
-      self.text = text.strip()
+      self.text, self.closed = text.strip(), True
     return delta

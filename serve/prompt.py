@@ -1,6 +1,6 @@
 """Generation prompts: a question (+ images) -> token ids and model-ready pixels.
 
-The host side of inference, shared by `vlm.chat`, `evaluation.vqa run` and the benchmarks so that
+The host side of inference, shared by `serve.chat`, `evaluation.vqa run` and the benchmarks so that
 placeholder counts, image geometry and templates agree with training (data/pipeline.py): square
 tilers ship uint8 [S, S, 3] at the tiler's input size (normalized inside the model); anyres ships
 the base image + tiles padded to the tiler's maximum, with the original (height, width).
@@ -42,16 +42,17 @@ def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
 
 
 def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),
-                 *, system: Optional[str] = None) -> Prompt:
-  """Render `question` as the model was trained: its template, image position and system prompt
-  (`system` None: the model's). Each image goes where an `<image>` marker in the question says,
-  as the image position rule places it, or, without markers, in front (as LLaVA's eval does)."""
+                 *, system: Optional[str] = None, history: Sequence[tuple] = ()) -> Prompt:
+  """Render `question` as the model was trained, after the earlier (question, answer) turns of
+  `history`: its template, image position and system prompt (`system` None: the model's). The
+  images, in order, go to the `<image>` markers of the questions, as the image position rule
+  places them, or, without markers, in front of the first question (as LLaVA's eval and cli do)."""
   prepared = [image_inputs(config, im) for im in images]
   counts = [c for _, _, c in prepared]
   ids = render_prompt(question, tokenizer, config.template, image_tokens=counts or 0,
                       image_token_id=config.image_token_id,
                       system=config.system if system is None else system,
-                      image_position=config.image_position)
+                      image_position=config.image_position, history=history)
   if not prepared:
     return Prompt(ids)
   pixels = np.stack([p for p, _, _ in prepared])

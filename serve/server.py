@@ -1,0 +1,247 @@
+"""The HTTP server: an OpenAI-compatible API and the web chat page, over one Batcher.
+
+  POST /v1/chat/completions   text + image_url parts, stream (server-sent events), temperature,
+                              top_p, max_tokens (max_completion_tokens), stop, seed; vLLM's
+                              top_k and ignore_eos
+  GET  /v1/models             the one model served
+  GET  /                      the chat page (serve/page.html)
+  POST /preview               image bytes -> the PNG the page shows (DICOM rendered as the model
+                              sees it)
+  GET  /health                queue and batch counters
+
+With an API key in the environment every route but / and /health wants `Authorization: Bearer
+KEY`. Request bodies, image pixels, images per request and max_tokens are bounded (api.Limits);
+a full queue answers 503 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from serve import api
+from serve.batcher import Batcher, Job, QueueFull
+from serve.generate import GenerationConfig, Generator
+
+log = logging.getLogger(__name__)
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
+PREVIEW_SIDE = 512
+DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this x the limit, then cut
+
+
+def create_app(generator: Generator, *, model_name: str, limits: api.Limits = api.Limits(),
+               defaults: GenerationConfig = GenerationConfig(), system: Optional[str] = None,
+               api_key: Optional[str] = None, max_batch: int = 32, max_queue: int = 64,
+               window: float = 0.01, pad_batches: bool = False) -> FastAPI:
+  """`defaults`: sampling of requests that do not say; `system`: the system prompt of requests
+  without one (None: the template's); `api_key`: what clients must send (None: nothing), read
+  from the environment by the caller."""
+  state = {}
+
+  async def lifespan(app):
+    state["batcher"] = Batcher(generator, max_batch=max_batch, max_queue=max_queue,
+                               window=window, pad=pad_batches)
+    yield
+    state["batcher"].close()
+
+  app = FastAPI(title="medvlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None,
+                openapi_url=None)
+  app.state.model_name = model_name
+
+  @app.exception_handler(api.ApiError)
+  async def _api_error(request, e: api.ApiError):
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+  @app.exception_handler(HTTPException)
+  async def _http_error(request, e: HTTPException):
+    return JSONResponse(api.ApiError(e.status_code, str(e.detail)).body(),
+                        status_code=e.status_code)
+
+  def authorize(request: Request) -> None:
+    if api_key is None:
+      return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             api_key.encode()):
+      raise api.ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                         type="authentication_error", code="invalid_api_key")
+
+  async def read_body(request: Request) -> bytes:
+    limit = limits.max_request_bytes
+    too_big = api.ApiError(413, f"request body over the server's limit of {limit} bytes",
+                           code="request_too_large")
+    declared = request.headers.get("content-length")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+      n += len(chunk)
+      if n > limit * DRAIN_FACTOR:
+        break
+      if n <= limit and not (declared and declared.isdigit() and int(declared) > limit):
+        chunks.append(chunk)
+    if n > limit or (declared and declared.isdigit() and int(declared) > limit):
+      raise too_big
+    return b"".join(chunks)
+
+  @app.get("/", response_class=HTMLResponse)
+  async def page():
+    with open(PAGE, encoding="utf-8") as f:
+      return HTMLResponse(f.read())
+
+  @app.get("/favicon.ico")
+  async def favicon():
+    return Response(status_code=204)
+
+  @app.get("/health")
+  async def health():
+    b = state["batcher"]
+    return {"status": "ok", "model": model_name, "waiting": b.waiting(), **b.stats}
+
+  @app.get("/v1/models")
+  async def models(request: Request):
+    authorize(request)
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                        "owned_by": "medvlm-jax"}]}
+
+  @app.post("/preview")
+  async def preview(request: Request):
+    authorize(request)
+    raw = await read_body(request)
+    png = await run_in_threadpool(_preview_png, raw, limits)
+    return Response(png, media_type="image/png")
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request):
+    authorize(request)
+    raw = await read_body(request)
+    try:
+      body = json.loads(raw)
+    except ValueError as e:
+      raise api.ApiError(400, f"the request body is not JSON: {e}") from None
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and model != model_name:
+      raise api.ApiError(404, f"model {str(model)[:80]!r} is not served here; this server serves "
+                         f"{model_name!r} (GET /v1/models)", param="model",
+                         code="model_not_found")
+    req = api.parse(body, defaults, limits)
+    req.system = system if req.system is None else req.system
+    prompt = await run_in_threadpool(api.to_prompt, req, generator.config, generator.tokenizer,
+                                     limits)
+    job = Job(prompt, req.sampling, req.max_tokens, req.stream, asyncio.get_running_loop())
+    try:
+      state["batcher"].submit(job)
+    except QueueFull as e:
+      raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": model_name}
+    if req.stream:
+      return StreamingResponse(_events(job, meta, len(prompt.ids), req.include_usage),
+                               media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+      while True:
+        kind, value = await job.events.get()
+        if kind == "done":
+          break
+        if kind == "error":
+          raise api.ApiError(500, value, type="server_error")
+    finally:
+      job.cancelled = True   # a client that left stops waiting in the queue
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
+                         "finish_reason": value.finish_reason, "logprobs": None}],
+            "usage": _usage(len(prompt.ids), value)}
+
+  return app
+
+
+class Background:
+  """`app` served by uvicorn on host:<a free port> in a daemon thread (tests, benchmarks,
+  notebooks): `.url`, `.close()`."""
+
+  def __init__(self, app, host: str = "127.0.0.1", timeout: float = 60.0):
+    import socket
+    import threading
+
+    import uvicorn
+    sock = socket.socket()
+    sock.bind((host, 0))
+    self.url = f"http://{host}:{sock.getsockname()[1]}"
+    self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                   daemon=True)
+    self.thread.start()
+    deadline = time.monotonic() + timeout
+    while not self.server.started:
+      if time.monotonic() > deadline or not self.thread.is_alive():
+        raise RuntimeError("the server did not start")
+      time.sleep(0.02)
+
+  def close(self) -> None:
+    self.server.should_exit = True
+    self.thread.join(10)
+
+
+def _usage(prompt_tokens: int, gen) -> dict:
+  """completion_tokens: the answer's tokens (a stop token not counted)."""
+  n = int(len(gen.tokens))
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+          "total_tokens": prompt_tokens + n}
+
+
+async def _events(job: Job, meta: dict, prompt_tokens: int, include_usage: bool):
+  """Server-sent events in OpenAI's chunk format; the generator's cancellation (the client
+  went away) cancels the row."""
+  def chunk(delta: dict, finish=None, **extra) -> str:
+    body = {**meta, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+  try:
+    yield chunk({"role": "assistant", "content": ""})
+    while True:
+      kind, value = await job.events.get()
+      if kind == "delta":
+        yield chunk({"content": value})
+      elif kind == "done":
+        yield chunk({}, value.finish_reason)
+        if include_usage:
+          body = {**meta, "object": "chat.completion.chunk", "choices": [],
+                  "usage": _usage(prompt_tokens, value)}
+          yield f"data: {json.dumps(body)}\n\n"
+        break
+      else:
+        yield f"data: {json.dumps(api.ApiError(500, value, type='server_error').body())}\n\n"
+        break
+    yield "data: [DONE]\n\n"
+  finally:
+    job.cancelled = True
+
+
+def _preview_png(raw: bytes, limits: api.Limits) -> bytes:
+  from PIL import Image
+
+  from data.errors import BadSample
+  from data.image import load_image
+  try:
+    img = load_image(raw, max_pixels=limits.max_image_pixels)
+  except BadSample as e:
+    raise api.ApiError(400, f"preview: {e}", code=e.reason) from None
+  im = Image.fromarray(img)
+  im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return buf.getvalue()
