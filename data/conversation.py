@@ -48,6 +48,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from data.errors import BadSample, UserError
+from vlm.config import LLAMA3_MED_SYSTEM  # noqa: F401  (the system prompt lives with its preset)
 
 TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "llava_mistral", "plain")
 IMAGE_POSITIONS = ("keep", "first")
@@ -59,10 +60,6 @@ IMAGE = "<image>"
 IGNORE = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
-# Llama3-Med llama3med/data/template/llama3_template.py: `system = "You are a helpful language and
-# vision assistant. "`; the two string lines under it are separate statements, not part of it, so
-# its Llama3Template renders exactly this, trailing space included, before <|eot_id|>.
-LLAMA3_MED_SYSTEM = "You are a helpful language and vision assistant. "
 LLAMA3_BOS, LLAMA3_EOT, LLAMA3_EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 LLAMA3_SH, LLAMA3_EH = "<|start_header_id|>", "<|end_header_id|>"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -323,7 +320,7 @@ def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
 
 def truncate(enc: dict, max_len: Optional[int], image_token_id: int, sample_id=None) -> dict:
   """`encode`'s cut to max_len applied to an uncut encoding (`encode(..., max_len=None)`), so a
-  caller can see the length before the cut (data.validate) and still get what training gets."""
+  caller can see the length before the cut (train.validate) and still get what training gets."""
   img = np.flatnonzero(enc["input_ids"] == image_token_id)
   return _cut(enc, max_len, int(img[-1]) + 1 if len(img) else 0, sample_id)
 

@@ -8,7 +8,7 @@ FILE is a LLaVA / LLaVA-Med JSON list (or one object, or JSON lines); the first 
 unless --id or --index picks another. Trained spans are highlighted; each image's placeholder run
 is shown as one <image>xN marker. The placeholder id is the tokenizer's `<image>` token. Lines
 are never wrapped by the tool (a terminal or pager wraps them), so piped output keeps the text.
-To check a whole data set as training reads it, use `python -m data.validate`.
+To check a whole data set as training reads it, use `python -m train.validate`.
 """
 from __future__ import annotations
 

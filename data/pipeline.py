@@ -188,7 +188,7 @@ class SampleProcessor:
     raise BadSample("malformed", f"image must be a path, got {type(ref).__name__}", sample_id=sid)
 
   def _encode(self, sample, tokens, max_len) -> dict:
-    """Template + loss mask (data.validate calls it without the cut to see the full length)."""
+    """Template + loss mask (train.validate calls it without the cut to see the full length)."""
     cfg = self.cfg
     return encode(sample, self.tokenizer, cfg.template, image_tokens=tokens,
                   image_token_id=cfg.image_token_id, system=cfg.system,

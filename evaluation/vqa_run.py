@@ -9,7 +9,7 @@ dropped and answered again). Defaults follow the papers: greedy, max_new_tokens 
 
 Everything that can be checked is checked before the model loads: the questions file, every
 question's text (an empty one is an error) and image (a file inside --image-root), and --ckpt (a
-checkpoint dir, a HF model dir, or a train.main workdir: vlm.checkpoint.resolve).
+checkpoint dir, a HF model dir, or a train.main workdir: serve.workdir.resolve).
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def prompt_text(question: str) -> str:
 
 
 def run(args) -> dict:
-  from vlm import checkpoint, compile_cache
+  from serve import workdir
+  from vlm import compile_cache
   from serve.generate import Generator, sampling_config
   from serve.prompt import build_prompt
 
@@ -162,7 +163,7 @@ def run(args) -> dict:
     raise UserError("give --dataset and --data-dir, or --test-json and --image-root")
   if not questions:
     raise UserError(f"no questions in {source}")
-  ckpt = checkpoint.resolve(args.ckpt)   # a training workdir stands for the model it wrote
+  ckpt = workdir.resolve(args.ckpt)   # a training workdir stands for the model it wrote
   if args.gt_out:
     write_gt(questions, args.gt_out)
   done = answered_ids(args.out)

@@ -63,14 +63,14 @@ def main(argv=None) -> None:
   with cli_errors():
     from serve import api
     from serve.generate import Generator, sampling_config
-    from vlm import checkpoint
+    from serve import workdir
     for name in ("port", "max_batch", "max_queue", "max_image_pixels", "max_images",
                  "max_tokens_limit", "max_new_tokens"):
       if getattr(args, name) < 1:
         raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_root is not None and not os.path.isdir(args.image_root):
       raise UserError(f"--image-root {args.image_root}: no such directory")
-    ckpt = checkpoint.resolve(args.ckpt)
+    ckpt = workdir.resolve(args.ckpt)
     key = os.environ.get(args.api_key_env) or None if args.api_key_env else None
     limits = api.Limits(max_request_bytes=int(args.max_request_mb * 2**20),
                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,

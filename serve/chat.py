@@ -105,12 +105,12 @@ def check_inputs(args):
   """Everything that can be checked before the model loads (seconds to minutes for a large one):
   the question, the checkpoint path, the image. Returns the decoded image or None."""
   from data.image import load_image
-  from vlm import checkpoint
+  from serve import workdir
   if args.question is not None and not args.question.strip():
     raise UserError("the question is empty")
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-  args.ckpt = checkpoint.resolve(args.ckpt)
+  args.ckpt = workdir.resolve(args.ckpt)
   return load_image(args.image, frame=args.frame) if args.image else None
 
 

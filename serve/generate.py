@@ -204,11 +204,11 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, **overrides) -> "Generator":
     """A checkpoint dir of this project (tokenizer in path/tokenizer), a HF model dir or a
-    train.main workdir (vlm.checkpoint.resolve)."""
+    train.main workdir (serve.workdir.resolve)."""
     import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
     import vlm
-    from vlm import checkpoint
-    path = checkpoint.resolve(path)
+    from serve import workdir
+    path = workdir.resolve(path)
     tokenizer = load_tokenizer(path)   # first: a missing tokenizer fails before the weights load
     model, params = vlm.from_pretrained(path, **overrides)
     return cls(model, params, tokenizer, mesh=mesh)

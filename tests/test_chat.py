@@ -1,6 +1,7 @@
 """`python -m serve.chat`: streams the answer the model gives for a DICOM or PNG image, keeps the
 conversation, and checks its inputs before the model loads."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_inputs_are_checked_before_the_model_loads(ckpt, png, tmp_path, monkeypa
            (ckpt, png, "", "the question is empty"),
            (ckpt, str(tmp_path / "nope.png"), "q", "[missing_image]"),
            (ckpt, str(bad), "q", "[corrupt_image]"),
-           (str(tmp_path), png, "q", "not a checkpoint dir"),
+           (str(tmp_path), png, "q", "is neither a checkpoint"),
            (str(tmp_path / "absent"), png, "q", "no such checkpoint dir")]
   for where, image, question, message in cases:
     with pytest.raises(SystemExit) as e:
@@ -101,13 +102,17 @@ def test_inputs_are_checked_before_the_model_loads(ckpt, png, tmp_path, monkeypa
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_training_workdir_resolves_to_its_newest_final(ckpt, png, tmp_path, capsys):
+def test_a_training_workdir_resolves_to_its_last_stage(ckpt, png, tmp_path, capsys):
+  """A chained train.main workdir stands for its last stage's final/ (the stage no other starts
+  from), as serve.workdir.resolve lays it out."""
   run = tmp_path / "run"
   old = run / "stage1" / "final"
   (old / "params").mkdir(parents=True)
   (old / "config.json").write_text("{}")
-  os.utime(old / "config.json", (0, 0))
+  (run / "stage1" / "train_config.json").write_text(json.dumps({"model": {"init": "x"}}))
   (run / "stage2").mkdir()
+  (run / "stage2" / "train_config.json").write_text(
+      json.dumps({"model": {"init": str(run / "stage1")}}))
   os.symlink(ckpt, run / "stage2" / "final")
   chat.main(["--ckpt", str(run), "--image", png, "--max-new-tokens", str(MAX_NEW), "Describe."])
   assert capsys.readouterr().out.strip() == expected(ckpt, png, "Describe.")

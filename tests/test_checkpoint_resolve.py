@@ -1,4 +1,4 @@
-"""vlm.checkpoint.resolve: what a --ckpt path stands for, laid out as train.main writes a workdir
+"""serve.workdir.resolve: what a --ckpt path stands for, laid out as train.main writes a workdir
 (WORKDIR/final; a chained config's WORKDIR/<stage>/final; WORKDIR/checkpoints/<step> while it
 runs). No model is loaded: only the directory layout matters."""
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from data.errors import UserError
-from vlm.checkpoint import resolve
+from serve.workdir import resolve
 
 
 def _ckpt(path):

@@ -76,7 +76,7 @@ def _tfds(tmp):
 
 
 def _validate(tmp):
-  from data.validate import main
+  from train.validate import main
   (tmp / "cfg.py").write_text(
       "from configs import common\n"
       "def get_config():\n"
@@ -90,7 +90,7 @@ def _validate(tmp):
 CASES = {"convert import": _convert, "evaluation.vqa score": _vqa_score,
          "evaluation.vqa run": _vqa_run, "evaluation.report": _report,
          "evaluation.judge": _judge, "data.inspect": _inspect, "data.synth": _synth,
-         "data.ldrt": _ldrt, "data.tfds build": _tfds, "data.validate": _validate}
+         "data.ldrt": _ldrt, "data.tfds build": _tfds, "train.validate": _validate}
 
 
 @pytest.mark.parametrize("command", list(CASES))

@@ -12,7 +12,7 @@ PROJECT = {"vlm", "data", "convert", "serve", "train", "evaluation", "bench", "c
 ALLOWED = {  # package -> project packages it may import (itself always)
     "vlm": set(),
     "data": {"vlm"},
-    "convert": {"vlm"},
+    "convert": {"vlm", "data"},
     "serve": {"vlm", "data", "convert"},
 }
 

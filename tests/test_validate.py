@@ -1,4 +1,4 @@
-"""`python -m data.validate`: a whole data set checked as training reads it. The oracle is the
+"""`python -m train.validate`: a whole data set checked as training reads it. The oracle is the
 training iterator itself (data.pipeline.make_iterator): the same bad samples per reason, the same
 usable samples at the same (cut) lengths. Configs are taken as train.main takes them: a chained
 config whose second stage starts from the first one's (untrained) workdir, --stage, overrides."""
@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from data import validate
+from train import validate
 from data.conversation import encode
 from data.pipeline import make_iterator
 from tiny_tokenizers import llama3_tokenizer, load

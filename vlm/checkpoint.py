@@ -5,6 +5,7 @@ train_state/ beside it (train/checkpoints.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Optional
@@ -13,56 +14,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data.errors import UserError
-from data.jsonfile import load_json
 from vlm.config import VLMConfig
 
 
 def is_checkpoint(path) -> bool:
   return os.path.isdir(os.path.join(path, "params")) and os.path.exists(
       os.path.join(path, "config.json"))
-
-
-def resolve(path) -> str:
-  """The model dir `path` stands for: a checkpoint dir of this project or a HF model dir as is; a
-  `train.main` workdir for the model it wrote, as model.init reads a workdir: WORKDIR/final, or for
-  a chained config (configs/demo.py) the last stage's WORKDIR/<stage>/final (the last stage is the
-  one no other stage starts from). Anything else is a UserError saying what the path holds."""
-  path = os.fspath(path)
-  if is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
-    return path
-  if not os.path.isdir(path):
-    raise UserError(f"no such checkpoint dir or training workdir: {path}")
-  final = os.path.join(path, "final")
-  if is_checkpoint(final):
-    return final
-  if os.path.isfile(os.path.join(path, "train_config.json")):
-    raise UserError(_unfinished(path, path, "the run"))
-  stages = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, d, "train_config.json"))}
-  inits = [load_json(os.path.join(d, "train_config.json")).get("model", {}).get("init")
-           for d in stages.values()]
-  starts = {os.path.abspath(i) for i in inits if isinstance(i, str) and i}
-  last = [n for n, d in stages.items()
-          if not {os.path.abspath(d), os.path.abspath(os.path.join(d, "final"))} & starts]
-  if len(last) == 1:
-    d = stages[last[0]]
-    if is_checkpoint(os.path.join(d, "final")):
-      return os.path.join(d, "final")
-    raise UserError(_unfinished(path, d, f"its last stage {last[0]!r}"))
-  raise UserError(f"{path} is neither a checkpoint of this project (config.json + params/), a HF "
-                  "model dir (config.json + weights) nor a train.main workdir (final/, or "
-                  "STAGE/final of a chained config)")
-
-
-def _unfinished(workdir: str, stage_dir: str, what: str) -> str:
-  ckpts = os.path.join(stage_dir, "checkpoints")
-  steps = sorted(int(s) for s in (os.listdir(ckpts) if os.path.isdir(ckpts) else ()) if s.isdigit())
-  done = (f"its newest train checkpoint, step {steps[-1]}, holds the trained weights and optimizer "
-          "state, not a model" if steps else "no checkpoint yet")
-  final = os.path.join(stage_dir, "final")
-  return (f"training workdir {workdir}: {what} has not finished (no {final}; {done}); rerun the "
-          "same train.main command to finish it")
 
 
 # orbax files are split into pieces of this size so a save never buffers a whole 8B tree.
@@ -114,7 +71,15 @@ def _barrier(name: str):
 
 
 def load_config(path) -> VLMConfig:
-  return VLMConfig.from_dict(load_json(os.path.join(path, "config.json")))
+  """config.json; a malformed one is a JSONDecodeError naming the file (commands print it as
+  one line)."""
+  name = os.path.join(path, "config.json")
+  with open(name, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    return VLMConfig.from_dict(json.loads(text))
+  except json.JSONDecodeError as e:
+    raise json.JSONDecodeError(f"{e.msg} in {name}", e.doc, e.pos) from None
 
 
 def load(path, target=None):

@@ -10,7 +10,10 @@ import dataclasses
 import json
 from typing import Any, Optional
 
-from data.conversation import LLAMA3_MED_SYSTEM
+# Llama3-Med llama3med/data/template/llama3_template.py: `system = "You are a helpful language and
+# vision assistant. "`; the two string lines under it are separate statements, not part of it, so
+# its Llama3Template renders exactly this, trailing space included, before <|eot_id|>.
+LLAMA3_MED_SYSTEM = "You are a helpful language and vision assistant. "
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

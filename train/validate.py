@@ -1,7 +1,7 @@
 """Check a whole data set the way training will read it, before a run spends time on it.
 
-  python -m data.validate --config configs/stage2.py [--config.data.image_root=DIR ...]
-  python -m data.validate --config demo.py --workdir runs/demo --stage stage2
+  python -m train.validate --config configs/stage2.py [--config.data.image_root=DIR ...]
+  python -m train.validate --config demo.py --workdir runs/demo --stage stage2
 
 Takes what `python -m train.main` takes (a config file, a bare NAME.py is looked up in configs/,
 `--config.*` overrides, --workdir for "{workdir}"); a chained config is checked stage by stage
@@ -163,7 +163,7 @@ def load_config(spec: str, overrides: list, workdir: Optional[str] = None) -> tu
   from absl import flags
   from ml_collections import config_flags
   from train.main import fill_workdir, resolve_config_arg
-  argv = ["data.validate", *resolve_config_arg(["--config", spec]), *overrides]
+  argv = ["train.validate", *resolve_config_arg(["--config", spec]), *overrides]
   if not os.path.isfile(argv[2].partition(":")[0]):
     raise UserError(f"config file not found: {spec} (looked in the current dir and configs/)")
   fv = flags.FlagValues()   # private: no clash with train.main's process-wide flags
@@ -217,7 +217,7 @@ def data_sets(config, stage: Optional[str], workdir: str) -> list:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data.validate", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m train.validate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True,
                  help="training config, as train.main takes it (configs/NAME.py or NAME.py); "
