@@ -13,14 +13,43 @@ class BadSample(ValueError):
   (e.g. 'missing_image', 'corrupt_image', 'template_mismatch', 'too_long', 'path_escape')."""
 
   def __init__(self, reason: str, message: str, *, sample_id=None, path: Optional[str] = None):
-    self.reason, self.sample_id, self.path = reason, sample_id, path
-    where = ", ".join(x for x in (f"sample {sample_id!r}" if sample_id is not None else "",
-                                  f"file {path}" if path else "") if x)
+    self.reason, self.sample_id, self.path, self.detail = reason, sample_id, path, message
+    where = ", ".join(x for x in (path or "", f"sample {sample_id!r}" if sample_id is not None
+                                  else "") if x)
     super().__init__(f"[{reason}] {message}" + (f" ({where})" if where else ""))
 
 
 class UserError(ValueError):
   """A mistake in the user's input, files or command line (not a bug): reported as one line."""
+
+
+def load_json(path: str):
+  """json.load of a user's file; malformed JSON is a UserError naming the file and position
+  (json's own error names neither the file nor, through Grain or transformers, the caller)."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise UserError(f"malformed JSON: {e} ({path})") from e
+    except UnicodeDecodeError as e:
+      raise UserError(f"malformed JSON: not UTF-8 ({path})") from e
+
+
+def malformed_json_in(directory: str) -> Optional[UserError]:
+  """The first *.json file of `directory` that does not parse, as a UserError (None when all do):
+  what a loader like transformers' AutoTokenizer failed on, named."""
+  try:
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+  except OSError:
+    return None
+  for name in names:
+    try:
+      load_json(os.path.join(directory, name))
+    except UserError as e:
+      return e
+    except OSError:
+      continue
+  return None
 
 
 # What a command line reports as `error: ...` instead of a traceback. ConfigDict's override and
