@@ -5,7 +5,6 @@ train_state/ beside it (train/checkpoints.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Optional
@@ -14,12 +13,34 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data.errors import load_json
 from vlm.config import VLMConfig
 
 
 def is_checkpoint(path) -> bool:
   return os.path.isdir(os.path.join(path, "params")) and os.path.exists(
       os.path.join(path, "config.json"))
+
+
+def resolve(path: str) -> str:
+  """The model a path names: a checkpoint dir is itself, a training workdir (what train.main
+  writes, and takes as model.init) is its final model WORKDIR/final; anything else passes through
+  unchanged (HF dirs, "scratch", "preset:NAME"). A workdir whose run has not written final/ yet,
+  or a chained run's workdir, raises FileNotFoundError saying which it is."""
+  if not path or is_checkpoint(path) or not os.path.isdir(path):
+    return path
+  final = os.path.join(path, "final")
+  if os.path.isdir(final):
+    return final
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    raise FileNotFoundError(f"{path} is a training workdir without a final model: its run has "
+                            "not finished (rerun the train.main command to resume it)")
+  stages = sorted(os.path.join(path, d, "final") for d in os.listdir(path)
+                  if os.path.isdir(os.path.join(path, d, "final")))
+  if stages and not os.path.exists(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"{path} is a chained training run: name one of its stages' models "
+                            f"({', '.join(stages)})")
+  return path
 
 
 # orbax files are split into pieces of this size so a save never buffers a whole 8B tree.
@@ -71,8 +92,7 @@ def _barrier(name: str):
 
 
 def load_config(path) -> VLMConfig:
-  with open(os.path.join(path, "config.json")) as f:
-    return VLMConfig.from_dict(json.load(f))
+  return VLMConfig.from_dict(load_json(os.path.join(path, "config.json")))
 
 
 def load(path, target=None):
