@@ -1,6 +1,8 @@
 """Defaults shared by every training config; each config file's get_config() starts from `base()`.
 
-Fields (override any on the command line: `--config.optim.lr=1e-5`):
+Fields (override any on the command line: `--config.optim.lr=1e-5`; in a chained config such as
+configs/demo.py prefix the stage: `--config.stage2.optim.lr=1e-5`; `python -m train.main --config
+FILE --help` lists them with their values):
   name                  run name (default workdir: runs/<name>)
   model.init            where the weights come from: a checkpoint dir of this project (or a stage-1
                         workdir, meaning its final/), a HF dir, "preset:NAME" (random init) or
@@ -20,7 +22,12 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
                         (template, image_position, system, image geometry and placeholder counts
                         come from the model; num_epochs from train.epochs, or endless when
                         train.steps is set). The final checkpoint records the prompt format the
-                        data was rendered in (template, image_position, system; not for `plain`)
+                        data was rendered in (template, image_position, system; not for `plain`).
+                        strict (bad samples are errors) or lenient (skipped and counted), with
+                        lenient's skip guard: max_skipped_fraction (abort when more of the samples
+                        read were bad; default 0.01, 1.0: never), skip_check_after (samples read
+                        before that fraction counts; 200), max_leading_skips (abort when the first
+                        N samples are all bad; 20, 0: off)
   eval.*                held-out loss: paths (empty: none), every (steps), batches (0: all)
   optim.*               lr, groups ({name: {pattern, lr}} per-group rates), schedule (cosine |
                         linear | constant), warmup_ratio, min_lr_ratio, weight_decay, no_decay
@@ -30,7 +37,9 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
   train.*               epochs, steps (0: epochs x samples / global batch), seed, max_nonfinite
                         (abort after that many non-finite steps in a row), log_every, peak_tflops
                         (per device, for MFU where the device is not known), prng_impl (the
-                        dropout key: threefry2x32 | rbg)
+                        dropout key: threefry2x32 | rbg), allow_incomplete (False: a run the data
+                        cannot carry to its planned steps writes no final/ and exits non-zero;
+                        True: it writes final/ from the steps it made)
   mesh.*                shape (data, fsdp, tensor; -1 takes the remaining devices), num_devices
                         (0: all)
   checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
@@ -42,20 +51,25 @@ WORKDIR first). "{workdir}" in any string stands for WORKDIR.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 def data_defaults() -> dict:
-  """data.pipeline.DataConfig fields a config may set (None: pipeline or model default)."""
-  return dict(paths=(), image_root=None, template=None, tokenizer_dir=None, max_len=2048,
-              global_batch=128, per_process_batch=None, mode="pad", pad_buckets=None,
-              group_window=32, pack_bins=None, seed=0, shuffle=True, num_epochs=None,
-              worker_count=0, worker_buffer_size=4, read_threads=2, read_buffer=8, strict=False,
-              resize_mode=None, max_images_per_row=None, system=None, image_position=None,
-              cache_dir=None,
-              tfds_data_dir=None, log_skips=3)
+  """data.pipeline.DataConfig fields a config may set (None: pipeline or model default; typed
+  placeholders, so that the command line can set them)."""
+  return dict(paths=(), image_root=placeholder(str), template=placeholder(str),
+              tokenizer_dir=placeholder(str), max_len=2048, global_batch=128,
+              per_process_batch=placeholder(int), mode="pad", pad_buckets=placeholder(tuple),
+              group_window=32, pack_bins=placeholder(int), seed=0, shuffle=True,
+              num_epochs=placeholder(int), worker_count=0, worker_buffer_size=4, read_threads=2,
+              read_buffer=8, strict=False, resize_mode=placeholder(str),
+              max_images_per_row=placeholder(int), system=placeholder(str),
+              image_position=placeholder(str),
+              cache_dir=placeholder(str), tfds_data_dir=placeholder(str), log_skips=3,
+              max_skipped_fraction=0.01, skip_check_after=200, max_leading_skips=20)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -74,7 +88,8 @@ def base() -> ml_collections.ConfigDict:
                  weight_decay=0.0, no_decay=(r"bias$", r"norm", r"(^|/)ln", r"scale$"),
                  b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1)
   c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0,
-                 prng_impl="threefry2x32")  # dropout key: threefry2x32 | rbg (train/state.py)
+                 prng_impl="threefry2x32",  # dropout key: threefry2x32 | rbg (train/state.py)
+                 allow_incomplete=False)
   c.mesh = dict(shape=(1, -1, 1), num_devices=0)
   c.checkpoint = dict(every=500, keep=3, use_async=True, sync_every=10)
   return c

@@ -65,7 +65,7 @@ def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None,
       data = path.read_bytes()
     except (OSError, ValueError) as e:
       raise BadSample("missing_image", f"cannot read image: {e.__class__.__name__}",
-                      sample_id=sample_id, path=str(src)) from None
+                      sample_id=sample_id, path=str(path)) from None
   try:
     if data[128:132] == b"DICM" or (path is not None and path.suffix.lower() in _DICOM_SUFFIXES):
       img = _decode_dicom(data, frame, max_pixels)

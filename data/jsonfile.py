@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from data.errors import BadSample
 
@@ -70,3 +70,20 @@ def _object(row, path, what: str) -> dict:
     raise BadSample("malformed_json", f"{what} is a {type(row).__name__}, not an object",
                     path=os.fspath(path))
   return row
+
+
+def malformed_json_in(directory) -> Optional[BadSample]:
+  """The first *.json file of `directory` that does not parse, as a BadSample (None when all do):
+  what a loader like transformers' AutoTokenizer failed on, named."""
+  try:
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+  except OSError:
+    return None
+  for name in names:
+    try:
+      load_json(os.path.join(directory, name))
+    except BadSample as e:
+      return e
+    except OSError:
+      continue
+  return None

@@ -9,7 +9,12 @@ plus image_sizes int32 [B, n_img, 4]: height, width and the tile grid chosen her
 the model fills the k-th run of <image> placeholders of a row with the k-th image's features.
 
 Bad input raises BadSample naming the sample and file in strict mode; in lenient mode (the training
-default) it is skipped, counted per reason, and the first few of each reason are logged.
+default) it is skipped, counted per reason, and the first few of each reason are logged. The skip
+guard stops a lenient run whose data is mostly bad (a wrong image root, a broken file) with a
+SkipGuardError that sums the skips up per reason: when the first `max_leading_skips` samples are
+all bad, when more than `max_skipped_fraction` of the samples read were bad (once
+`skip_check_after` were read), and always after a whole epoch of bad samples in a row, so an
+iterator over bad data can never spin without end, nor end as if it were empty.
 The iterator's state (get_state/set_state) is a JSON-serializable dict that restores exactly.
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 
 from data import packing, sources
 from data.conversation import encode
-from data.errors import BadSample
+from data.errors import BadSample, UserError
 from data.image import load_image, model_pixels
 from vlm.config import OPENAI_CLIP_MEAN
 
@@ -73,6 +78,9 @@ class DataConfig:
   cache_dir: Optional[str] = None    # where JSON indexes are cached (never next to the data)
   tfds_data_dir: Optional[str] = None
   log_skips: int = 3                 # bad samples logged per reason
+  max_skipped_fraction: float = 0.01  # lenient mode: abort past this fraction of bad samples,
+  skip_check_after: int = 200        #   checked once this many samples were read,
+  max_leading_skips: int = 20        #   or when the first this-many samples are all bad (0: off)
 
   def batch_size(self) -> int:
     if self.per_process_batch:
@@ -125,9 +133,7 @@ def _relocate(e: BadSample, sample_id, data_file: str) -> BadSample:
   sid = e.sample_id if e.sample_id is not None else sample_id
   if e.path == data_file and e.sample_id is not None:
     return e
-  msg = e.message
-  if e.path and e.path != data_file:
-    msg += f"; image {e.path}"
+  msg = e.message + (f"; image {e.path}" if e.path and e.path != data_file else "")
   out = BadSample(e.reason, msg, sample_id=sid, path=data_file)
   out.__cause__ = e.__cause__ or e
   return out
@@ -149,8 +155,8 @@ class SampleProcessor:
   def tokenizer(self):
     with _LOAD_LOCK:
       if self._tok is None:
-        from transformers import AutoTokenizer
-        self._tok = AutoTokenizer.from_pretrained(self.cfg.tokenizer_dir)
+        from vlm.prompt import load_tokenizer
+        self._tok = load_tokenizer(self.cfg.tokenizer_dir)
     return self._tok
 
   def __call__(self, index: int) -> dict:
@@ -229,40 +235,100 @@ class SampleProcessor:
 
 # --- bad-sample accounting (main process) --------------------------------------------------------
 
-class _SkipCountingIterator(gp.DatasetIterator):
-  """Drops skip markers, counting them per reason; the counts are part of the state."""
+class SkipGuardError(UserError):
+  """Lenient mode skipped too much of the data: not the odd bad sample it is there to tolerate,
+  but a wrong data.image_root, a broken file or a template that fits nothing."""
 
-  def __init__(self, parent, log_first: int):
+
+@dataclasses.dataclass(frozen=True)
+class SkipGuard:
+  """When lenient mode gives up (DataConfig's max_skipped_fraction, skip_check_after,
+  max_leading_skips); `epoch`: samples per epoch on this process, the bound on bad samples in a
+  row that holds whatever the settings."""
+  max_fraction: float = 1.0
+  check_after: int = 0
+  leading: int = 0
+  epoch: int = 0
+
+  @classmethod
+  def of(cls, cfg: DataConfig, epoch: int) -> "SkipGuard":
+    return cls(cfg.max_skipped_fraction, cfg.skip_check_after, cfg.max_leading_skips, epoch)
+
+  def verdict(self, read: int, bad: int, in_a_row: int) -> Optional[str]:
+    """Why to stop after `read` samples of which `bad` were bad (the last `in_a_row` of them in a
+    row), or None."""
+    if self.leading and read == self.leading and bad == read:
+      return f"the first {read} samples were all bad"
+    if read >= max(self.check_after, 1) and bad > self.max_fraction * read:
+      return (f"{bad} of {read} samples were bad ({bad / read:.1%}, more than "
+              f"data.max_skipped_fraction={self.max_fraction:g})")
+    if self.epoch and in_a_row >= self.epoch:
+      return f"a whole epoch ({in_a_row} samples) in a row was bad"
+    return None
+
+
+def skip_summary(counts: dict) -> str:
+  """'missing_image 20, too_long 1': skipped samples per reason, most frequent first."""
+  return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+class _SkipCountingIterator(gp.DatasetIterator):
+  """Drops skip markers, counting them per reason, and applies the skip guard; the counts are
+  part of the state."""
+
+  def __init__(self, parent, log_first: int, guard: SkipGuard):
     super().__init__(parent)
     self.counts: dict[str, int] = {}
-    self._log_first = log_first
+    self._log_first, self._guard = log_first, guard
+    # samples read, bad ones among them, bad ones in a row (measured since the start, or since
+    # a restore from a state that predates them)
+    self._read = self._bad = self._in_a_row = 0
+    self._first: dict[str, str] = {}   # the first message per reason (for the guard's error)
+
+  def _stop(self, why: str):
+    first = "; ".join(f"first {k}: {m}" for k, m in self._first.items())
+    raise SkipGuardError(f"lenient mode gave up: {why} (skipped: {skip_summary(self.counts)})"
+                         + (f"; {first}" if first else "") + ". Fix the data (data.paths, "
+                         "data.image_root) or, to accept it, raise data.max_skipped_fraction / "
+                         "data.max_leading_skips")
 
   def __next__(self):
     while True:
       x = next(self._parent)
+      self._read += 1
+      if SKIP not in x:
+        self._in_a_row = 0
+      else:
+        reason = x[SKIP]
+        self._bad, self._in_a_row = self._bad + 1, self._in_a_row + 1
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self._first.setdefault(reason, x["message"])
+        if self.counts[reason] <= self._log_first:
+          log.warning("skipped sample (%d so far for %s): %s", self.counts[reason], reason,
+                      x["message"])
+      why = self._guard.verdict(self._read, self._bad, self._in_a_row)
+      if why:
+        self._stop(why)
       if SKIP not in x:
         return x
-      reason = x[SKIP]
-      self.counts[reason] = self.counts.get(reason, 0) + 1
-      if self.counts[reason] <= self._log_first:
-        log.warning("skipped sample (%d so far for %s): %s", self.counts[reason], reason,
-                    x["message"])
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "skipped": dict(self.counts)}
+    return {"parent": self._parent.get_state(), "skipped": dict(self.counts),
+            "guard": [self._read, self._bad, self._in_a_row]}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
     self.counts = dict(state["skipped"])
+    self._read, self._bad, self._in_a_row = state.get("guard", (0, 0, 0))
 
 
 class SkipCounting(gp.IterDataset):
-  def __init__(self, parent, log_first: int = 3):
+  def __init__(self, parent, log_first: int = 3, guard: SkipGuard = SkipGuard()):
     super().__init__(parent)
-    self._log_first = log_first
+    self._log_first, self._guard = log_first, guard
 
   def __iter__(self):
-    return _SkipCountingIterator(self._parent.__iter__(), self._log_first)
+    return _SkipCountingIterator(self._parent.__iter__(), self._log_first, self._guard)
 
 
 class DataIterator(gp.DatasetIterator):
@@ -283,6 +349,15 @@ class DataIterator(gp.DatasetIterator):
     if "skipped" not in batch:  # length-grouped batches carry their window's snapshot
       batch["skipped"] = dict(self._skips.counts) if self._skips else {}
     return batch
+
+  def skip_counts(self) -> dict:
+    """The skip counters as they are now (a read-ahead thread may be counting)."""
+    for _ in range(10):
+      try:
+        return dict(self._skips.counts) if self._skips else {}
+      except RuntimeError:   # changed size while copied
+        continue
+    return {}
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -325,6 +400,7 @@ def build_dataset(cfg: DataConfig, *, shard: Optional[gp.ShardOptions] = None) -
   if cfg.tiler not in ("s2", "single", "anyres"):
     raise ValueError(f"tiler must be s2 | single | anyres, got {cfg.tiler!r}")
   source = open_sources(cfg)
+  epoch = len(shard_indices(len(source), dataclasses.replace(cfg, num_epochs=1), shard))
   ds = shard_indices(len(source), cfg, shard).map(SampleProcessor(cfg, source))
   it = ds.to_iter_dataset(gp.ReadOptions(num_threads=cfg.read_threads,
                                          prefetch_buffer_size=cfg.read_buffer))
@@ -334,7 +410,7 @@ def build_dataset(cfg: DataConfig, *, shard: Optional[gp.ShardOptions] = None) -
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(gp.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                   per_worker_buffer_size=cfg.worker_buffer_size))
-  it = SkipCounting(it, cfg.log_skips)
+  it = SkipCounting(it, cfg.log_skips, SkipGuard.of(cfg, epoch))
   b = cfg.batch_size()
   if cfg.mode == "pad":
     return packing.LengthGroupedBatch(it, batch_size=b, buckets=cfg.buckets(),

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data.conversation import render_prompt
+from data.jsonfile import malformed_json_in
 from data.image import model_pixels
 from vlm.config import VLMConfig
 
@@ -68,5 +69,10 @@ def load_tokenizer(path: str):
   where = sub if os.path.isdir(sub) else path
   try:
     return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
-  except (OSError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on a broken file
+    bad = malformed_json_in(where)   # name the file transformers could not parse
+    if bad is not None:
+      raise bad from e
+    if not isinstance(e, (OSError, ValueError)):
+      raise
     raise FileNotFoundError(f"{path}: no usable tokenizer in {where} ({e})"[:400]) from None

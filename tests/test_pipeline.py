@@ -17,7 +17,7 @@ from tiny_tokenizers import LLAMA3_SPECIAL, llama3_tokenizer, load
 
 from data.conversation import encode
 from data.errors import BadSample
-from data.pipeline import DataConfig, make_iterator, to_global
+from data.pipeline import DataConfig, SkipGuardError, make_iterator, to_global
 from data.sources import ArrayRecordSource, JsonSource, json_index, write_array_record
 
 IMG_ID, IMG_TOKENS, SIDE = 1000, 3, 8
@@ -367,6 +367,61 @@ def test_bad_inputs_raise_naming_the_sample_in_strict_mode(tmp_path, reason):
     list(make_iterator(cfg, shard=gp.ShardOptions(0, 1)))
   assert e.value.reason == reason and e.value.sample_id == f"bad-{reason}"
   assert f"sample 'bad-{reason}'" in str(e.value) and "one.json" in str(e.value)
+
+
+def _first_batch_within(it, seconds=60):
+  """next(it) in a thread: the old skip loop spun forever on all-bad endless data."""
+  import threading
+  out = {}
+
+  def take():
+    try:
+      out["batch"] = next(it)
+    except BaseException as e:  # noqa: BLE001 - handed to the test
+      out["error"] = e
+  t = threading.Thread(target=take, daemon=True)
+  t.start()
+  t.join(seconds)
+  assert not t.is_alive(), "the iterator never returned: an endless skip loop"
+  return out
+
+
+@pytest.mark.parametrize("n, limits, why", [
+    (25, {}, "the first 20 samples were all bad"),
+    (6, {"max_leading_skips": 0, "max_skipped_fraction": 1.0}, r"a whole epoch \(6 samples\)")])
+def test_skip_guard_stops_endless_all_bad_data(tmp_path, tok_dir, n, limits, why):
+  """A wrong image root with train.steps (endless epochs): the guard stops at once, summing the
+  skips up per reason; a whole bad epoch stops it whatever the limits."""
+  path = write_data(str(tmp_path), [sample(i) for i in range(n)])
+  cfg = config(path, tok_dir, image_root=str(tmp_path / "elsewhere"), num_epochs=None, **limits)
+  out = _first_batch_within(make_iterator(cfg, shard=gp.ShardOptions(0, 1)))
+  assert isinstance(out.get("error"), SkipGuardError), out
+  msg = str(out["error"])
+  assert re.search(why, msg) and "(skipped: missing_image " in msg, msg
+  assert "first missing_image: [missing_image]" in msg and "data.json, sample 's" in msg, msg
+  assert str(tmp_path / "elsewhere" / "img") in msg   # the path it looked for, not img/3.png
+
+
+def test_skip_guard_fraction_and_its_state(tmp_path, tok_dir):
+  recs = [sample(i) for i in range(40)]
+  for i in (3, 17, 30, 38):
+    recs[i]["image"] = "img/gone.png"
+  path = write_data(str(tmp_path), recs)
+  strict = config(path, tok_dir, skip_check_after=10, max_skipped_fraction=0.05, num_epochs=1)
+  with pytest.raises(SkipGuardError, match=r"of \d+ samples were bad \(\d+\.\d%, more than "
+                     r"data.max_skipped_fraction=0.05\) \(skipped: missing_image \d\)"):
+    list(make_iterator(strict, shard=gp.ShardOptions(0, 1)))
+  ok = dataclasses.replace(strict, max_skipped_fraction=0.2)
+  it = make_iterator(ok, shard=gp.ShardOptions(0, 1))
+  rows = [next(it)["input_ids"].shape[0] for _ in range(3)]
+  again = make_iterator(ok, shard=gp.ShardOptions(0, 1))
+  again.set_state(json.loads(json.dumps(it.get_state())))   # the guard's counters restore too
+  assert sum(rows) + sum(b["input_ids"].shape[0] for b in again) == 36
+  assert again.skip_counts() == {"missing_image": 4}
+  # all-bad data that ends (epochs) before any limit: the end says so, it is not a clean end
+  bad = write_data(str(tmp_path / "b"), [{**sample(i), "image": "img/gone.png"} for i in range(3)])
+  with pytest.raises(SkipGuardError, match=r"a whole epoch \(3 samples\) in a row was bad"):
+    list(make_iterator(config(bad, tok_dir, num_epochs=1), shard=gp.ShardOptions(0, 1)))
 
 
 # --- placement -----------------------------------------------------------------------------------

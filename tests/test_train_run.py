@@ -1,9 +1,12 @@
 """Whole training runs (train/main.py, train/trainer.py, train/checkpoints.py, train/metrics.py) on
 the synthetic demo data with a tiny VLM: both stages chained with checkpoints, metrics.jsonl,
-TensorBoard files and loadable final models; exact resume after SIGTERM and SIGKILL; the abort after
-M non-finite steps; two CPU processes = one 8-device process (slow); the demo command (slow)."""
+TensorBoard files and loadable final models; exact resume after SIGTERM and SIGKILL with each step
+logged once; the abort after M non-finite steps; all-bad data stopped at once, short runs and
+finished stages told apart by the completion record; user errors in one line; two CPU processes =
+one 8-device process (slow); the demo command (slow)."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +21,7 @@ from flax.traverse_util import flatten_dict
 
 import vlm
 from configs import demo
+from data.errors import UserError, cli_errors
 from train import demo as demo_data
 from train import main as train_main
 from train import state as state_lib
@@ -154,18 +158,18 @@ def test_two_stages_chain_and_write_checkpoints_metrics_tensorboard(root):
 DRIVER = r"""
 import os, sys, time
 from train import main, trainer
-at, start, ckdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+call, at, ckdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 real = trainer.make_iterator
 
 class Stall:
-  '''The real iterator of a run resumed at step `start`, until the loop asks for the batch of step
-  at + 3: the loop has then logged step `at` and started its checkpoint, which we wait for before
-  stalling, so the test can SIGKILL this process.'''
+  '''The real iterator, until the loop asks for its `call`-th batch: the run has then started the
+  checkpoint of step `at` (and may have logged steps past it), which we wait for before stalling,
+  so the test can SIGKILL this process.'''
   def __init__(self, it):
     self.it, self.n = it, 0
   def __next__(self):
     self.n += 1
-    if self.n == at - start + 3:
+    if self.n == call:
       while not os.path.isdir(os.path.join(ckdir, str(at))):
         time.sleep(0.05)
       print("READY", flush=True)
@@ -210,6 +214,9 @@ def _wait_ready(proc, timeout=240):
 
 
 def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypatch, capsys):
+  """SIGTERM while the loop waits for data that does not come, SIGKILL after a step was logged
+  past the newest checkpoint: the resumed runs see the straight run's batches, and metrics.jsonl
+  and TensorBoard hold each step once."""
   base = os.path.join(root, "resume")
   c = stage("stage2", root, init=os.path.join(root, "init"), **{
       "eval.paths": (), "checkpoint.every": 2, "checkpoint.keep": 10})
@@ -217,7 +224,8 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypa
   assert straight["step"] == 8
   want = {r["step"]: r["loss"] for r in records(os.path.join(base, "straight"))}
 
-  # 1. SIGTERM arrives while the loop takes the batch of step 3: step 2 is saved and the run stops
+  # 1. SIGTERM arrives while the loop waits for the batch of step 3, which never comes (a stuck
+  # read): the wait ends, step 2 is saved and the run stops
   w = os.path.join(base, "interrupted")
   real = trainer.make_iterator
 
@@ -229,6 +237,9 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypa
       self.n += 1
       if self.n == 3:
         os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(200):
+          time.sleep(0.05)
+        raise AssertionError("SIGTERM did not end the wait for data")
       return next(self.it)
 
     def __getattr__(self, name):
@@ -241,22 +252,30 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypa
   first = records(w)
   assert [r["step"] for r in first] == [1, 2]
 
-  # 2. the command resumes at step 2 and is SIGKILLed once step 4's checkpoint is written
-  cfg_file = _write_config(c, os.path.join(base, "config.py"))
-  p = subprocess.Popen([sys.executable, "-c", DRIVER, "4", "2", os.path.join(w, "checkpoints"),
+  # 2. the command resumes at step 2, checkpoints step 4, logs step 5 and is SIGKILLed while it
+  # asks for the batch of step 8 (its 6th)
+  every4 = c.copy_and_resolve_references()
+  every4.checkpoint.every = 4
+  cfg_file = _write_config(every4, os.path.join(base, "config.py"))
+  p = subprocess.Popen([sys.executable, "-c", DRIVER, "6", "4", os.path.join(w, "checkpoints"),
                         cfg_file, w], cwd=ROOT, env=_env(compile_cache), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
   _wait_ready(p)
   p.send_signal(signal.SIGKILL)
   p.wait(timeout=60)
-  second = records(w)[len(first):]
-  assert [r["step"] for r in second] == [3, 4]
-  # 3. resumed again, in this process, to the end
+  assert [r["step"] for r in records(w)] == [1, 2, 3, 4, 5]   # step 5 is past the checkpoint
+  # 3. resumed again from step 4, in this process, to the end: step 5 is logged once, anew
   assert trainer.run(c, w)["step"] == 8
-  third = records(w)[len(first) + len(second):]
-  assert [r["step"] for r in third] == [5, 6, 7, 8]
-  for r in first + second + third:   # the straight run's loss at every step
+  rows = records(w)
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  for r in rows:   # the straight run's loss at every step
     assert r["loss"] == want[r["step"]], (r["step"], r["loss"], want[r["step"]])
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  ea = EventAccumulator(os.path.join(w, "tensorboard"))
+  ea.Reload()
+  assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 9))
+  assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([want[i] for i in
+                                                                       range(1, 9)])
   a, b = params_of(os.path.join(base, "straight", "final")), params_of(os.path.join(w, "final"))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -328,3 +347,137 @@ def test_demo_command_trains_both_stages_from_scratch(tmp_path, compile_cache):
     assert checkpoint.is_checkpoint(os.path.join(w, name, "final"))
     assert os.listdir(os.path.join(w, name, "tensorboard"))
     assert os.listdir(os.path.join(w, name, "checkpoints"))
+
+
+def _one_line_error(r) -> str:
+  """The command's last stderr line, checked to be its only report: `error: ...`, no traceback."""
+  assert "Traceback" not in r.stderr and "Grain has removed" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), r.stderr[-3000:]
+  return last
+
+
+def test_all_bad_data_stops_at_once_in_one_line_and_writes_no_final(root, tmp_path, compile_cache):
+  """The demo command with a wrong data.image_root and train.steps (data repeated without end):
+  the old loop skipped forever and ignored SIGTERM; now the skip guard stops it before any weight
+  is read, with the skips per reason, exit status 2 and no final/."""
+  w = tmp_path / "demo"
+  w.mkdir()
+  os.symlink(os.path.join(root, "data"), w / "data")   # the prepared demo data (prepare is a no-op)
+  t = time.time()
+  r = subprocess.run(
+      [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
+       "--config.stage1.data.image_root=/nonexistent", "--config.stage1.train.steps=2"],
+      cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True, timeout=240)
+  took = time.time() - t
+  assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+  last = _one_line_error(r)
+  assert last.startswith("error: lenient mode gave up: the first 20 samples were all bad "
+                         "(skipped: missing_image 20); first missing_image: [missing_image] "), last
+  assert "/nonexistent/images/" in last and "stage1_train.json, sample '" in last, last
+  assert "demo_stage1: stopped at step 0 of 2; 0 samples used, 20 skipped (missing_image 20)" in (
+      r.stdout), r.stdout
+  assert not os.path.exists(w / "stage1" / "final") and not os.path.exists(w / "stage2")
+  print(f"all-bad run: exit {r.returncode} after {took:.1f} s")
+
+
+def test_short_run_writes_no_final_unless_allowed(root):
+  """train.steps beyond what the data holds (data.num_epochs=1: 6 batches): no final/, a
+  non-zero end naming the shortfall; train.allow_incomplete accepts it and says so in the record;
+  a rerun skips the stage only for that record's config and data."""
+  w = os.path.join(root, "short")
+  c = stage("stage2", root, init=os.path.join(root, "init"), **{
+      "eval.paths": (), "data.num_epochs": 1, "checkpoint.every": 100})
+  with pytest.raises(trainer.IncompleteRun, match=r"the data ran out after 6 of 8 planned steps: "
+                     r"no final model written \(the checkpoint of step 6 is in"):
+    trainer.run(c, w)
+  assert not os.path.exists(os.path.join(w, "final"))
+  c.train.allow_incomplete = True   # resumes at step 6, the data ends at once: accepted
+  assert trainer.run(c, w)["step"] == 6
+  rec = json.load(open(os.path.join(w, "summary.json")))
+  assert (rec["complete"], rec["steps_planned"], rec["steps_done"]) == (False, 8, 6)
+  assert rec["samples"] == 0 and rec["data_files"] and len(rec["config_hash"]) == 16
+  assert trainer.run(c, w)["step"] is None   # the same config: stage complete, skipped
+  c.train.allow_incomplete = False
+  with pytest.raises(UserError, match=r"trained 6 of 8 planned steps"):
+    trainer.run(c, w)
+  c.optim.lr = 1e-3
+  with pytest.raises(UserError, match=r"was trained with another config \(optim.lr: 0.003 -> "
+                     r"0.001\); use another --workdir, or delete"):
+    trainer.run(c, w)
+  os.remove(os.path.join(w, "summary.json"))   # e.g. a final/ left by an untrained older run
+  with pytest.raises(UserError, match=r"final has no completion record"):
+    trainer.run(c, w)
+
+
+def _bad_inputs(root, tmp):
+  """(name, config, expected one-line error) for the bad inputs a user meets first."""
+  init = os.path.join(root, "init")
+  broken = os.path.join(tmp, "broken.json")
+  with open(broken, "w") as f:
+    f.write('[{"id": "a", "conversations": []},\n {"id": "b" "conversations": []}]')
+  tok = shutil.copytree(os.path.join(root, "data", "tokenizer"), os.path.join(tmp, "tok"))
+  with open(os.path.join(tok, "tokenizer_config.json"), "a") as f:
+    f.write("}")
+  bad_init = shutil.copytree(init, os.path.join(tmp, "bad_init"))
+  with open(os.path.join(bad_init, "config.json"), "w") as f:
+    f.write('{"llm": ')
+  unfinished = os.path.join(tmp, "stage1_run")
+  os.makedirs(os.path.join(unfinished, "checkpoints"))
+  data = os.path.join(root, "data", "stage1_train.json")
+  return [
+      ("strict", stage("stage1", root, init=init, **{"data.strict": True,
+                                                     "data.image_root": "/nonexistent"}),
+       r"error: \[missing_image\] cannot read image: FileNotFoundError; image /nonexistent/images/"
+       rf"\S+ \({data}, sample '[a-z]+-\d+-cap'\)"),
+      ("no_init", stage("stage2", root, init=os.path.join(tmp, "runs", "stage1")),
+       rf"error: model.init: directory not found \({tmp}/runs/stage1\); train the stage it starts"),
+      ("unfinished_init", stage("stage2", root, init=unfinished),
+       rf"error: {unfinished} is a training workdir without a final model: its run has not "),
+      ("data_json", stage("stage1", root, init=init, **{"data.paths": (broken,)}),
+       r"error: \[malformed_json\] element 1: Expecting ',' delimiter: line 2 column 13 "
+       rf"\(char 47\) \({broken}\)"),
+      ("tokenizer_json", stage("stage1", root, init="scratch", **{"data.tokenizer_dir": tok}),
+       rf"error: malformed JSON: Extra data: line \d+ column \d+ \(char \d+\) "
+       rf"\({tok}/tokenizer_config.json\)"),
+      ("init_json", stage("stage1", root, init=bad_init),
+       rf"error: malformed JSON: Expecting value: line 1 column 9 \(char 8\) "
+       rf"\({bad_init}/config.json\)"),
+  ]
+
+
+def test_bad_inputs_are_one_line_errors(root, tmp_path, capsys):
+  """Strict-mode data errors, a missing or unfinished model.init, malformed JSON in a data file,
+  a tokenizer or a checkpoint config: `error: <what> (<file>[, sample <id>])` and exit status 2
+  from the command line's error path, before any step."""
+  import re
+  for name, c, want in _bad_inputs(root, str(tmp_path)):
+    with pytest.raises(SystemExit) as e:
+      with cli_errors(debug=False):
+        train_main.run(c, str(tmp_path / name))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and re.fullmatch(want + r".*", err), (name, err)
+    assert not os.path.exists(tmp_path / name / "final"), name
+
+
+@pytest.mark.slow
+def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cache):
+  """The same through `python -m train.main`: nothing but the one line on stderr (no Grain
+  footnote, no traceback); --debug brings the traceback back."""
+  w = tmp_path / "demo"
+  w.mkdir()
+  os.symlink(os.path.join(root, "data"), w / "data")
+  cmd = [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
+         "--config.stage1.data.image_root=/nonexistent", "--config.stage1.data.strict=True"]
+  r = subprocess.run(cmd, cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2 and "error: [missing_image]" in _one_line_error(r)
+  r = subprocess.run(cmd + ["--debug"], cwd=ROOT, env=_env(compile_cache), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 1 and "Traceback" in r.stderr and "BadSample" in r.stderr
+  r = subprocess.run([sys.executable, "-m", "train.main", "--config", "stage2.py", "--workdir",
+                      str(tmp_path / "s2")], cwd=str(tmp_path), env=_env(compile_cache),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert _one_line_error(r).startswith(
+      "error: model.init: directory not found (runs/llama3_med_stage1)"), r.stderr

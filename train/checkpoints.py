@@ -7,11 +7,13 @@ model.init on resume, which keeps stage-1 and LoRA checkpoints small. Saves are 
 `every` steps and at the end, keeping the newest `keep`.
 
 SIGTERM / SIGINT set a flag; the loop saves the step it has reached and exits (a second SIGINT
-interrupts at once). With several processes the flag is agreed on every `sync_every` steps, so all
-of them stop at the same step.
+interrupts at once). A signal that arrives while the loop waits for data stops the wait itself
+(Preempted), so a slow or stuck iterator cannot hold a stop back. With several processes the flag
+is agreed on every `sync_every` steps, so all of them stop at the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,6 +82,12 @@ class Checkpoints:
     out = self.mgr.restore(step, args=ocp.args.Composite(**args))
     return out["state"], step
 
+  def restore_data(self, step: int, iterator):
+    """Only the iterator's state of checkpoint `step` (the loop reads its first batch before the
+    weights, so bad data fails before they are loaded)."""
+    self.mgr.restore(step, args=ocp.args.Composite(
+        data=gp.PyGrainCheckpointRestore(_IteratorState(target=iterator))))
+
   def wait(self):
     self.mgr.wait_until_finished()
 
@@ -88,11 +96,18 @@ class Checkpoints:
     self.mgr.close()
 
 
+class Preempted(BaseException):
+  """A stop signal arrived while the loop waited for data (a BaseException, like
+  KeyboardInterrupt, so that no `except Exception` in the data path swallows it)."""
+
+
 class Preemption:
-  """SIGTERM / SIGINT -> save and stop at the next step boundary."""
+  """SIGTERM / SIGINT -> save and stop at the next step boundary, or at once while waiting for
+  data (single process; several processes must stop at the same step, see should_stop)."""
 
   def __init__(self, sync_every: int = 10):
     self.requested, self.sync_every = False, max(int(sync_every), 1)
+    self._waiting = False
     self._old = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
@@ -104,8 +119,26 @@ class Preemption:
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.requested = True
+    if self._waiting:
+      self._waiting = False
+      log.warning("%s received while waiting for data: stopping", signal.Signals(signum).name)
+      raise Preempted(signum)
     log.warning("%s received: saving a checkpoint at the next step boundary",
                 signal.Signals(signum).name)
+
+  @contextlib.contextmanager
+  def waiting(self):
+    """Around a wait for data: a stop signal now (or one already received) raises Preempted."""
+    if jax.process_count() > 1:
+      yield
+      return
+    if self.requested:
+      raise Preempted()
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:

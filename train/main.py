@@ -1,23 +1,34 @@
 r"""Train a model from a config file.
 
   python -m train.main --config configs/stage2.py [--config.optim.lr=1e-5 ...] [--workdir DIR]
+  python -m train.main --config configs/demo.py --config.stage2.optim.lr=1e-3   # a chained config
 
 A bare `--config stage2.py` is looked up in configs/. A config with `chain` runs its stages in
-order, each in WORKDIR/<stage>, and "{workdir}" in any string field stands for WORKDIR. A stage that
-already wrote WORKDIR/<stage>/final is skipped; an interrupted one resumes from its newest
-checkpoint. Multi-host: jax.distributed.initialize() reads TPU-pod and SLURM environments by
-itself (--distributed=auto); --coordinator_address/--num_processes/--process_id set it by hand.
-See train/launch/ for TPU-pod and SLURM launchers.
+order, each in WORKDIR/<stage> (override a stage's field as --config.STAGE.FIELD), and "{workdir}"
+in any string field stands for WORKDIR. A stage that already wrote WORKDIR/<stage>/final and its
+completion record (same config, same data) is skipped; an interrupted one resumes from its newest
+checkpoint. `--help` lists the config's fields with their values.
+
+Mistakes in the command line, the config or the data end in one line, `error: <what>`, and exit
+status 2 (--debug or MEDVLM_DEBUG=1: the full traceback). Multi-host: jax.distributed.initialize()
+reads TPU-pod and SLURM environments by itself (--distributed=auto);
+--coordinator_address/--num_processes/--process_id set it by hand. See train/launch/ for TPU-pod
+and SLURM launchers.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from data.errors import UserError, cli_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
@@ -34,7 +45,9 @@ flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.DEFINE_list("local_device_ids", None, "Devices this process drives (default: all visible).")
 flags.DEFINE_integer("cpu_devices", None, "CPU platform only: devices per process "
                      "(jax_num_cpu_devices), for testing sharded code without accelerators.")
+flags.DEFINE_bool("debug", False, "Full tracebacks for user errors too (as MEDVLM_DEBUG=1).")
 FLAGS = flags.FLAGS
+HELP = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
 
 def resolve_config_arg(argv: list) -> list:
@@ -53,6 +66,100 @@ def _lookup(spec: str) -> str:
   if not os.path.exists(path) and os.path.exists(os.path.join(CONFIGS, path)):
     path = os.path.join(CONFIGS, path)
   return path + sep + rest
+
+
+def config_spec(argv: list):
+  """The --config value on a command line (None when absent)."""
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+  return None
+
+
+def load_config(spec: str):
+  """The ConfigDict of `FILE.py[:args]`, as --config loads it."""
+  path, sep, args = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found ({path})")
+  loader = importlib.util.spec_from_file_location("_train_config", path)
+  module = importlib.util.module_from_spec(loader)
+  loader.loader.exec_module(module)
+  return module.get_config(*([args] if sep else []))
+
+
+def _fields(config, prefix: str = "") -> list:
+  """(dotted name, value) of every leaf field."""
+  out = []
+  for key in sorted(config.keys()):
+    value = config[key]
+    if hasattr(value, "keys") and len(value):
+      out += _fields(value, f"{prefix}{key}.")
+    else:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def check_overrides(argv: list, config, where: str = "the config") -> None:
+  """Every --config.FIELD on the command line names a field of `config`: an unknown one is a
+  UserError naming the nearest fields (ml_collections' own error is an escaped repr at the end of
+  a long traceback)."""
+  for a in argv:
+    m = re.match(r"^--(?:no)?config\.([^=\s\[]+)", a)
+    if not m:
+      continue
+    node, done = config, []
+    for part in m.group(1).split("."):
+      if not hasattr(node, "keys"):
+        break   # inside a value (e.g. a dict field): ml_collections decides
+      if part not in node:
+        near = difflib.get_close_matches(part, sorted(node.keys()), n=2, cutoff=0.6)
+        hint = [".".join(done + [n]) for n in near]
+        if not hint and not done:   # a chained config: the field lives in its stages
+          hint = [n for n, _ in _fields(config) if (n + ".").startswith(
+              tuple(f"{k}.{m.group(1)}." for k in config.keys()))][:3]
+        raise UserError(
+            f"unknown config field --config.{m.group(1)} in {where}" +
+            (f" (did you mean {' or '.join('--config.' + h for h in hint)}?)" if hint else
+             "; `python -m train.main --config FILE --help` lists the fields"))
+      node, done = node[part], done + [part]
+
+
+def usage(argv: list) -> str:
+  """--help: this docstring, the flags, and the fields of the given config (or of the common
+  base every config starts from), each with its value."""
+  spec = config_spec(argv)
+  if spec is not None:
+    config, title = load_config(spec), f"Fields of {spec.partition(':')[0]}"
+  else:
+    from configs import common
+    config, title = common.base(), "Fields every config has (configs/common.py documents them)"
+  module = FLAGS.find_module_defining_flag("workdir") or __name__
+  flag_help = FLAGS.get_help() if "--helpfull" in argv else FLAGS.module_help(module)
+  lines = [__doc__.strip(), "", flag_help, "",
+           f"{title}; override any with --config.FIELD=VALUE:"]
+  lines += [f"  {name} = {value!r}" for name, value in _fields(config)]
+  return "\n".join(lines)
+
+
+def parse_flags(argv: list) -> list:
+  """absl's flag parsing with this command's error path: --help prints usage() and exits 0; a
+  bad flag or --config override is one `error:` line and exit status 2."""
+  with cli_errors(True if "--debug" in argv else None):
+    if any(a in HELP for a in argv[1:]):
+      try:
+        print(usage(argv), flush=True)
+      except BrokenPipeError:   # `--help | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(0)
+    spec = config_spec(argv)
+    if spec is not None:
+      check_overrides(argv, load_config(spec), spec.partition(":")[0])
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      raise UserError(str(e)) from e
 
 
 def _cluster_env() -> bool:
@@ -118,10 +225,15 @@ def run(config, workdir: str) -> list:
 
 
 def main(argv):
+  with cli_errors(True if FLAGS.debug else None):
+    _main(argv)
+
+
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
-    raise app.UsageError("--config is required (e.g. --config configs/stage2.py)")
+    raise UserError("--config is required (e.g. --config configs/demo.py)")
   logging.getLogger().setLevel(logging.WARNING)   # orbax / grain are chatty at INFO
   for name in ("train", "data"):
     logging.getLogger(name).setLevel(logging.INFO)
@@ -136,7 +248,8 @@ def main(argv):
 
 
 def entry(argv=None):
-  app.run(main, argv=resolve_config_arg(sys.argv if argv is None else argv))
+  app.run(main, argv=resolve_config_arg(sys.argv if argv is None else argv),
+          flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

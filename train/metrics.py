@@ -2,6 +2,10 @@
 TensorBoard event files (tensorboard's own writer, no TensorFlow) in the workdir, and the model
 FLOPs behind the MFU figure.
 
+A resumed run first rewinds both to the restored step: rows and events of the steps after it
+(logged by the run that was killed before their checkpoint) are dropped, so every step is there
+once, with the values of the run that the checkpoints continue.
+
 FLOPs are model FLOPs of what the step computes, no remat recompute: per LLM position 2N forward,
 2N backward through activations when anything upstream trains (connector, vision), 2N_t for the
 weight gradients of the N_t trainable weights, and attention's 4*L*H*Dh*T forward (x3 in training);
@@ -9,6 +13,7 @@ the vision tower and connector count per image slot (x1 forward, more when they 
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -85,11 +90,22 @@ class Flops:
 
 
 class _Events:
-  """TensorBoard scalars without TensorFlow."""
+  """TensorBoard scalars without TensorFlow; the events of steps up to `keep_until` that earlier
+  runs wrote are carried into this writer's file, the rest dropped with their files."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, keep_until: int = 0):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    old = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
+    events = (Event.FromString(r) for f in old for r in RawEventFileLoader(f).Load())
+    kept = [e for e in events if e.HasField("summary") and e.step <= keep_until]
     self._w = EventFileWriter(logdir)
+    for e in kept:
+      self._w.add_event(e)
+    self._w.flush()
+    for f in old:
+      os.remove(f)
 
   def scalars(self, step: int, values: dict):
     from tensorboard.compat.proto.event_pb2 import Event
@@ -102,7 +118,24 @@ class _Events:
     self._w.close()
 
 
-def _fmt_time(s: float) -> str:
+def _rewind_jsonl(path: str, step: int):
+  """metrics.jsonl without the rows after `step` (and without a line a kill cut short)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def fmt_time(s: float) -> str:
   s = int(max(s, 0))
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
@@ -118,8 +151,9 @@ class Logger:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    _rewind_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._events = _Events(os.path.join(workdir, "tensorboard"))
+    self._events = _Events(os.path.join(workdir, "tensorboard"), keep_until=start_step)
     if sys.stderr.isatty():
       from rich.progress import BarColumn, Progress, TextColumn
       self._progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(),
@@ -151,7 +185,7 @@ class Logger:
     info = (f"loss {values['loss']:.4f} lr {values['lr']:.2e} gnorm {values['grad_norm']:.3f} "
             f"tok/s {values.get('tokens_per_s', 0):,.0f} step {dt:.3f}s"
             + (f" MFU {values['mfu']:.1%}" if "mfu" in values else "")
-            + f" ETA {_fmt_time(eta)} skipped {values.get('skipped_samples', 0)}"
+            + f" ETA {fmt_time(eta)} skipped {values.get('skipped_samples', 0)}"
             + (f" nonfinite {values['skipped_steps']}" if values.get("skipped_steps") else ""))
     if self._progress is not None:
       self._progress.update(self._task, completed=step, info=info)

@@ -13,7 +13,6 @@ the frozen tree is kept apart (never donated, never checkpointed: it is re-read 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,20 +27,40 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data.conversation import image_position_for
+from data.errors import UserError
+from data.jsonfile import load_json
 from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
 from vlm.model import DTYPES, VLM, abstract_params, init_params
+from vlm.prompt import load_tokenizer
 from vlm.sharding import DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
 
 
 def resolve_init(init: str) -> str:
-  """A stage-1 workdir stands for its final checkpoint (`WORKDIR/final`)."""
-  if init and os.path.isdir(os.path.join(init, "final")) and not checkpoint.is_checkpoint(init):
-    return os.path.join(init, "final")
-  return init
+  """'scratch' and 'preset:NAME' as they are; a path as serve.workdir.resolve reads it: a stage-1
+  workdir stands for its final checkpoint (`WORKDIR/final`), an unfinished one is an error."""
+  if init == "scratch" or init.startswith("preset:"):
+    return init
+  from serve import workdir
+  return workdir.resolve(init)
+
+
+def check_init(config):
+  """model.init exists: a missing directory is reported as such, before a tokenizer or a config
+  is looked for in it (plan() alone falls back to model.preset for dry runs)."""
+  init = config.model.init
+  if not init:
+    raise UserError("model.init is empty: set it to a checkpoint dir, a training workdir, a HF "
+                    "model dir, 'preset:NAME' or 'scratch'")
+  if init == "scratch" or init.startswith("preset:"):
+    return
+  if not os.path.exists(init):
+    raise UserError(f"model.init: directory not found ({init}); train the stage it starts from "
+                    "first, or point --config.model.init at a checkpoint")
+  resolve_init(init)   # a workdir whose run has not finished says so
 
 
 def tokenizer_dir(config) -> str:
@@ -52,7 +71,7 @@ def tokenizer_dir(config) -> str:
   for d in (os.path.join(init, "tokenizer"), init):
     if os.path.exists(os.path.join(d, "tokenizer_config.json")):
       return d
-  raise ValueError(f"no tokenizer: set data.tokenizer_dir (model.init {init!r} has none)")
+  raise UserError(f"no tokenizer: set data.tokenizer_dir (model.init {init!r} has none)")
 
 
 def source_config(config) -> VLMConfig:
@@ -62,8 +81,7 @@ def source_config(config) -> VLMConfig:
   if init == "scratch":
     arch = VLMConfig.from_dict(m.arch.to_dict() if hasattr(m.arch, "to_dict") else dict(m.arch))
     if arch.llm.vocab_size <= 0 or arch.image_token_id < 0:   # take them from the tokenizer
-      from transformers import AutoTokenizer
-      tok = AutoTokenizer.from_pretrained(tokenizer_dir(config))
+      tok = load_tokenizer(tokenizer_dir(config))
       vocab = arch.llm.vocab_size if arch.llm.vocab_size > 0 else len(tok)
       image = (arch.image_token_id if arch.image_token_id >= 0 else
                tok.convert_tokens_to_ids("<image>"))
@@ -75,8 +93,7 @@ def source_config(config) -> VLMConfig:
     return checkpoint.load_config(init)
   if os.path.exists(os.path.join(init, "config.json")):
     from convert import hf
-    with open(os.path.join(init, "config.json")) as f:
-      return hf.vlm_config(json.load(f))
+    return hf.vlm_config(load_json(os.path.join(init, "config.json")))
   if m.get("preset"):   # the source is not here (e.g. a dry run): plan from the named shape
     return preset(m.preset)
   raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "
