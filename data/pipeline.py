@@ -155,7 +155,7 @@ class SampleProcessor:
   def tokenizer(self):
     with _LOAD_LOCK:
       if self._tok is None:
-        from vlm.prompt import load_tokenizer
+        from data.tokenizer import load_tokenizer
         self._tok = load_tokenizer(self.cfg.tokenizer_dir)
     return self._tok
 

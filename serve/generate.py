@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding
 
 from vlm import sharding
 from vlm.model import VLM, unstack_layers
-from serve.prompt import Prompt, load_tokenizer
+from data.tokenizer import load_tokenizer
+from serve.prompt import Prompt
 
 MAX_STOP_IDS = 8  # stop ids travel as a fixed-size array: no recompile per template
 STREAM_CHUNK = 1  # decode steps between host callbacks when streaming

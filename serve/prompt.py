@@ -8,13 +8,11 @@ the base image + tiles padded to the tiler's maximum, with the original (height,
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from data.conversation import render_prompt
-from data.jsonfile import malformed_json_in
 from data.image import model_pixels
 from vlm.config import VLMConfig
 
@@ -60,19 +58,3 @@ def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[n
   sizes = (np.asarray([hw for _, hw, _ in prepared], np.int32)
            if config.tiler.kind == "anyres" else None)
   return Prompt(ids, pixels, sizes)
-
-
-def load_tokenizer(path: str):
-  """The tokenizer of a checkpoint dir (CKPT/tokenizer) or of a HF model dir (the dir itself)."""
-  from transformers import AutoTokenizer
-  sub = os.path.join(path, "tokenizer")
-  where = sub if os.path.isdir(sub) else path
-  try:
-    return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
-  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on a broken file
-    bad = malformed_json_in(where)   # name the file transformers could not parse
-    if bad is not None:
-      raise bad from e
-    if not isinstance(e, (OSError, ValueError)):
-      raise
-    raise FileNotFoundError(f"{path}: no usable tokenizer in {where} ({e})"[:400]) from None

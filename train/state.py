@@ -33,7 +33,7 @@ from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
 from vlm.model import DTYPES, VLM, abstract_params, init_params
-from vlm.prompt import load_tokenizer
+from data.tokenizer import load_tokenizer
 from vlm.sharding import DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 def resolve_init(init: str) -> str:
   """'scratch' and 'preset:NAME' as they are; a path as serve.workdir.resolve reads it: a stage-1
-  workdir stands for its final checkpoint (`WORKDIR/final`), an unfinished one is an error."""
-  if init == "scratch" or init.startswith("preset:"):
+  workdir stands for its final checkpoint (`WORKDIR/final`), an unfinished one is an error. A path
+  that does not exist is kept (check_init reports it; plan() falls back to model.preset)."""
+  if init == "scratch" or init.startswith("preset:") or not os.path.exists(init):
     return init
   from serve import workdir
   return workdir.resolve(init)

@@ -1,0 +1,24 @@
+"""Loading a model's tokenizer from disk: a checkpoint dir of this project keeps it in
+CKPT/tokenizer, a HF model dir holds it at its top. A broken file is named, never a bare parse
+error from `tokenizers`."""
+from __future__ import annotations
+
+import os
+
+from data.jsonfile import malformed_json_in
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a checkpoint dir (CKPT/tokenizer) or of a HF model dir (the dir itself)."""
+  from transformers import AutoTokenizer
+  sub = os.path.join(path, "tokenizer")
+  where = sub if os.path.isdir(sub) else path
+  try:
+    return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on a broken file
+    bad = malformed_json_in(where)   # name the file transformers could not parse
+    if bad is not None:
+      raise bad from e
+    if not isinstance(e, (OSError, ValueError)):
+      raise
+    raise FileNotFoundError(f"{path}: no usable tokenizer in {where} ({e})"[:400]) from None
