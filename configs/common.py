@@ -29,6 +29,9 @@ Fields (override any on the command line: `--config.optim.lr=1e-5`):
                         dropout key: threefry2x32 | rbg)
   mesh.*                shape (data, fsdp, tensor; -1 takes the remaining devices), num_devices
                         (0: all)
+  sharding_rules        (logical axis, mesh axes) pairs placing weights and activations
+                        (vlm/sharding.py: the names, DEFAULT_RULES); e.g. shard the sequence with
+                        ("activation_length", "tensor") in place of its None
   checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
                         preemption checks)
 A chained config (configs/demo.py) instead holds `chain` (stage names, run in order, each in
@@ -38,6 +41,8 @@ WORKDIR first). "{workdir}" in any string stands for WORKDIR.
 from __future__ import annotations
 
 import ml_collections
+
+from vlm.sharding import DEFAULT_RULES
 
 LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
@@ -70,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
   c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0,
                  prng_impl="threefry2x32")  # dropout key: threefry2x32 | rbg (train/state.py)
   c.mesh = dict(shape=(1, -1, 1), num_devices=0)
+  c.sharding_rules = DEFAULT_RULES
   c.checkpoint = dict(every=500, keep=3, use_async=True, sync_every=10)
   return c
 
