@@ -250,7 +250,7 @@ def _prepare(args, case) -> _Prepared:
     return (*random_train_state(p), put_batch())
   step = make_train_step(p.model, p.tx, mesh=mesh, state_shardings=p.state_shardings,
                          frozen_shardings=p.frozen_shardings, batch_shardings=sh,
-                         loss_chunk=c.model.loss_chunk)
+                         loss_chunk=c.model.loss_chunk, rules=p.rules)
   return _Prepared(step, (state_abs, frozen_abs, batch_abs), make, carry=True)
 
 

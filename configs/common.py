@@ -42,6 +42,9 @@ FILE --help` lists them with their values):
                         True: it writes final/ from the steps it made)
   mesh.*                shape (data, fsdp, tensor; -1 takes the remaining devices), num_devices
                         (0: all)
+  sharding_rules        (logical axis, mesh axes) pairs placing weights and activations
+                        (vlm/sharding.py: the names, DEFAULT_RULES); e.g. shard the sequence with
+                        ("activation_length", "tensor") in place of its None
   checkpoint.*          every (steps), keep, use_async, sync_every (steps between multi-host
                         preemption checks)
 A chained config (configs/demo.py) instead holds `chain` (stage names, run in order, each in
@@ -52,6 +55,8 @@ from __future__ import annotations
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from vlm.sharding import DEFAULT_RULES
 
 LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
@@ -91,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
                  prng_impl="threefry2x32",  # dropout key: threefry2x32 | rbg (train/state.py)
                  allow_incomplete=False)
   c.mesh = dict(shape=(1, -1, 1), num_devices=0)
+  c.sharding_rules = DEFAULT_RULES
   c.checkpoint = dict(every=500, keep=3, use_async=True, sync_every=10)
   return c
 

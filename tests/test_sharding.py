@@ -61,3 +61,21 @@ def test_spec_skips_indivisible_axes():
   assert sharding.spec_for(("vocab", "embed"), (129, 32), mesh) == jax.sharding.PartitionSpec(None, "fsdp")
   assert sharding.spec_for(("batch", None), (8, 3), mesh) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
   assert sharding.spec_for(("batch", None), (2, 3), mesh) == jax.sharding.PartitionSpec("data", None)
+
+
+def test_constrain_follows_the_rules_in_effect_and_is_identity_outside():
+  mesh = sharding.make_mesh((2, 2, 2))
+  residual = ("activation_batch", "activation_length", "activation_embed")
+  f = jax.jit(lambda x: sharding.constrain(x, residual) * 2)
+  x = jnp.ones((4, 8, 6))
+  assert sharding.constrain(x, residual) is x   # no rules in effect: a plain model.apply
+  with sharding.activation_sharding(mesh):
+    y = f(x)
+  spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+  assert y.sharding.is_equivalent_to(spec(("data", "fsdp"), None, None), 3)
+  # the sequence is a rule like any other: map it to a mesh axis to shard it
+  rules = tuple(r for r in sharding.DEFAULT_RULES if r[0] != "activation_length") + (
+      ("activation_length", "tensor"),)
+  with sharding.activation_sharding(mesh, rules):
+    y = jax.jit(lambda x: sharding.constrain(x, residual) * 2)(x)
+  assert y.sharding.is_equivalent_to(spec(("data", "fsdp"), "tensor", None), 3)

@@ -1,7 +1,10 @@
 """The jitted train step (train/step.py, train/state.py): sharded = single device, gradient
 accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch, frozen
 weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite steps
-skipped and counted."""
+skipped and counted, and the collectives of the compiled step on fsdp and fsdp x tensor meshes."""
+import math
+import re
+
 import jax
 import numpy as np
 import optax
@@ -9,13 +12,14 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from configs import common
+from data.errors import UserError
 from train import state as state_lib
 from train.step import make_train_step, token_losses
 from vlm.sharding import batch_shardings
 from vlm import checkpoint, lora
 from vlm.config import VLMConfig
 from vlm.model import abstract_params
-from vlm.sharding import make_mesh
+from vlm.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
 VOCAB, IMG = 64, 63
 LLM = dict(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
@@ -81,14 +85,23 @@ def one_device():
   return make_mesh((1, 1, 1), jax.devices()[:1])
 
 
-def train(c, data, mesh):
-  """(params before, params after, per-step metrics, final state) of len(data) steps."""
-  plan = state_lib.plan(c, mesh, total_steps=len(data))
+def step_fn(c, mesh, batch, total_steps, compile_options=None):
+  """(state, frozen, batch shardings, step) of config c on mesh; with compile_options the step is
+  compiled ahead of time for `batch`'s shapes (then `step.as_text()` is its HLO)."""
+  plan = state_lib.plan(c, mesh, total_steps=total_steps)
   st, frozen = state_lib.load(c, plan)
-  sh = batch_shardings(mesh, data[0])
+  sh = batch_shardings(mesh, batch)
   fn = make_train_step(plan.model, plan.tx, mesh=mesh, state_shardings=plan.state_shardings,
                        frozen_shardings=plan.frozen_shardings, batch_shardings=sh,
-                       grad_accum=c.optim.grad_accum)
+                       grad_accum=c.optim.grad_accum, rules=plan.rules)
+  if compile_options is not None:
+    fn = fn.lower(st, frozen, jax.device_put(batch, sh)).compile(compile_options)
+  return st, frozen, sh, fn
+
+
+def train(c, data, mesh, compile_options=None):
+  """(params before, params after, per-step metrics, final state) of len(data) steps."""
+  st, frozen, sh, fn = step_fn(c, mesh, data[0], len(data), compile_options)
   first = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
   metrics = []
   for b in data:
@@ -223,3 +236,146 @@ def test_dropout_key_impl(text_model):
   assert rbg[0] == threefry[0] and rbg[1] != threefry[1] and np.isfinite(rbg).all()
   with pytest.raises(ValueError, match="prng_impl"):
     state_lib.plan(config(text_model, **{"train.prng_impl": "philox"}), one_device(), 1)
+
+
+def test_sharding_rules_come_from_the_config(text_model):
+  """config.sharding_rules place the weights (and reach the steps as plan.rules); a rule naming
+  no mesh axis is a user error."""
+  rules = tuple(r for r in DEFAULT_RULES if r[0] != "mlp") + (("mlp", None),)
+  p = state_lib.plan(config(text_model, sharding_rules=rules), make_mesh((1, 4, 2)), 1)
+  assert p.rules == rules
+  up = p.param_shardings["llm"]["layers"]["layer"]["mlp"]["up"]["kernel"]
+  assert up.spec == jax.sharding.PartitionSpec(None, "fsdp", None)   # [layers, embed, mlp]
+  with pytest.raises(UserError, match="sharding_rules"):
+    state_lib.plan(config(text_model, sharding_rules=(("mlp", "model"),)), make_mesh((1, 4, 2)), 1)
+
+
+# --- activation sharding: the collectives of the compiled step ----------------------------------
+# Batches of ROWS x T = 8 x 24: no weight of the tiny models has a second dimension of 24 (or of 5,
+# the tower's tokens) nor is an array of rank >= 3 leading with 8, so a collective moving an array
+# [rows, 24 | 5, ...] or [8, ., ., ...] moves activations.
+ROWS, T, TOWER_TOKENS = 8, 24, 5
+# LLVM at -O0: the HLO passes (sharding propagation, SPMD partitioning) are unchanged; compiles
+# take half the time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                        r"collective-permute)(?:-start)?\(")
+
+
+def group_size(line: str) -> int:
+  """Devices per replica group of one collective, in each of XLA's printed forms."""
+  if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):      # {{0,1},{2,3}}
+    return len(m.group(1).split(","))
+  if m := re.search(r"replica_groups=\[\d+,(\d+)\]", line):       # [groups,size]<=[8]
+    return int(m.group(1))
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line):   # mesh axes
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+  if "replica_groups={}" in line:
+    return jax.device_count()
+  raise AssertionError(f"replica groups not understood: {line[:300]}")
+
+
+def collectives(hlo: str) -> list:
+  """(op, devices per group, [(dtype, shape), ...]) of every collective in compiled HLO text."""
+  out = []
+  for line in hlo.splitlines():
+    if m := COLLECTIVE.search(line):
+      arrays = [(d, tuple(int(x) for x in dims.split(",") if x))
+                for d, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+      out.append((m.group(2), None if m.group(2) == "collective-permute" else group_size(line),
+                  arrays))
+  return out
+
+
+def activations(arrays) -> list:
+  """The float [rows, length, ...] and [all rows, ...] arrays among a collective's operands."""
+  return [s for d, s in arrays if d[0] in "fb" and len(s) >= 2
+          and (s[1] in (T, TOWER_TOKENS) or (len(s) >= 3 and s[0] == ROWS))]
+
+
+def reduced_gradient_elements(cfg: VLMConfig, tensor: int) -> int:
+  """Elements of the weight gradients the fsdp reduction sums: one layer of the scanned stack
+  plus the final norm and LM head, the tensor-local part; not the embedding (its backward
+  all-to-all hands each device its own columns)."""
+  mesh = make_mesh((1, 1, tensor), jax.devices()[:tensor])
+  sh = flatten_dict(param_shardings(cfg, mesh))
+  total = 0
+  for k, v in flatten_dict(abstract_params(cfg, boxed=False)).items():
+    if k != ("llm", "embed"):
+      n = math.prod(sh[k].shard_shape(v.shape))
+      total += n // cfg.llm.layers if "layers" in k else n
+  return total
+
+
+def one_step(c, mesh, batch):
+  """(compiled HLO text, params after one step, metrics)."""
+  st, frozen, sh, fn = step_fn(c, mesh, batch, 1, FAST_COMPILE)
+  st, m = fn(st, frozen, jax.device_put(batch, sh))
+  return (fn.as_text(), jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"])),
+          jax.device_get(m))
+
+
+@pytest.fixture(scope="module")
+def full_b8_single(text_model):
+  batch = batches(1, b=ROWS, t=T, seed=3)[0]
+  c = config(text_model, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+  return batch, one_step(c, one_device(), batch)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp", "fsdp_tensor"])
+def test_compiled_step_collectives(text_model, full_b8_single, shape):
+  """The full fine-tuning step of the 2-layer decoder (batch ROWS = 8) with its activations pinned by
+  the rules (batch over data x fsdp, heads / mlp / vocab over tensor) moves only:
+  - weights over fsdp: each of a layer's 7 kernels is all-gathered in the forward scan and again
+    in the backward scan (the scan keeps the sharded slice, not the gathered one), the LM head
+    once; the embedding never (its lookup and backward go through all-to-alls);
+  - gradients over fsdp: every weight's once (XLA:CPU has no reduce-scatter creator, so this is an
+    all-reduce and a slice; GPU / TPU fuse the pair into a reduce-scatter);
+  - activations only over tensor: with tensor, the Megatron pattern on the local rows
+    [8 / fsdp, T, 32]: per layer o and down forward, the input gradients of q, k, v, gate and up
+    backward, and the LM head's input gradient.
+  Unconstrained, XLA split the matmuls on the fsdp-sharded contraction axis instead and gathered
+  and all-reduced whole-batch activations over fsdp. The result still equals one device."""
+  batch, (_, single_last, single_m) = full_b8_single
+  fsdp, tensor = shape[1], shape[2]
+  c = config(text_model, **{"mesh.shape": shape})
+  hlo, last, m = one_step(c, make_mesh(shape), batch)
+  ops = collectives(hlo)
+
+  gathers = [(g, arrays) for op, g, arrays in ops if op == "all-gather" and arrays[0][0][0] in "fb"]
+  assert [a for _, a in gathers if activations(a)] == []
+  assert [g for g, _ in gathers] == [fsdp] * (2 * 7 + 1)
+  reduces = [(g, arrays) for op, g, arrays in ops if op == "all-reduce"]
+  assert [(g, a) for g, a in reduces if activations(a) and g != tensor] == []
+  grads = sum(math.prod(s) for g, a in reduces if g == fsdp for _, s in a if s)  # no scalars
+  assert grads == reduced_gradient_elements(TEXT, tensor)
+  if tensor > 1:
+    residual = [s for g, a in reduces if g == tensor for s in activations(a)
+                if s == (ROWS // fsdp, T, TEXT.llm.hidden)]
+    assert len(residual) == 2 + 5 + 1
+
+  assert max_diff(single_last, last) <= 1e-5
+  np.testing.assert_allclose(m["loss"], single_m["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m["grad_norm"], single_m["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_lora_vlm_step_moves_no_activations_over_fsdp(tmp_path):
+  """The LoRA stage (adapters on the decoder and the tower, connector trained, bf16 frozen
+  weights): on both meshes no activation of the decoder or the tower (nor the image features
+  written into the sequence: a per-row gather) is all-gathered or summed over fsdp; the steps
+  equal one device."""
+  c = config(write_model(tmp_path / "vlm", VLM_CFG), **{"model.frozen_dtype": "bfloat16"})
+  common.lora(c, rank=4, alpha=8.0, dropout=0.0, vision=True)
+  batch = batches(1, b=ROWS, t=T, seed=4, images=True)[0]
+  c.mesh.update(shape=(1, 1, 1), num_devices=1)
+  _, single_last, single_m = one_step(c, one_device(), batch)
+  for shape in ((1, 8, 1), (1, 4, 2)):
+    c.mesh.update(shape=shape, num_devices=0)
+    hlo, last, m = one_step(c, make_mesh(shape), batch)
+    moved = [(op, g, activations(a)) for op, g, a in collectives(hlo)
+             if op in ("all-gather", "all-reduce") and activations(a) and g != shape[2]]
+    assert moved == [], shape
+    assert max_diff(single_last, last) <= 1e-5, shape
+    np.testing.assert_allclose(m["loss"], single_m["loss"], rtol=1e-5)

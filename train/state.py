@@ -29,12 +29,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from data.conversation import image_position_for
 from data.errors import UserError
 from data.jsonfile import load_json
+from data.tokenizer import load_tokenizer
 from train import optimizer
 from vlm import checkpoint, lora
 from vlm.config import LoraConfig, VLMConfig, preset
 from vlm.model import DTYPES, VLM, abstract_params, init_params
-from data.tokenizer import load_tokenizer
-from vlm.sharding import DEFAULT_RULES, make_mesh, shardings as tree_shardings
+from vlm.sharding import AXES, DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Plan:
   state_shardings: dict
   mesh: Any
   prng_impl: str = "threefry2x32"  # of the dropout key (train.prng_impl)
+  rules: tuple = DEFAULT_RULES     # logical axis -> mesh axes, weights and activations
 
 
 # Key data words per PRNG implementation: train/step.py tells them apart by this length.
@@ -149,12 +150,26 @@ def mesh_for(config):
   return make_mesh(tuple(config.mesh.shape), jax.devices()[:n] if n else None)
 
 
+def sharding_rules(config) -> tuple:
+  """config.sharding_rules: (logical name, None | mesh axis | tuple of mesh axes) pairs."""
+  out = []
+  for rule in config.get("sharding_rules", DEFAULT_RULES):
+    name, axes = rule if len(rule) == 2 else (rule, "?")
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    if not set(axes if isinstance(axes, tuple) else (axes,)) <= set(AXES) | {None}:
+      raise UserError(f"sharding_rules: {rule!r} is not a (logical name, mesh axes) pair over "
+                      f"the mesh axes {AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
 def plan(config, mesh, total_steps: int) -> Plan:
   src = source_config(config)
   cfg = train_config(config, src)
   boxed = abstract_params(cfg, boxed=True)
   abstract = nn.unbox(boxed)
-  shard = tree_shardings(boxed, mesh, DEFAULT_RULES)
+  rules = sharding_rules(config)
+  shard = tree_shardings(boxed, mesh, rules)
   mask = lora.select(abstract, tuple(config.trainable))
   n_train = sum(math.prod(v.shape) for k, v in flatten_dict(abstract).items()
                 if flatten_dict(mask)[k])
@@ -175,7 +190,7 @@ def plan(config, mesh, total_steps: int) -> Plan:
   if impl not in RNG_WORDS:
     raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
   return Plan(src, cfg, VLM(cfg), mask, abstract, shard, trainable_sh, frozen_sh,
-              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl)
+              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
 
 
 def abstract_state(p: Plan) -> tuple:

@@ -9,6 +9,9 @@ Only the trainable tree is differentiated, updated and donated; frozen weights a
 read-only argument (no gradient, no optimizer state, storable in bf16). A step whose gradients or
 loss are not finite leaves parameters and optimizer state unchanged and bumps two counters
 (`nonfinite`: in a row, `skipped_steps`: in total); the host aborts after M in a row.
+
+Both steps trace the model inside `activation_sharding(mesh, rules)`: the run's sharding rules
+(config.sharding_rules) pin the activations of every block, as they place the weights.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train.state import RNG_WORDS
 from vlm import lora
 from vlm.model import VLM
-from vlm.sharding import BATCH
+from vlm.sharding import BATCH, DEFAULT_RULES, activation_sharding
 
 IGNORE = -100
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_sizes", "positions", "segment_ids")
@@ -76,7 +79,7 @@ def _microbatches(batch: dict, n: int, mesh) -> dict:
 
 
 def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, batch_shardings,
-                    grad_accum: int = 1, loss_chunk: int = 0):
+                    grad_accum: int = 1, loss_chunk: int = 0, rules=DEFAULT_RULES):
   """jit(step)(state, frozen, batch) -> (state, metrics); the state's buffers are donated.
 
   state: {"step", "rng", "trainable", "opt", "nonfinite", "skipped_steps"}."""
@@ -88,6 +91,10 @@ def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, frozen, batch):
+    with activation_sharding(mesh, rules):
+      return _step(state, frozen, batch)
+
+  def _step(state, frozen, batch):
     impl = {n: name for name, n in RNG_WORDS.items()}[state["rng"].shape[-1]]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl=impl), state["step"])
     labels = batch["labels"]
@@ -126,11 +133,12 @@ def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, 
 
 
 def make_eval_step(model: VLM, *, mesh, trainable_shardings, frozen_shardings, batch_shardings,
-                   loss_chunk: int = 0):
+                   loss_chunk: int = 0, rules=DEFAULT_RULES):
   """jit(eval)(trainable, frozen, batch) -> (loss sum, trained tokens) for a held-out batch."""
   def run(trainable, frozen, batch):
-    return token_losses(model, lora.combine(frozen, trainable), batch, jax.random.key(0),
-                        chunk=loss_chunk, train=False)
+    with activation_sharding(mesh, rules):
+      return token_losses(model, lora.combine(frozen, trainable), batch, jax.random.key(0),
+                          chunk=loss_chunk, train=False)
   replicated = NamedSharding(mesh, P())
   return jax.jit(run, in_shardings=(trainable_shardings, frozen_shardings, batch_shardings),
                  out_shardings=(replicated, replicated))

@@ -150,7 +150,7 @@ class HeldOut:
       self._steps[key] = (sh, make_eval_step(
           self.plan.model, mesh=self.mesh, trainable_shardings=self.plan.trainable_shardings,
           frozen_shardings=self.plan.frozen_shardings, batch_shardings=sh,
-          loss_chunk=self.config.model.loss_chunk))
+          loss_chunk=self.config.model.loss_chunk, rules=self.plan.rules))
     return self._steps[key]
 
   def __call__(self, trainable, frozen) -> tuple:
@@ -323,7 +323,8 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
                                   state_shardings=plan.state_shardings,
                                   frozen_shardings=plan.frozen_shardings,
                                   batch_shardings=batch_shardings(mesh, batch),
-                                  grad_accum=accum, loss_chunk=config.model.loss_chunk)
+                                  grad_accum=accum, loss_chunk=config.model.loss_chunk,
+                                  rules=plan.rules)
       st, m = step_fn(st, frozen, placed)
       step += 1
       data_state = state_after

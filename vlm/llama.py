@@ -19,6 +19,12 @@ from jax.ad_checkpoint import checkpoint_name
 from vlm.attention import attend, attend_cached
 from vlm.config import LlamaConfig, LoraConfig
 from vlm.lora import Dense
+from vlm.sharding import constrain
+
+# Logical layouts of the decoder's activations (vlm/sharding.py maps them to the mesh).
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 
 REMAT_POLICIES = {
     "none": None,
@@ -101,6 +107,7 @@ class Attention(nn.Module):
     q = apply_rope(q.reshape(b, t, c.heads, c.head_dim), positions, inv)
     k = apply_rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, inv)
     v = v.reshape(b, t, c.kv_heads, c.head_dim)
+    q, k, v = constrain(q, HEADS), constrain(k, KV_HEADS), constrain(v, KV_HEADS)
     q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
     if kv is None:  # training, or a prompt filling an empty cache: the chunk sees only itself
       out = attend(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=c.sliding_window,
@@ -111,7 +118,7 @@ class Attention(nn.Module):
                           cache_segment_ids=cache_meta["segment_ids"],
                           sliding_window=c.sliding_window)
     new_kv = None if cache_meta is None else (k, v)  # written into the cache after the scan
-    out = checkpoint_name(out.reshape(b, t, c.heads * c.head_dim), "attn_out")
+    out = checkpoint_name(constrain(out, HEADS).reshape(b, t, c.heads * c.head_dim), "attn_out")
     return dense("o", c.hidden, ("heads", "embed"))(out, deterministic), new_kv
 
 
@@ -125,8 +132,8 @@ class MLP(nn.Module):
     c = self.cfg
     gate = _dense("gate", c.mlp_dim, ("embed", "mlp"), self.lora, self.dtype)(x, deterministic)
     up = _dense("up", c.mlp_dim, ("embed", "mlp"), self.lora, self.dtype)(x, deterministic)
-    return _dense("down", c.hidden, ("mlp", "embed"), self.lora, self.dtype)(
-        nn.silu(gate) * up, deterministic)
+    h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense("down", c.hidden, ("mlp", "embed"), self.lora, self.dtype)(h, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -138,13 +145,14 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, kv, cache_meta, deterministic):
     c = self.cfg
+    x = constrain(x, RESIDUAL)
     h, new_kv = Attention(c, self.lora, self.dtype, self.impl, name="attn")(
         RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, segment_ids, kv, cache_meta,
         deterministic)
-    x = x + h
+    x = constrain(x + h, RESIDUAL)
     x = x + MLP(c, self.lora, self.dtype, name="mlp")(
         RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x), deterministic)
-    return x, new_kv
+    return constrain(x, RESIDUAL), new_kv
 
 
 class _ScanBody(nn.Module):
@@ -210,6 +218,7 @@ class Llama(nn.Module):
     index given as the Python int 0 marks an empty cache: the prompt then attends only to itself,
     through the fused attention kernels."""
     kv = meta = None
+    h = constrain(h, RESIDUAL)
     if cache is not None:
       idx = cache["index"]
       empty = isinstance(idx, int) and idx == 0
@@ -229,7 +238,7 @@ class Llama(nn.Module):
           o = jax.tree.map(lambda x: x + (h[0, 0, 0] * 0).astype(x.dtype), o)
         outs.append(o)
       new_kv = None if meta is None else tuple(zip(*outs))
-    h = self.norm(h)
+    h = constrain(self.norm(h), RESIDUAL)
     out = h if return_hidden else self.logits(h)
     if cache is None:
       return out
@@ -243,5 +252,8 @@ class Llama(nn.Module):
   def logits(self, h):
     """Hidden states (after the final norm) -> float32 logits; used by chunked losses."""
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", h, self.embedding.astype(self.dtype)).astype(jnp.float32)
-    return self.lm_head(h).astype(jnp.float32)
+      out = jnp.einsum("btd,vd->btv", h, self.embedding.astype(self.dtype))
+    else:
+      out = self.lm_head(h)
+    return constrain(out, ("activation_batch", "activation_length", "activation_vocab")).astype(
+        jnp.float32)

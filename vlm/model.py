@@ -34,13 +34,15 @@ def merge_image_features(embeds, is_image, feats, counts):
   """Write features into placeholder slots. embeds [B, T, D]; is_image [B, T]; feats [B, n, F, D];
   counts [B, n] valid features per image. Slot k of a row takes feature k of the row's images
   concatenated (image i's first `counts[i]` rows)."""
-  b, n, f, _ = feats.shape
+  n, f = feats.shape[1:3]
   ordinal = jnp.cumsum(is_image, axis=1) - 1
   ends = jnp.cumsum(counts, axis=1)  # [B, n]
   img = jnp.clip((ordinal[:, :, None] >= ends[:, None, :]).sum(-1), 0, n - 1)
   start = jnp.take_along_axis(ends - counts, img, axis=1)
   pos = jnp.clip(ordinal - start, 0, f - 1)
-  picked = feats[jnp.arange(b)[:, None], img, pos]
+  # Per row (vmap: a gather with a batch dimension), so a batch-sharded row reads only its own
+  # images; indexing with arange(B) is a general gather that XLA serves by all-gathering `feats`.
+  picked = jax.vmap(lambda row, i, p: row[i, p])(feats, img, pos)
   return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
 
 

@@ -3,9 +3,31 @@
 Every parameter carries logical axis names (nn.with_logical_partitioning); `rules` map them to the
 ('data', 'fsdp', 'tensor') mesh. A logical axis whose size does not divide by its mesh axes falls
 back to replication on that dimension, so one rule set serves tiny test models and 8B models.
+
+Activations carry their own names (MaxText's scheme), pinned by `constrain` in every decoder and
+tower block, so the mesh layout of the hidden states is chosen by the rules, not by XLA's cost
+model (which, given only fsdp-sharded weights, splits matmuls on their contraction axis and
+all-reduces whole activations instead of gathering the weights):
+  activation_batch      rows (batch x images x tiles in the tower)     data x fsdp
+  activation_length     decoder positions                              None (context parallelism:
+                                                                       map it to a mesh axis)
+  activation_embed      the residual stream's width                    None (replicated per shard)
+  activation_heads      query heads                                    tensor
+  activation_kv_heads   key / value heads (GQA)                        tensor
+  activation_kv         a head's features                              None
+  activation_mlp        the MLP's hidden width                         tensor
+  activation_vocab      logits' vocabulary axis                        tensor
+  activation_vision_*   the tower's length / embed / heads / mlp       as their decoder namesakes
+Names differ from the parameter names where the mapping does: 'embed' takes fsdp on a weight,
+while on an activation fsdp already holds the batch. A run's rules live in its config
+(`config.sharding_rules`, DEFAULT_RULES by default) and reach the model through
+`activation_sharding`, which the train and eval steps enter around their traced bodies; outside
+it (a plain `model.apply`, generation) `constrain` is the identity.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -31,6 +53,19 @@ DEFAULT_RULES = (
     # down [mlp, rank]), so no adapter or its optimizer moments sit whole on every device.
     ("lora", "fsdp"),
     ("norm", None),
+    # Activations (see the module docstring).
+    ("activation_batch", BATCH),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_vision_length", None),
+    ("activation_vision_embed", None),
+    ("activation_vision_heads", "tensor"),
+    ("activation_vision_mlp", "tensor"),
 )
 
 
@@ -80,6 +115,32 @@ def spec_for(logical: Sequence, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_
     used.update(keep)
     out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
   return P(*out)
+
+
+_ACTIVE = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+  """Within (at trace time): `constrain` pins activations to `mesh` by `rules`. Enter it inside
+  the traced function (a jit cache does not key on it)."""
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x, logical: Sequence):
+  """nn.with_logical_constraint with spec_for's fallback (an axis that does not divide stays
+  whole, as the weights do) and the mesh of `activation_sharding` (flax's wants a global mesh,
+  which jax.set_mesh sets only outside jit); the identity outside it."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
 
 
 def logical_specs(boxed_tree):

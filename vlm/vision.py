@@ -18,6 +18,11 @@ from vlm.attention import attend
 from vlm.config import LoraConfig, VisionConfig
 from vlm.llama import remat_policy
 from vlm.lora import Dense
+from vlm.sharding import constrain
+
+# Logical layouts of the tower's activations (vlm/sharding.py maps them to the mesh).
+TOKENS = ("activation_batch", "activation_vision_length", "activation_vision_embed")
+HEADS = ("activation_batch", "activation_vision_length", "activation_vision_heads", "activation_kv")
 
 
 def quick_gelu(x):
@@ -62,15 +67,18 @@ class VisionBlock(nn.Module):
       return Dense(features, axes, use_bias=True, dtype=self.dtype, lora_rank=rank,
                    lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, name=name)
 
+    x = constrain(x, TOKENS)
     h = LayerNorm(c.norm_eps, self.dtype, name="ln1")(x)
     # Named as in the decoder, so a named remat policy (save_attn_proj) keeps them on the tower too.
-    q, k, v = (checkpoint_name(dense(nm, c.width, ("vision_embed", "vision_heads"))(
-        h, deterministic).reshape(n, t, c.heads, hd), f"{nm}_proj") for nm in ("q", "k", "v"))
-    o = attend(q, k, v, causal=False, impl=self.impl).reshape(n, t, c.width)
-    o = checkpoint_name(o, "attn_out")
+    q, k, v = (checkpoint_name(constrain(dense(nm, c.width, ("vision_embed", "vision_heads"))(
+        h, deterministic).reshape(n, t, c.heads, hd), HEADS), f"{nm}_proj") for nm in ("q", "k", "v"))
+    o = attend(q, k, v, causal=False, impl=self.impl)
+    o = checkpoint_name(constrain(o, HEADS).reshape(n, t, c.width), "attn_out")
     x = x + dense("o", c.width, ("vision_heads", "vision_embed"))(o, deterministic)
+    x = constrain(x, TOKENS)
     h = LayerNorm(c.norm_eps, self.dtype, name="ln2")(x)
     h = ACTIVATIONS[c.act](dense("fc1", c.mlp_dim, ("vision_embed", "vision_mlp"))(h, deterministic))
+    h = constrain(h, ("activation_batch", "activation_vision_length", "activation_vision_mlp"))
     return x + dense("fc2", c.width, ("vision_mlp", "vision_embed"))(h, deterministic)
 
 
@@ -126,11 +134,13 @@ class VisionTower(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, c.width)), x], axis=1)
     x = x + pos.astype(self.dtype)
     x = LayerNorm(c.norm_eps, self.dtype, name="ln_pre")(x)
+    x = constrain(x, TOKENS)
     stack = nn.scan(_VisionScanBody, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast),
                     length=c.layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x, _), _ = stack(c, self.lora, self.dtype, self.impl, self.remat, name="layers")(
         (x, jnp.int32(0)), None, deterministic)
+    x = constrain(x, TOKENS)
     if self.is_initializing():  # create post-LN params for round trips; unused for features
       LayerNorm(c.norm_eps, self.dtype, name="ln_post")(x[:, :1])
     return x if c.keep_cls else x[:, 1:]
