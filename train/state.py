@@ -13,7 +13,6 @@ the frozen tree is kept apart (never donated, never checkpointed: it is re-read 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -75,8 +74,7 @@ def source_config(config) -> VLMConfig:
     return checkpoint.load_config(init)
   if os.path.exists(os.path.join(init, "config.json")):
     from convert import hf
-    with open(os.path.join(init, "config.json")) as f:
-      return hf.vlm_config(json.load(f))
+    return hf.dir_config(init)   # as `convert import --from hf` reads it, prompt format included
   if m.get("preset"):   # the source is not here (e.g. a dry run): plan from the named shape
     return preset(m.preset)
   raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "
