@@ -8,4 +8,7 @@ def get_config():
   c.name = "ldrt_llava16_lora"
   c.model.init = "checkpoints/llava-v1.6-vicuna-13b-hf"   # HF llava-hf/llava-v1.6-vicuna-13b-hf
   c.model.preset = "llava16_vicuna_13b"
+  # anyres training is LLaVA-NeXT's code (haotian-liu/LLaVA's train.py has no anyres): its
+  # preprocess_multimodal leaves a turn that starts with <image>, and its whitespace, as it is
+  c.data.image_position = "first_next"
   return c

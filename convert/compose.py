@@ -55,7 +55,7 @@ def compose(llm_dir: str, vision_dir: str, preset_name: str, *, connector: Optio
   if p.tiler.kind == "anyres":
     raise hf.ConversionError(f"preset {preset_name!r}: composing anyres models is not supported "
                              "(no image_newline source); import a LLaVA-1.6 checkpoint instead")
-  llm_cfg = hf.dir_config(llm_dir)
+  llm_cfg = hf.dir_config(llm_dir, prompt_format=False)   # the preset says the format
   if llm_cfg.vision is not None:
     raise hf.ConversionError(f"--llm {llm_dir} is a VLM; expected a Llama / Mistral dir")
   vcfg, vt = tower.load(vision_dir, select_layer=p.vision.select_layer, keep_cls=p.vision.keep_cls)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from data.conversation import LLAVA_NEXT_LLAMA3_SYSTEM
 from data.errors import UserError
 from data.jsonfile import load_json
 from vlm.config import (ConnectorConfig, LlamaConfig, TilerConfig, VisionConfig,
@@ -266,12 +267,89 @@ def vision_config(d: dict, select_layer: int = -2, keep_cls: bool = False) -> Vi
       mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD), proj_dim=d.get("projection_dim"))
 
 
-def vlm_config(d: dict, *, image_mean=None, image_std=None) -> VLMConfig:
-  """config.json of a HF Llama / Mistral / Llava / LlavaNext dir -> VLMConfig."""
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+LLAMA3_TOKENS = ("<|start_header_id|>", "<|eot_id|>")
+
+
+def text_model_type(d: dict) -> str:
+  """'llama' | 'mistral' of a text config, from model_type or else its architecture class."""
+  mt = d.get("model_type")
+  if mt is None:
+    arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
+    mt = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}.get(arch, arch)
+  if mt not in ("llama", "mistral"):
+    raise ConversionError(f"text model_type={mt!r} is not supported (llama | mistral)")
+  return mt
+
+
+def template_for(text: dict, tokens: Optional[set], *, vlm: bool,
+                 source: str = "config.json") -> str:
+  """Our template for a Llama / Mistral text config trained by the LLaVA family (`vlm`) or used
+  on its own. Mistral is told by its model_type; model_type 'llama' covers Llama-2 / Vicuna,
+  Llama-3 and Yi (LLaVA-1.6-34B), which only the tokenizer's special tokens tell apart
+  (`tokens`; without tokenizer files Llama-3's bos id or vocabulary size is the hint)."""
+  if text_model_type(text) == "mistral":
+    # LLaVA / LLaVA-NeXT conv_mistral_instruct (LLAMA_2 style, system "") for LLaVA-1.6-Mistral
+    # and LLaVA-Med v1.5; a bare Mistral speaks its own format (mistral-common)
+    return "llava_mistral" if vlm else "mistral_instruct"
+  tokens = tokens or set()
+  if any(t in tokens for t in CHATML_TOKENS):
+    raise ConversionError(f"{source}: a ChatML tokenizer ({CHATML_TOKENS[0]}): trained in "
+                          "LLaVA's chatml_direct template (LLaVA-1.6-34B), which medvlm-jax does "
+                          "not support")
+  if (all(t in tokens for t in LLAMA3_TOKENS) or text.get("bos_token_id") == 128000
+      or text.get("vocab_size", 0) >= 128000):   # the config's hints, for dirs without tokenizer
+    return "llama3"
+  return "vicuna_v1"
+
+
+def llava_next_format(template: str) -> dict:
+  """image_position / system of a LLaVA-1.6 (anyres) checkpoint: LLaVA-NeXT's code trains
+  those (haotian-liu/LLaVA's train.py has no anyres), its Llama-3 models through
+  preprocess_llama3 with its own system prompt."""
+  return dict(image_position="first_next",
+              system=LLAVA_NEXT_LLAMA3_SYSTEM if template == "llama3" else None)
+
+
+def tokenizer_tokens(path) -> Optional[set]:
+  """Added / special token strings of a HF dir's tokenizer files (tokenizer.json added_tokens and
+  the chat markers of its vocabulary, tokenizer_config.json added_tokens_decoder and special
+  tokens, added_tokens.json), None when it has none of those files."""
+  import os
+  out, found = set(), False
+  for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+               "special_tokens_map.json"):
+    f = os.path.join(path, name)
+    if not os.path.exists(f):
+      continue
+    found = True
+    d = load_json(f)
+    if name == "tokenizer.json":
+      out.update(t.get("content") for t in d.get("added_tokens") or ())
+      vocab = (d.get("model") or {}).get("vocab") or {}   # Yi keeps <|im_start|> in its vocab
+      pieces = vocab if isinstance(vocab, dict) else {p[0] for p in vocab}
+      out.update(t for t in CHATML_TOKENS + LLAMA3_TOKENS if t in pieces)
+    elif name == "added_tokens.json":
+      out.update(d)
+    else:
+      out.update(t.get("content") for t in (d.get("added_tokens_decoder") or {}).values())
+      for k, v in d.items():
+        if k.endswith("_token") or k == "additional_special_tokens":
+          for x in v if isinstance(v, list) else [v]:
+            out.add(x.get("content") if isinstance(x, dict) else x if isinstance(x, str) else None)
+  out.discard(None)
+  return out if found else None
+
+
+def vlm_config(d: dict, *, image_mean=None, image_std=None, tokens: Optional[set] = None,
+               source: str = "config.json") -> VLMConfig:
+  """config.json of a HF Llama / Mistral / Llava / LlavaNext dir -> VLMConfig, with the prompt
+  format its reference code trained it in (docs/conversion.md): `tokens` are the dir's tokenizer
+  token strings (tokenizer_tokens)."""
   mt = d.get("model_type")
   if mt in ("llama", "mistral"):
-    return VLMConfig(llm=llama_config(d), template="llama3" if d["vocab_size"] >= 128000 else
-                     ("mistral_instruct" if mt == "mistral" else "vicuna_v1"))
+    return VLMConfig(llm=llama_config(d), template=template_for(d, tokens, vlm=False,
+                                                                 source=source))
   if mt not in ("llava", "llava_next"):
     raise ConversionError(f"unknown architecture model_type={mt!r} "
                           "(llama | mistral | llava | llava_next)")
@@ -288,14 +366,16 @@ def vlm_config(d: dict, *, image_mean=None, image_std=None) -> VLMConfig:
   if act != "gelu":
     raise ConversionError(f"projector activation {act!r} is not supported (gelu)")
   text = dict(d["text_config"])
-  text.setdefault("model_type", "llama")
+  text["model_type"] = text_model_type(text)
   llm = llama_config(text)
-  tiler = TilerConfig(kind="single")
+  template = template_for(text, tokens, vlm=True, source=source)
+  tiler, fmt = TilerConfig(kind="single"), {}
   if mt == "llava_next":
     tiler = TilerConfig(kind="anyres", grid_pinpoints=tuple(tuple(p) for p in d["image_grid_pinpoints"]))
+    fmt = llava_next_format(template)
   tok = d.get("image_token_index", d.get("image_token_id"))
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig("mlp2x_gelu"),
-                   image_token_id=tok, template="llama3" if llm.vocab_size >= 128000 else "vicuna_v1")
+                   image_token_id=tok, template=template, **fmt)
 
 
 def clip_vision_config(v: VisionConfig) -> dict:
@@ -399,8 +479,10 @@ def lazy_tensors(files: list) -> dict:
   return tensors.canonicalize(tensors.read_files(files), canonical_name, source=", ".join(files))
 
 
-def dir_config(path) -> VLMConfig:
-  """VLMConfig of a HF dir: config.json, plus image mean/std from preprocessor_config.json."""
+def dir_config(path, *, prompt_format: bool = True) -> VLMConfig:
+  """VLMConfig of a HF dir: config.json, image mean/std from preprocessor_config.json and the
+  prompt format from config.json + the tokenizer files. prompt_format=False (an LLM for a
+  composition, whose format is the preset's) skips the format checks."""
   import os
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
@@ -413,7 +495,8 @@ def dir_config(path) -> VLMConfig:
   if os.path.exists(pp):
     p = load_json(pp)
     mean, std = p.get("image_mean"), p.get("image_std")
-  return vlm_config(d, image_mean=mean, image_std=std)
+  tokens = tokenizer_tokens(path) if prompt_format else set()
+  return vlm_config(d, image_mean=mean, image_std=std, tokens=tokens, source=cfg_file)
 
 
 def dir_tensors(path, cfg: VLMConfig, files=None) -> dict:

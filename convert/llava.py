@@ -78,8 +78,9 @@ def is_llava_config(d: dict) -> bool:
 
 
 def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
-           source: str = "config.json") -> VLMConfig:
-  """A LLaVA code-base config.json (+ the tower's own config) -> VLMConfig."""
+           source: str = "config.json", tokens: Optional[set] = None) -> VLMConfig:
+  """A LLaVA code-base config.json (+ the tower's own config) -> VLMConfig; `tokens`: the
+  tokenizer's token strings (hf.tokenizer_tokens), which tell Llama-2 / Llama-3 / Yi apart."""
   mt = d.get("model_type")
   if mt not in ("llava_llama", "llava_mistral", "llava"):
     raise hf.ConversionError(f"unknown architecture model_type={mt!r} in {source} "
@@ -122,11 +123,12 @@ def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
     raise hf.ConversionError(f"{source}: mm_hidden_size {d['mm_hidden_size']} != tower width "
                              f"{vision.width} x {n_scales} scale(s)")
   # LlavaMistralForCausalLM (LLaVA-Med v1.5) trained in the code base's conv_mistral_instruct
-  template = ("llama3" if llm.vocab_size >= 128000 else
-              "llava_mistral" if mt == "llava_mistral" else "vicuna_v1")
+  text = dict(d, model_type="mistral" if mt == "llava_mistral" else "llama")
+  template = hf.template_for(text, tokens, vlm=True, source=source)
+  fmt = hf.llava_next_format(template) if tiler.kind == "anyres" else {}
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig(kind),
                    lora=lora, template=template,
-                   image_token_id=int(d.get("image_token_index", -1)))
+                   image_token_id=int(d.get("image_token_index", -1)), **fmt)
 
 
 def from_vlm(cfg: VLMConfig, tower_path: str, dtype: str) -> dict:
@@ -224,11 +226,12 @@ def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype
     if not os.path.exists(adapter_cfg):
       raise hf.ConversionError(f"LoRA weights in {src_dir} but no {peft.ADAPTER_CONFIG}")
     lora = peft.lora_config(load_json(adapter_cfg), merged, source=adapter_cfg)
-  cfg = to_vlm(d, vcfg, lora, source=os.path.join(src_dir, "config.json"))
+  tok = next((p for p in (src_dir, base) if tokenizer.has_tokenizer(p)), None)
+  cfg = to_vlm(d, vcfg, lora, source=os.path.join(src_dir, "config.json"),
+               tokens=hf.tokenizer_tokens(tok) if tok else None)
   if cfg.llm.tie_embeddings:
     merged.pop(("llm", "lm_head.weight"), None)
   params = hf.import_weights(cfg, merged, source=src, dtype=dtype)
-  tok = next((p for p in (src_dir, base) if tokenizer.has_tokenizer(p)), None)
   return cfg, params, tok
 
 

@@ -30,14 +30,28 @@ Templates (labels are -100 except on the trained pieces; BOS is an id, never tex
                     preprocess_llama_2: what LLaVA-Med v1.5 (Mistral) was trained in)
   plain             <s><image>{caption}\n   (stage 1; the human text is dropped as LLaVA does)
                     trained: "{caption}\n"
-</s> and <s> stand for the tokenizer's own eos / bos tokens. All message texts are stripped.
+</s> and <s> stand for the tokenizer's own eos / bos tokens.
 
-Image placement in a human turn (`image_position`; default per template, DEFAULT_IMAGE_POSITION):
-  first  LLaVA / LLaVA-NeXT training (train.py preprocess_multimodal) and eval: a turn holding one
-         `<image>` becomes "<image>\n" + the rest with the marker removed, stripped. Turns with
-         several images keep their layout (LLaVA-NeXT applies the rule to single-image turns).
-  keep   Llama3-Med (llama3med/data/template/base.py renders the question as the data has it):
-         the turn's text unchanged, each `<image>` where it is.
+Image placement and whitespace (`image_position`; default per template, DEFAULT_IMAGE_POSITION).
+Message texts are rendered as the data has them except where the reference code changes them:
+  keep        Llama3-Med (llama3med/data/template/base.py renders every message unchanged; its
+              llama3_template.py strips only inside its label-length arithmetic): nothing changes,
+              each `<image>` stays where it is, no text is stripped.
+  first       LLaVA (haotian-liu/LLaVA llava/train/train.py preprocess_multimodal): a human turn
+              holding `<image>` becomes ("<image>\n" + text without the marker, stripped), stripped;
+              every other turn (answers, turns without an image) is left as is, and
+              conversation.get_prompt (SeparatorStyle.TWO / LLAMA_2) strips nothing. Turns with
+              several images keep their layout (LLaVA collapses them to one marker, so it cannot
+              train them; LLaVA-NeXT skips them).
+  first_next  LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT llava/train/train.py preprocess_multimodal): the
+              same rewrite, but only of a turn with exactly one `<image>` that does not already
+              start with it; a turn starting with `<image>` keeps its whitespace. With llama3
+              (LLaVA-NeXT preprocess_llama3 renders through Llama-3's chat template, whose
+              `message['content'] | trim` strips every message) every text is stripped too.
+`plain` keeps the caption as is (LLaVA preprocess_plain, Llama3-Med pretrain_template.py).
+Inference prompts (render_prompt) follow the same rule as training, so a prompt is what the model
+saw before its answers (LLaVA's eval scripts prepend "<image>\n" to the raw question instead: the
+same tokens unless the question has leading or trailing whitespace).
 """
 from __future__ import annotations
 
@@ -51,7 +65,7 @@ from data.errors import BadSample, UserError
 from vlm.config import LLAMA3_MED_SYSTEM  # noqa: F401  (the system prompt lives with its preset)
 
 TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "llava_mistral", "plain")
-IMAGE_POSITIONS = ("keep", "first")
+IMAGE_POSITIONS = ("keep", "first", "first_next")
 # What a checkpoint trained without an explicit position used: Llama3-Med (llama3) keeps the data's
 # placement, the LLaVA-family templates put the image first.
 DEFAULT_IMAGE_POSITION = {"llama3": "keep", "vicuna_v1": "first", "mistral_instruct": "first",
@@ -60,6 +74,10 @@ IMAGE = "<image>"
 IGNORE = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+# LLaVA-NeXT llava/train/train.py preprocess_llama3 (and conv_llava_llama_3): its llama3 models'.
+LLAVA_NEXT_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to "
+                            "understand the visual content that the user provides, and assist the "
+                            "user with a variety of tasks using natural language.")
 LLAMA3_BOS, LLAMA3_EOT, LLAMA3_EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 LLAMA3_SH, LLAMA3_EH = "<|start_header_id|>", "<|end_header_id|>"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -125,11 +143,16 @@ def image_position_for(template: str, position: Optional[str] = None) -> str:
   return position
 
 
-def _place_images(text: str, position: str) -> str:
-  """Apply the image placement rule (module docstring) to one human turn."""
-  if position == "first" and text.count(IMAGE) == 1:
+def _render_text(text: str, human: bool, template: str, position: str) -> str:
+  """One message text as the reference code of (template, position) renders it (module
+  docstring): the image placement rule on human turns, Llama-3's chat-template trim for
+  LLaVA-NeXT's llama3."""
+  if human and text.count(IMAGE) == 1 and (
+      position == "first" or (position == "first_next" and not text.startswith(IMAGE))):
     rest = text.replace(IMAGE, "").strip()
-    return f"{IMAGE}\n{rest}" if rest else IMAGE
+    text = f"{IMAGE}\n{rest}" if rest else IMAGE
+  if template == "llama3" and position == "first_next":
+    text = text.strip()
   return text
 
 
@@ -140,8 +163,8 @@ def _n_images(sample: dict) -> int:
   return len(img) if isinstance(img, (list, tuple)) else 1
 
 
-def _pairs(sample, spec: _Spec, sid, position: str) -> list:
-  """Validated (question, answer) pairs with images placed; raises BadSample."""
+def _pairs(sample, spec: _Spec, sid, template: str, position: str) -> list:
+  """Validated (question, answer) pairs, rendered by `_render_text`; raises BadSample."""
   if not isinstance(sample, dict):
     raise _bad("malformed", f"sample is a {type(sample).__name__}, not an object", sid)
   conv = sample.get("conversations", sample.get("conversatons"))
@@ -153,8 +176,8 @@ def _pairs(sample, spec: _Spec, sid, position: str) -> list:
     if role is None or not isinstance(t.get("value"), str):
       raise _bad("malformed", f"turn {i} is not {{'from': human|gpt, 'value': str}}: {t!r:.80}",
                  sid)
-    turns.append((role, t["value"].strip()))
-  if not turns or not any(v for _, v in turns):
+    turns.append((role, t["value"]))
+  if not turns or not any(v.strip() for _, v in turns):
     raise _bad("empty_conversation", "no turns with text", sid)
   roles = {r for r, _ in turns}
   if roles != {"human", "gpt"}:
@@ -163,7 +186,7 @@ def _pairs(sample, spec: _Spec, sid, position: str) -> list:
     want = ("human", "gpt")[i % 2]
     if role != want:
       raise _bad("malformed", f"turn {i} is from {role}, expected {want}", sid)
-    if role == "gpt" and (not value or IMAGE in value):
+    if role == "gpt" and (not value.strip() or IMAGE in value):
       raise _bad("malformed", f"turn {i}: empty answer or <image> in an answer", sid)
     if spec.special_re is not None and spec.special_re.search(value):
       raise _bad("malformed", f"turn {i} contains a special token "
@@ -175,7 +198,8 @@ def _pairs(sample, spec: _Spec, sid, position: str) -> list:
     turns[0] = ("human", IMAGE + "\n" + turns[0][1])
   elif n_mark != n_img:
     raise _bad("malformed", f"{n_mark} <image> markers for {n_img} images", sid)
-  return [(_place_images(turns[i][1], position), turns[i + 1][1])
+  return [(_render_text(turns[i][1], True, template, position),
+           _render_text(turns[i + 1][1], False, template, position))
           for i in range(0, len(turns), 2)]
 
 
@@ -301,17 +325,19 @@ def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
   labels equal input_ids on trained tokens and -100 elsewhere, aligned (not shifted: the loss
   shifts). Each <image> becomes `image_tokens` copies of `image_token_id` (an int, or one count
   per image for anyres). `system` None means the template's default (LLaVA's for vicuna_v1, none
-  otherwise); "" means none. `image_position` ('keep' | 'first') None means the template's
+  otherwise); "" means none. `image_position` (IMAGE_POSITIONS) None means the template's
   default (DEFAULT_IMAGE_POSITION). Truncation to `max_len` never cuts an image's placeholders and
   never leaves a sample without trained tokens: such a sample raises BadSample('too_long').
   """
   sid = sample.get("id") if isinstance(sample, dict) else None
   spec = _spec(tokenizer, template)
-  pairs = _pairs(sample, spec, sid, image_position_for(template, image_position))
+  position = image_position_for(template, image_position)
+  pairs = _pairs(sample, spec, sid, template, position)
   if template == "plain":
     if len(pairs) != 1 or IMAGE not in pairs[0][0]:
       raise _bad("malformed", "plain template needs one image and exactly one caption turn", sid)
   _check_system(system, spec, sid)
+  system = _render_text(system, False, template, position) if system else system
   items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, sid)
   ids, labels, image_end = _assemble(items, spec, image_tokens, image_token_id, sid)
   return _cut({"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)},
@@ -366,7 +392,10 @@ def render_prompt(question: str, tokenizer, template: str, *, image_tokens: Imag
   if any(IMAGE in a for a in answers[:-1]):
     raise _bad("malformed", "<image> in an answer", "prompt")
   _check_system(system, spec, "prompt")
-  pairs = [(_place_images(q.strip(), position), a) for q, a in zip(questions, answers)]
+  system = _render_text(system, False, template, position) if system else system
+  pairs = [(_render_text(q, True, template, position),
+            None if a is None else _render_text(a, False, template, position))
+           for q, a in zip(questions, answers)]
   if template == "plain" and (history or IMAGE not in pairs[0][0]):
     raise _bad("malformed", "plain template needs an image and takes one turn", "prompt")
   items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, "prompt")

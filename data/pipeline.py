@@ -74,7 +74,7 @@ class DataConfig:
   max_images_per_row: Optional[int] = None   # default: pad 1, pack as many as max_len could hold;
                                              # 0: text only (batches carry no pixel_values)
   system: Optional[str] = None       # None: the template's default; "": none
-  image_position: Optional[str] = None   # keep | first; None: the template's default
+  image_position: Optional[str] = None   # keep | first | first_next; None: the template's
   cache_dir: Optional[str] = None    # where JSON indexes are cached (never next to the data)
   tfds_data_dir: Optional[str] = None
   log_skips: int = 3                 # bad samples logged per reason

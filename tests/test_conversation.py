@@ -155,11 +155,11 @@ def test_image_placement_whitespace_and_misspelled_key(tok3):
   got = enc(messy, "first")   # LLaVA's rule re-joins "<image>\n" + the stripped rest
   np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
   np.testing.assert_array_equal(got["labels"], ref["labels"])
-  # 'keep' renders the text as the data has it (Llama3-Med), stripped at its ends only
+  # 'keep' renders the text exactly as the data has it (Llama3-Med)
   kept = enc(messy, "keep")["input_ids"]
   assert (kept == img).sum() == 3 and kept.tolist() != ref["input_ids"].tolist()
   text = tok3.decode(kept[kept != img][1:].tolist())
-  assert text.startswith(f"<|start_header_id|>user<|end_header_id|>\n\n\n\n {Q1}<|eot_id|>")
+  assert text.startswith(f"<|start_header_id|>user<|end_header_id|>\n\n  \n\n {Q1} \n<|eot_id|>")
   # A VQA-style sample without a marker gets the image in front, as LLaVA's eval does.
   bare = sample(True)
   bare["conversations"][0]["value"] = Q1
@@ -302,10 +302,23 @@ def ref_tokenizer_image_token(prompt, tok):
 
 
 def ref_preprocess_multimodal(source):
+  """LLaVA train.py: every turn holding <image>; nothing else is stripped."""
   for s in source:
     if "<image>" in s["value"]:
       s["value"] = ("<image>\n" + s["value"].replace("<image>", "").strip()).strip()
   return source
+
+
+def ref_preprocess_multimodal_next(source):
+  """LLaVA-NeXT train.py: only a turn with one <image> that does not start with it."""
+  for s in source:
+    v = s["value"]
+    if v.count("<image>") == 1 and not v.startswith("<image>"):
+      s["value"] = ("<image>\n" + v.replace("<image>", "").strip()).strip()
+  return source
+
+
+MULTIMODAL = {"first": ref_preprocess_multimodal, "first_next": ref_preprocess_multimodal_next}
 
 
 def ref_masks(conversation, tok, sep, sep2, legacy_fix):
@@ -332,17 +345,17 @@ def ref_masks(conversation, tok, sep, sep2, legacy_fix):
   return ids, target
 
 
-def llava_vicuna_v1(source, tok, legacy):
-  source = ref_preprocess_multimodal(copy.deepcopy(source))
+def llava_vicuna_v1(source, tok, legacy, position="first"):
+  source = MULTIMODAL[position](copy.deepcopy(source))
   seps = (" ", "</s>")
   text = VICUNA_SYSTEM + seps[0] + "".join(
       ("USER", "ASSISTANT")[i % 2] + ": " + s["value"] + seps[i % 2] for i, s in enumerate(source))
   return ref_masks(text, tok, " ASSISTANT: ", "</s>", legacy_fix=not legacy)
 
 
-def llava_med_mistral(source, tok, system=""):
+def llava_med_mistral(source, tok, system="", position="first"):
   """conv_mistral_instruct: SeparatorStyle.LLAMA_2 with sep "" and sep2 "</s>"."""
-  source = ref_preprocess_multimodal(copy.deepcopy(source))
+  source = MULTIMODAL[position](copy.deepcopy(source))
   text = ""
   for i, s in enumerate(source):
     m = s["value"]
@@ -353,7 +366,8 @@ def llava_med_mistral(source, tok, system=""):
 
 
 def llama3_med(source, tok, system):
-  """Llama3Template.encode: the question as the data has it, the system block always."""
+  """Llama3Template.encode: the question as the data has it, the system block always; its own
+  consistency check (make_labels: cur_len == total_len) comes third."""
   h = lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
   prompt = h("system") + system + "<|eot_id|>" + "".join(
       (h("user") if i % 2 == 0 else h("assistant")) + s["value"] + "<|eot_id|>"
@@ -372,8 +386,8 @@ def llama3_med(source, tok, system):
     instruction_len = len(ref_tokenizer_image_token(p[0], tok)) - 1
     labels[cur:cur + instruction_len] = [C.IGNORE] * instruction_len
     cur += round_len
-  assert cur == len(ids)
-  return ids, labels
+  labels[cur:] = [C.IGNORE] * (len(labels) - cur)
+  return ids, labels, cur == len(ids)   # Llama3-Med warns, and trains these labels, when False
 
 
 def expand(ids, labels, img, n=IMG_TOKENS):
@@ -481,8 +495,10 @@ def test_llama3_med_configs_render_like_llama3_med(tok3, values):
   img = tok3.convert_tokens_to_ids("<image>")
   out = C.encode(conv(*values), tok3, "llama3", image_tokens=IMG_TOKENS, image_token_id=img,
                  system=data.system, image_position=data.image_position)
-  ids, labels = expand(*llama3_med(conv(*values)["conversations"], tok3,
-                                   "You are a helpful language and vision assistant. "), img)
+  ids, labels, consistent = llama3_med(conv(*values)["conversations"], tok3,
+                                      "You are a helpful language and vision assistant. ")
+  assert consistent
+  ids, labels = expand(ids, labels, img)
   assert out["input_ids"].tolist() == ids
   assert out["labels"].tolist() == labels
 
@@ -512,3 +528,130 @@ def test_image_position_at_inference_follows_the_checkpoint(tok2, tok3):
 def test_unknown_image_position(tok3):
   with pytest.raises(ValueError, match="image_position"):
     C.encode(sample(), tok3, "llama3", image_tokens=1, image_token_id=1, image_position="last")
+
+
+# --- whitespace: each code base's rule, with texts that have leading / trailing spaces and
+# newlines, in turns with and without <image> ------------------------------------------------------
+
+MESSY = [
+    (f"  {Q1}\n<image> \n", f" {A1}\n", f"\n{Q2}  ", f"{A2} \n\n"),
+    (f"<image>\n {Q1} ", f"\n\n{A1}", f"{Q2}\n", f"  {A2}"),
+    (f"<image> {Q1}\n", A1, f" {Q2} ", f"{A2}\n"),
+    (f"\n{Q1}", f"{A1} ", f" <image>\n{Q2}\n", f" {A2}"),
+]
+
+
+def _prompt_tokens(values):
+  """The first question and its image count for render_prompt (a text-only prompt without one)."""
+  return values[0], IMG_TOKENS if "<image>" in values[0] else 0
+
+
+@pytest.mark.parametrize("values", MESSY)
+@pytest.mark.parametrize("position", ["first", "first_next"])
+@pytest.mark.parametrize("template,tok_name,legacy", [
+    ("vicuna_v1", "mistral_legacy", True), ("vicuna_v1", "mistral_nonlegacy", False),
+    ("llava_mistral", "mistral_legacy", True)])
+def test_llava_and_llava_next_whitespace(values, position, template, tok_name, legacy, request):
+  """LLaVA strips only turns holding <image>, LLaVA-NeXT only single-image turns not starting
+  with it; answers and other turns keep their spaces and newlines (preprocess_v1 /
+  preprocess_llama_2 over conversation.get_prompt, which strips nothing). Prompts follow the
+  training rule."""
+  tok = request.getfixturevalue(tok_name)
+  img = tok.convert_tokens_to_ids("<image>")
+  out = C.encode(conv(*values), tok, template, image_tokens=IMG_TOKENS, image_token_id=img,
+                 image_position=position, system="" if template == "llava_mistral" else None)
+  source = conv(*values)["conversations"]
+  ref = (llava_vicuna_v1(source, tok, legacy, position) if template == "vicuna_v1" else
+         llava_med_mistral(source, tok, "", position))
+  ids, labels = expand(*ref, img)
+  assert out["input_ids"].tolist() == ids
+  assert out["labels"].tolist() == labels
+  q, n = _prompt_tokens(values)
+  q_ref = MULTIMODAL[position]([{"value": q}])[0]["value"]
+  text = (f"{VICUNA_SYSTEM} USER: {q_ref} ASSISTANT:" if template == "vicuna_v1" else
+          f"[INST] {q_ref} [/INST]")
+  want = ref_tokenizer_image_token(text, tok)
+  prompt = C.render_prompt(q, tok, template, image_tokens=n, image_token_id=img,
+                           image_position=position,
+                           system="" if template == "llava_mistral" else None)
+  assert prompt.tolist() == expand(want, want, img)[0]
+
+
+@pytest.mark.parametrize("values", MESSY)
+def test_llama3_med_keeps_whitespace(tok3, values):
+  """Llama3-Med renders every message as the data has it: the ids are its ids; the labels are
+  its labels wherever its own length check passes (where it fails, Llama3-Med warns and trains
+  shifted labels; we train the answers)."""
+  img = tok3.convert_tokens_to_ids("<image>")
+  out = C.encode(conv(*values), tok3, "llama3", image_tokens=IMG_TOKENS, image_token_id=img,
+                 system=C.LLAMA3_MED_SYSTEM, image_position="keep")
+  ids, labels, consistent = llama3_med(conv(*values)["conversations"], tok3, C.LLAMA3_MED_SYSTEM)
+  ids, labels = expand(ids, labels, img)
+  assert out["input_ids"].tolist() == ids
+  if consistent:
+    assert out["labels"].tolist() == labels
+  eot = tok3.convert_tokens_to_ids("<|eot_id|>")
+  enc = lambda a: tok3(a, add_special_tokens=False)["input_ids"] + [eot]
+  trained = [t for a in values[1::2] for t in enc(a)]
+  assert out["labels"][out["labels"] != C.IGNORE].tolist() == trained
+  q, n = _prompt_tokens(values)
+  h = lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
+  want = ref_tokenizer_image_token(
+      f"{h('system')}{C.LLAMA3_MED_SYSTEM}<|eot_id|>{h('user')}{q}<|eot_id|>{h('assistant')}", tok3)
+  prompt = C.render_prompt(q, tok3, "llama3", image_tokens=n, image_token_id=img,
+                           system=C.LLAMA3_MED_SYSTEM, image_position="keep")
+  assert prompt.tolist() == expand(want, want, img)[0]
+
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template, which LLaVA-NeXT's
+# preprocess_llama3 (and conv_llava_llama_3 at inference) renders with: `| trim` on every message.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("values", MESSY)
+def test_llava_next_llama3_trims_every_message(tok3, values):
+  """llama3 + first_next is LLaVA-NeXT's Llama-3 format: preprocess_multimodal's rule, then each
+  message through the Llama-3 chat template (run here by transformers' Jinja), one
+  apply_chat_template per message after the system one, BOS dropped from each."""
+  tok = copy.deepcopy(tok3)
+  tok.chat_template = LLAMA3_CHAT_TEMPLATE
+  img = tok.convert_tokens_to_ids("<image>")
+  chat = lambda msgs, gen=False: [REF_IMAGE if t == img else t for t in tok(  # <image> special
+      tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen),
+      add_special_tokens=False)["input_ids"]]
+  messy_system = f" {C.LLAVA_NEXT_LLAMA3_SYSTEM}\n"   # trimmed too
+  system = {"role": "system", "content": messy_system}
+  source = ref_preprocess_multimodal_next(conv(*values)["conversations"])
+  msgs = [{"role": ("user", "assistant")[i % 2], "content": s["value"]}
+          for i, s in enumerate(source)]
+  want = chat([system]) + [t for m in msgs for t in chat([m])[1:]]
+  out = C.encode(conv(*values), tok, "llama3", image_tokens=IMG_TOKENS, image_token_id=img,
+                 system=messy_system, image_position="first_next")
+  assert out["input_ids"].tolist() == expand(want, want, img)[0]
+  q, n = _prompt_tokens(values)
+  q = ref_preprocess_multimodal_next([{"value": q}])[0]["value"]
+  want = chat([system, {"role": "user", "content": q}], gen=True)
+  prompt = C.render_prompt(values[0], tok, "llama3", image_tokens=n, image_token_id=img,
+                           system=messy_system, image_position="first_next")
+  assert prompt.tolist() == expand(want, want, img)[0]
+
+
+@pytest.mark.parametrize("caption", [" Chest X-ray. ", "\nCardiomegaly.\n", "Edema.  \n\n"])
+def test_plain_keeps_the_caption_as_is(mistral_legacy, caption):
+  """LLaVA preprocess_plain: "<image>" + caption + "\\n", the caption unstripped; trained after
+  the image."""
+  tok = mistral_legacy
+  img = tok.convert_tokens_to_ids("<image>")
+  s = conv(" Describe.\n<image> ", caption)
+  ids = ref_tokenizer_image_token("<image>" + caption + "\n", tok)
+  n_masked = len(ref_tokenizer_image_token("<image>", tok))
+  labels = [C.IGNORE] * n_masked + ids[n_masked:]
+  for position in C.IMAGE_POSITIONS:
+    out = C.encode(s, tok, "plain", image_tokens=IMG_TOKENS, image_token_id=img,
+                   image_position=position)
+    assert (out["input_ids"].tolist(), out["labels"].tolist()) == expand(ids, labels, img)

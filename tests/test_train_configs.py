@@ -51,7 +51,7 @@ PAPER = {
 LLAMA3_MED_FORMAT = ("llama3", "keep", "You are a helpful language and vision assistant. ")
 FORMATS = {"stage1": LLAMA3_MED_FORMAT, "stage2": LLAMA3_MED_FORMAT,
            "stage2_lora": LLAMA3_MED_FORMAT, "ldrt_llava15_lora": ("vicuna_v1", "first", None),
-           "ldrt_llava16_lora": ("vicuna_v1", "first", None)}
+           "ldrt_llava16_lora": ("vicuna_v1", "first_next", None)}
 LLAMA3_8B_PARAMS = 8_030_261_248      # Meta-Llama-3-8B(-Instruct)
 LLAMA_13B_PARAMS = 13_015_864_320     # LLaMA / Vicuna-13B
 LLAMA3_8B_LORA_R128 = 335_544_320     # peft, r=128 on q,k,v,o,gate,up,down of Llama-3-8B

@@ -28,7 +28,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data.conversation import image_position_for
 from data.errors import UserError
-from data.jsonfile import load_json
 from data.tokenizer import load_tokenizer
 from train import optimizer
 from vlm import checkpoint, lora
@@ -94,7 +93,7 @@ def source_config(config) -> VLMConfig:
     return checkpoint.load_config(init)
   if os.path.exists(os.path.join(init, "config.json")):
     from convert import hf
-    return hf.vlm_config(load_json(os.path.join(init, "config.json")))
+    return hf.dir_config(init)   # as `convert import --from hf` reads it, prompt format included
   if m.get("preset"):   # the source is not here (e.g. a dry run): plan from the named shape
     return preset(m.preset)
   raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "

@@ -126,7 +126,7 @@ class VLMConfig:
   template: str = "vicuna_v1"
   # How prompts are rendered (data/conversation.py), stored so that a checkpoint renders as it was
   # trained. None takes the template's defaults (and reads checkpoints written before the fields).
-  image_position: Optional[str] = None  # keep | first
+  image_position: Optional[str] = None  # keep | first | first_next
   system: Optional[str] = None  # system prompt; "" for none
   dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
   remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
@@ -238,7 +238,9 @@ LLAVA15_13B = VLMConfig(
     llm=dataclasses.replace(VICUNA_13B, vocab_size=32064), vision=CLIP_VIT_L_14_336,
     tiler=TilerConfig(kind="single"), connector=ConnectorConfig("mlp2x_gelu"),
     image_token_id=32000, template="vicuna_v1")
-LLAVA16_VICUNA_13B = LLAVA15_13B.replace(tiler=TilerConfig(kind="anyres"))
+# LLaVA-1.6 is trained by LLaVA-NeXT's code: its image placement rule (what the import records)
+LLAVA16_VICUNA_13B = LLAVA15_13B.replace(tiler=TilerConfig(kind="anyres"),
+                                         image_position="first_next")
 LLAVA15_7B = LLAVA15_13B.replace(llm=dataclasses.replace(VICUNA_7B, vocab_size=32064))
 
 PRESETS = {
