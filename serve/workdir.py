@@ -23,7 +23,7 @@ def resolve(path) -> str:
   final = os.path.join(path, "final")
   if is_checkpoint(final):
     return final
-  if os.path.isfile(os.path.join(path, "train_config.json")):
+  if any(os.path.exists(os.path.join(path, f)) for f in ("train_config.json", "checkpoints")):
     raise UserError(_unfinished(path, path, "the run"))
   stages = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
             if os.path.isfile(os.path.join(path, d, "train_config.json"))}

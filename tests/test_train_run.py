@@ -433,16 +433,16 @@ def _bad_inputs(root, tmp):
       ("no_init", stage("stage2", root, init=os.path.join(tmp, "runs", "stage1")),
        rf"error: model.init: directory not found \({tmp}/runs/stage1\); train the stage it starts"),
       ("unfinished_init", stage("stage2", root, init=unfinished),
-       rf"error: {unfinished} is a training workdir without a final model: its run has not "),
+       rf"error: training workdir {unfinished}: the run has not finished \(no {unfinished}/final; "
+       r"no checkpoint yet\); rerun the same train.main command"),
       ("data_json", stage("stage1", root, init=init, **{"data.paths": (broken,)}),
        r"error: \[malformed_json\] element 1: Expecting ',' delimiter: line 2 column 13 "
        rf"\(char 47\) \({broken}\)"),
       ("tokenizer_json", stage("stage1", root, init="scratch", **{"data.tokenizer_dir": tok}),
-       rf"error: malformed JSON: Extra data: line \d+ column \d+ \(char \d+\) "
+       rf"error: \[malformed_json\] Extra data at line \d+ column \d+ "
        rf"\({tok}/tokenizer_config.json\)"),
       ("init_json", stage("stage1", root, init=bad_init),
-       rf"error: malformed JSON: Expecting value: line 1 column 9 \(char 8\) "
-       rf"\({bad_init}/config.json\)"),
+       rf"error: Expecting value in {bad_init}/config.json: line 1 column 9 \(char 8\)"),
   ]
 
 
