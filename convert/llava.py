@@ -26,7 +26,7 @@ import re
 from typing import Optional
 
 from convert import hf, peft, tensors, tokenizer, tower
-from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, LoraConfig, TilerConfig,
+from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, TilerConfig,
                         VisionConfig, VLMConfig, ConnectorConfig)
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -76,8 +76,7 @@ def is_llava_config(d: dict) -> bool:
   return "mm_vision_tower" in d or "mm_projector_type" in d or "mm_hidden_size" in d
 
 
-def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
-           source: str = "config.json") -> VLMConfig:
+def to_vlm(d: dict, vision: VisionConfig, *, source: str = "config.json") -> VLMConfig:
   """A LLaVA code-base config.json (+ the tower's own config) -> VLMConfig."""
   mt = d.get("model_type")
   if mt not in ("llava_llama", "llava_mistral", "llava"):
@@ -123,7 +122,7 @@ def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
   template = ("llama3" if llm.vocab_size >= 128000 else
               "mistral_instruct" if mt == "llava_mistral" else "vicuna_v1")
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig(kind),
-                   lora=lora, template=template,
+                   template=template,
                    image_token_id=int(d.get("image_token_index", -1)))
 
 
@@ -217,14 +216,10 @@ def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype
                              f"{d.get('mm_vision_tower')!r} is not a local dir: pass --vision DIR")
   for k, t in vt.items():
     merged.setdefault(k, t)
-  lora = LoraConfig()
-  adapter_cfg = os.path.join(src_dir, peft.ADAPTER_CONFIG)
+  cfg = to_vlm(d, vcfg, source=os.path.join(src_dir, "config.json"))
   if any(k[1].endswith((".lora_A.weight", ".lora_B.weight")) for k in merged):
-    if not os.path.exists(adapter_cfg):
-      raise hf.ConversionError(f"LoRA weights in {src_dir} but no {peft.ADAPTER_CONFIG}")
-    with open(adapter_cfg) as f:
-      lora = peft.lora_config(json.load(f), merged, source=adapter_cfg)
-  cfg = to_vlm(d, vcfg, lora, source=os.path.join(src_dir, "config.json"))
+    conf, where = peft.read_config(src_dir)  # LoRA weights need their adapter_config.json
+    cfg = peft.adapt(cfg, conf, merged, source=where)
   if cfg.llm.tie_embeddings:
     merged.pop(("llm", "lm_head.weight"), None)
   params = hf.import_weights(cfg, merged, source=src, dtype=dtype)
