@@ -21,6 +21,7 @@ EPILOG = """examples:
   python -m convert import --from open_clip ~/DFN5B-CLIP-ViT-H-14-378 --out ckpt/dfn5b
   python -m convert import --from llava ~/llava-med-v1.5-mistral-7b --out ckpt/llava_med
   python -m convert import --from llava ~/run/llava-lora --base ~/llava-v1.5-13b --out ckpt/ldrt
+  python -m convert import --from peft ~/run/adapter --base ~/llava-1.5-13b-hf --out ckpt/ldrt
   python -m convert import --from llava ~/stage1/mm_projector.bin --base ~/Llama-3-8B-Instruct \\
       --vision ~/DFN5B-CLIP-ViT-H-14-378 --out ckpt/stage1
   python -m convert import --llm ~/Meta-Llama-3-8B-Instruct --vision ~/DFN5B-CLIP-ViT-H-14-378 \\
@@ -28,7 +29,8 @@ EPILOG = """examples:
   python -m convert export --to hf ckpt/llava15 --out hf/llava15 --max-shard-size 5GB
   python -m convert export --to llava ckpt/llama3_med --out llava/llama3_med
   python -m convert export --to hf ckpt/ldrt --lora base --out hf/ldrt_base
-  python -m convert export --to peft ckpt/ldrt --out hf/ldrt_adapter
+  python -m convert export --to peft ckpt/ldrt --out hf/ldrt_adapter --base ~/llava-1.5-13b-hf
+  python -m convert export --to peft ckpt/ldrt --names llava --base llava/ldrt_base --out llava/lora
   python -m convert merge-lora ckpt/ldrt --out ckpt/ldrt_merged
 """
 
@@ -52,16 +54,18 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
   imp.add_argument("src", nargs="?",
                    help="source dir (or a lone mm_projector.bin for --from llava)")
-  imp.add_argument("--from", dest="kind", choices=("hf", "open_clip", "llava"),
+  imp.add_argument("--from", dest="kind", choices=("hf", "open_clip", "llava", "peft"),
                    help="hf: Llama / Mistral / Llava / LlavaNext dir; open_clip: a CLIP tower "
                    "(open_clip_config.json + weights) -> a tower-only checkpoint; llava: the "
-                   "LLaVA / LLaVA-Med code base (full, stage-1 projector, or LoRA output)")
+                   "LLaVA / LLaVA-Med code base (full, stage-1 projector, or LoRA output); "
+                   "peft: a transformers + peft LoRA adapter dir (needs --base)")
   imp.add_argument("--out", required=True, help="checkpoint dir to write")
   imp.add_argument("--dtype", choices=tuple(tensors.DTYPES),
                    help="cast weights (default: keep the stored dtype); float32 values beyond "
                    "the target's range are an error")
   imp.add_argument("--base", help="llava: base weights for stage-1 / LoRA outputs (HF Llama dir "
-                   "or full LLaVA dir), as LLaVA's --model-base")
+                   "or full LLaVA dir), as LLaVA's --model-base; peft: the HF dir the adapter "
+                   "was trained on (default: its base_model_name_or_path)")
   imp.add_argument("--vision", help="llava: the tower when the checkpoint lacks it / composition: "
                    "the tower (open_clip dir, HF CLIP dir or a tower checkpoint)")
   imp.add_argument("--llm", help="composition: HF Llama / Mistral dir (with its tokenizer)")
@@ -80,8 +84,10 @@ def parser() -> argparse.ArgumentParser:
                        "code-base layout with mm_* / s2 config keys; the tower is also written "
                        "as DST/vision_tower (a HF CLIPVisionModel dir) and mm_vision_tower names "
                        "its absolute path. peft: adapter_config.json + adapter_model.safetensors "
-                       "for the `--to hf --lora base` export, plus "
-                       "non_lora_trainables.safetensors (connector).")
+                       "with the trained connector as a modules_to_save module, for "
+                       "one PeftModel.from_pretrained on the original HF base (or the `--to hf "
+                       "--lora base` export); --names llava: the LLaVA code-base LoRA layout "
+                       "(connector in non_lora_trainables.bin).")
   exp.add_argument("ckpt", help="checkpoint dir of this project")
   exp.add_argument("--to", dest="kind", required=True, choices=("hf", "llava", "peft"))
   exp.add_argument("--out", required=True, help="directory to write")
@@ -91,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
   exp.add_argument("--lora", choices=("merge", "base"),
                    help="checkpoints with LoRA (hf / llava): merge = fold adapters into the "
                    "weights; base = base weights only (adapters go out with --to peft)")
+  exp.add_argument("--names", choices=("hf", "llava"), default="hf",
+                   help="peft: module names of the base the adapter is for: hf = the "
+                   "transformers model; llava = LLaVA's LlavaLlamaForCausalLM (`--to llava "
+                   "--lora base`)")
+  exp.add_argument("--base", help="peft: the base dir, recorded as base_model_name_or_path; "
+                   "with --names llava its config.json (mm_vision_tower) is written beside")
 
   mrg = sub.add_parser("merge-lora", help="fold LoRA adapters into the base weights")
   mrg.add_argument("ckpt", help="checkpoint dir with LoRA adapters")
@@ -201,6 +213,10 @@ def cmd_import(a):
     params = hf.import_weights(cfg, vt, source=a.src, dtype=dt, components=("vision",))
     _write_ckpt(a.out, cfg, params)
     _log("note: a tower-only checkpoint (params/vision); use it as --vision in a composition")
+  elif a.kind == "peft":
+    from convert import peft
+    cfg, params, tok = peft.load(a.src, base=a.base, dtype=dt)
+    _write_ckpt(a.out, cfg, params, tok)
   else:
     from convert import llava
     cfg, params, tok = llava.load(a.src, base=a.base, vision=a.vision, dtype=dt)
@@ -208,12 +224,14 @@ def cmd_import(a):
 
 
 def cmd_export(a):
+  if a.kind != "peft" and (a.names != "hf" or a.base):
+    raise ConversionError("--names and --base apply to --to peft only")
   cfg, params, tok = _load_ckpt(a.ckpt)
   dt = tensors.dtype_of(a.dtype)
   shard = tensors.parse_size(a.max_shard_size)
   if a.kind == "peft":
     from convert import peft
-    files = peft.save(cfg, params, a.out, dtype=dt)
+    files = peft.save(cfg, params, a.out, names=a.names, base=a.base, dtype=dt)
     print(f"wrote {len(files)} files to {a.out}")
     return
   if cfg.lora.rank:

@@ -27,7 +27,7 @@ from typing import Optional
 
 from convert import hf, peft, tensors, tokenizer, tower
 from data.jsonfile import load_json
-from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, LoraConfig, TilerConfig,
+from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, TilerConfig,
                         VisionConfig, VLMConfig, ConnectorConfig)
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -77,8 +77,8 @@ def is_llava_config(d: dict) -> bool:
   return "mm_vision_tower" in d or "mm_projector_type" in d or "mm_hidden_size" in d
 
 
-def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
-           source: str = "config.json", tokens: Optional[set] = None) -> VLMConfig:
+def to_vlm(d: dict, vision: VisionConfig, *, source: str = "config.json",
+           tokens: Optional[set] = None) -> VLMConfig:
   """A LLaVA code-base config.json (+ the tower's own config) -> VLMConfig; `tokens`: the
   tokenizer's token strings (hf.tokenizer_tokens), which tell Llama-2 / Llama-3 / Yi apart."""
   mt = d.get("model_type")
@@ -127,7 +127,7 @@ def to_vlm(d: dict, vision: VisionConfig, lora: LoraConfig = LoraConfig(), *,
   template = hf.template_for(text, tokens, vlm=True, source=source)
   fmt = hf.llava_next_format(template) if tiler.kind == "anyres" else {}
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig(kind),
-                   lora=lora, template=template,
+                   template=template,
                    image_token_id=int(d.get("image_token_index", -1)), **fmt)
 
 
@@ -220,15 +220,12 @@ def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype
                              f"{d.get('mm_vision_tower')!r} is not a local dir: pass --vision DIR")
   for k, t in vt.items():
     merged.setdefault(k, t)
-  lora = LoraConfig()
-  adapter_cfg = os.path.join(src_dir, peft.ADAPTER_CONFIG)
-  if any(k[1].endswith((".lora_A.weight", ".lora_B.weight")) for k in merged):
-    if not os.path.exists(adapter_cfg):
-      raise hf.ConversionError(f"LoRA weights in {src_dir} but no {peft.ADAPTER_CONFIG}")
-    lora = peft.lora_config(load_json(adapter_cfg), merged, source=adapter_cfg)
   tok = next((p for p in (src_dir, base) if tokenizer.has_tokenizer(p)), None)
-  cfg = to_vlm(d, vcfg, lora, source=os.path.join(src_dir, "config.json"),
+  cfg = to_vlm(d, vcfg, source=os.path.join(src_dir, "config.json"),
                tokens=hf.tokenizer_tokens(tok) if tok else None)
+  if any(k[1].endswith((".lora_A.weight", ".lora_B.weight")) for k in merged):
+    conf, where = peft.read_config(src_dir)  # LoRA weights need their adapter_config.json
+    cfg = peft.adapt(cfg, conf, merged, source=where)
   if cfg.llm.tie_embeddings:
     merged.pop(("llm", "lm_head.weight"), None)
   params = hf.import_weights(cfg, merged, source=src, dtype=dtype)
