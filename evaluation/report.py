@@ -19,7 +19,7 @@ from typing import Optional
 
 from data.errors import BadSample, cli_errors
 from data.jsonfile import read_records
-from evaluation.text_metrics import HEDGES, ROUGE_TYPES, TextMetrics
+from evaluation.text_metrics import HEDGES, TextMetrics
 from evaluation.vqa import check_same_ids, index_by_id, md_header, md_row, read_answers
 
 log = logging.getLogger(__name__)

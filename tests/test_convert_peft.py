@@ -5,7 +5,6 @@ code-base LoRA layout. `--from peft`: adapters made by peft itself (every projec
 alpha patterns, rsLoRA, layers without adapters, modules_to_save copies) give PeftModel's logits.
 `--to hf --lora merge` / `merge-lora` fold the adapters in."""
 import json
-import os
 import re
 import shutil
 

@@ -1,5 +1,4 @@
 """The shared one-line error path of every command line."""
-import json
 import subprocess
 import sys
 

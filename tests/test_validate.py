@@ -98,7 +98,7 @@ def test_counts_and_lengths_are_what_training_sees(case):
   assert len(full["input_ids"]) > MAX_LEN and len(full["input_ids"]) in rep.lengths
   assert rep.over_kept == 1 and len(rep.too_long) == 1 and not rep.failed()
   [(_, malformed)] = rep.examples["malformed"]
-  assert f"line 6 column" in malformed and str(d / "train.jsonl") in malformed
+  assert "line 6 column" in malformed and str(d / "train.jsonl") in malformed
 
 
 def test_command_line_report_and_exit_status(case, capsys):
