@@ -1,18 +1,18 @@
-"""OpenAI-compatible chat client and resumable JSONL store, shared by `data.synth`, `data.ldrt` and
-`evaluation.judge`.
+"""OpenAI-compatible chat client and the command-line plumbing shared by `data.synth`, `data.ldrt`
+and `evaluation.judge`.
 
 One place for what every LLM-driven job needs: endpoints named on the command line (URL, model, weight,
 the *name* of the environment variable holding the key), a seeded weighted split of requests across
 endpoints, retries with exponential backoff on 429 / 5xx / timeouts, a thread pool with a concurrency
-limit, token accounting, and an append-only JSONL file flushed per row so a killed job resumes where it
-stopped. Keys are read from the environment at request time and never logged or written.
+limit and token accounting. Their progress goes to a `data.jsonfile.JsonlStore`, flushed per row so
+a killed job resumes where it stopped. Keys are read from the environment at request time and never
+logged or written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -23,7 +23,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from data.errors import BadSample, UserError
+from data.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -318,73 +318,3 @@ def find_named_file(name_or_path: str, directory: Path, names: dict, what: str) 
   if not path.exists():
     raise FileNotFoundError(f"{what} {name_or_path!r} not found (names: {', '.join(names)}, or a JSON path)")
   return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, jsonl: bool = False) -> None:
-  """Write a whole output file via a temp file and rename, so a reader never sees half of it."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    if jsonl:
-      for row in obj:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-      json.dump(obj, f, ensure_ascii=False, indent=1)
-  os.replace(tmp, path)
-
-
-class JsonlStore:
-  """Append-only JSONL of finished rows keyed by `key`: what a resumed run skips.
-
-  Each append is one `write` of a full line followed by `flush`, so a killed process leaves at most one
-  torn last line, which `load` cuts off (that row is simply redone). Later rows win over earlier ones
-  with the same id (used to redo recorded failures on request).
-  """
-
-  def __init__(self, path: str | os.PathLike, key: str = "id"):
-    self.path, self.key = Path(path), key
-    self._lock = threading.Lock()
-    self._f = None
-
-  def load(self) -> dict:
-    rows: dict = {}
-    if not self.path.exists():
-      return rows
-    data = self.path.read_bytes()
-    end = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-    if end < len(data):
-      log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - end)
-      with open(self.path, "r+b") as f:
-        f.truncate(end)
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        rows[row[self.key]] = row
-      except (ValueError, KeyError, TypeError) as e:
-        raise BadSample("corrupt_progress", f"line {n} is not a JSON row with {self.key!r} ({e}); "
-                        "fix or delete the file to start over", path=str(self.path)) from None
-    return rows
-
-  def append(self, row: dict) -> None:
-    line = json.dumps(row, ensure_ascii=False) + "\n"
-    with self._lock:
-      if self._f is None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
-      self._f.write(line)
-      self._f.flush()
-
-  def close(self) -> None:
-    with self._lock:
-      if self._f is not None:
-        self._f.close()
-        self._f = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -189,11 +189,11 @@ def _text(x) -> str:
 
 
 class TfdsSource:
-  """A split of one of our TFDS VQA datasets (data/tfds), read with `tfds.data_source` and shaped
-  as a one-turn LLaVA conversation; the image comes decoded (uint8 HxWx3)."""
+  """A split of one of our TFDS VQA datasets (data/tfds_builders), read with `tfds.data_source`
+  and shaped as a one-turn LLaVA conversation; the image comes decoded (uint8 HxWx3)."""
 
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
-    import data.tfds  # noqa: F401  registers our builders so tfds can find them by name
+    import data.tfds_builders  # noqa: F401  registers our builders so tfds can find them by name
     import tensorflow_datasets as tfds
     self.name, self.split, self.data_dir = name, split, data_dir
     self.path = f"tfds:{name}:{split}" + (f" in {data_dir}" if data_dir else "")

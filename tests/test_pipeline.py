@@ -139,7 +139,7 @@ def test_array_record_source_gives_the_same_batches(tmp_path, tok_dir):
 def test_tfds_source_feeds_the_pipeline(tmp_path, tok_dir):
   import pyarrow as pa
   import pyarrow.parquet as pq
-  from data import tfds as builders
+  from data import tfds_builders as builders
   src = tmp_path / "vqa-rad" / "data"
   src.mkdir(parents=True)
   qa = [("Is there a fracture?", "no"), ("Where is the lesion?", "left lung"),
