@@ -147,7 +147,7 @@ class JsonSource:
 
 
 class ArrayRecordSource:
-  """ArrayRecord file(s) whose records are UTF-8 JSON samples (see `write_array_record`)."""
+  """ArrayRecord file(s) whose records are UTF-8 JSON samples, one sample a record."""
 
   def __init__(self, paths: str | Sequence[str]):
     import grain.python as gp
@@ -168,20 +168,6 @@ class ArrayRecordSource:
 
   def __repr__(self):
     return f"ArrayRecordSource({self.path!r}, n={len(self)})"
-
-
-def write_array_record(records, path: str) -> int:
-  """Writes JSON-serializable samples (e.g. the elements of a LLaVA JSON file) to one ArrayRecord
-  file readable by `ArrayRecordSource`; returns the count."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-  writer, n = ArrayRecordWriter(path, "group_size:1"), 0
-  try:
-    for rec in records:
-      writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
-      n += 1
-  finally:
-    writer.close()
-  return n
 
 
 def _text(x) -> str:

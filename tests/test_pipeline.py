@@ -18,7 +18,7 @@ from tiny_tokenizers import LLAMA3_SPECIAL, llama3_tokenizer, load
 from data.conversation import encode
 from data.errors import BadSample
 from data.pipeline import DataConfig, SkipGuardError, make_iterator, to_global
-from data.sources import ArrayRecordSource, JsonSource, json_index, write_array_record
+from data.sources import ArrayRecordSource, JsonSource, json_index
 
 IMG_ID, IMG_TOKENS, SIDE = 1000, 3, 8
 
@@ -120,6 +120,19 @@ def test_json_index_lazy_cached_and_exact(tmp_path):
     with pytest.raises(BadSample, match="bad.json") as e:
       JsonSource(str(data / "bad.json"))
     assert e.value.reason == "malformed_json"
+
+
+def write_array_record(records, path: str) -> int:
+  """The samples as one ArrayRecord file, one JSON sample a record (what ArrayRecordSource reads)."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer, n = ArrayRecordWriter(path, "group_size:1"), 0
+  try:
+    for rec in records:
+      writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
+      n += 1
+  finally:
+    writer.close()
+  return n
 
 
 def test_array_record_source_gives_the_same_batches(tmp_path, tok_dir):
