@@ -134,7 +134,7 @@ class ChatClient:
   def _openai(self, ep: Endpoint):
     import openai
     # The key goes per request (read from the environment then); this placeholder is never sent.
-    # A server on this machine is reached directly, not through an HTTP(S)_PROXY from the environment.
+    # A server on this machine is reached directly, not through an HTTP(S)_PROXY of the environment.
     http = openai.DefaultHttpxClient(trust_env=False) if _is_loopback(ep.base_url) else None
     return openai.OpenAI(base_url=ep.base_url, api_key="per-request", timeout=self.timeout, max_retries=0,
                          http_client=http)
@@ -186,11 +186,15 @@ class ChatClient:
     def fail(msg: str, status=None, retryable=True, retry_after=0.0):
       if key:
         msg = msg.replace(key, "***")
-      return LLMError(f"endpoint {ep.name}: {msg}", status=status, retryable=retryable, retry_after=retry_after)
+      return LLMError(f"endpoint {ep.name}: {msg}", status=status, retryable=retryable,
+                      retry_after=retry_after)
 
-    auth = {"Authorization": f"Bearer {key}" if key else openai.Omit()}
+    # Only the key this endpoint names is sent: no OPENAI_ORG_ID / OPENAI_PROJECT_ID headers the
+    # openai client would add from the environment.
+    headers = {"Authorization": f"Bearer {key}" if key else openai.Omit(),
+               "OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()}
     try:
-      resp = self._clients[ep.name].chat.completions.create(**body, extra_headers=auth)
+      resp = self._clients[ep.name].chat.completions.create(**body, extra_headers=headers)
     except openai.APIStatusError as e:
       try:
         retry_after = float(e.response.headers.get("Retry-After", 0) or 0)
@@ -200,7 +204,9 @@ class ChatClient:
       raise fail(f"HTTP {code} {e.message.strip()[:200]!r}", code, code in RETRY_STATUS or code >= 500,
                  retry_after) from None
     except openai.APIConnectionError as e:
-      raise fail(f"connection to {ep.url} failed or timed out ({type(e).__name__}: {e})") from None
+      reason = e.__cause__ or e  # the httpx error says more than "Connection error."
+      raise fail(f"connection to {ep.url} failed or timed out "
+                 f"({type(reason).__name__}: {reason})") from None
     except (ValueError, openai.APIResponseValidationError) as e:  # a body that is not JSON
       raise fail(f"response is not JSON ({type(e).__name__})") from None
     try:

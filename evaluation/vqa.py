@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Optional
 
-from data.errors import BadSample, UserError, cli_errors
+from data.errors import UserError, cli_errors
 from data.jsonfile import load_json, write_json, write_jsonl
 from evaluation import vqa_metrics
 from evaluation.records import check_same_ids, gt_answer, read_answers, read_by_id
