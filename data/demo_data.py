@@ -13,7 +13,6 @@ LLaVA-Med JSON format.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data.image import load_image
+from data.jsonfile import load_json, write_json
 
 SOURCES = {
     # key: (loader, modality, organ / subject, short answer for "what modality")
@@ -151,8 +151,7 @@ def write(out_dir: str, *, train_views: int = 32, test_views: int = 4, seed: int
                      ("stage2_train", [stage2[i] for i in order]), ("stage1_eval", held1),
                      ("stage2_eval", held2), ("vqa_test", test)):
     paths[name] = os.path.join(out_dir, f"{name}.json")
-    with open(paths[name], "w") as f:
-      json.dump(rows, f, indent=1)
+    write_json(paths[name], rows)
   from pydicom.data import get_testdata_file
   paths["ct_dicom"] = get_testdata_file("CT_small.dcm")
   return paths
@@ -162,7 +161,6 @@ def corpus(paths: dict) -> list:
   """All demo text (for training the demo tokenizer)."""
   out = []
   for name in ("stage1_train", "stage2_train", "vqa_test"):
-    with open(paths[name]) as f:
-      for row in json.load(f):
-        out += [t["value"].replace("<image>", "") for t in row["conversations"]]
+    for row in load_json(paths[name]):
+      out += [t["value"].replace("<image>", "") for t in row["conversations"]]
   return out

@@ -30,7 +30,7 @@ import numpy as np
 from data import llm_client as lc
 from data import synth
 from data.errors import BadSample, cli_errors
-from data.jsonfile import load_json
+from data.jsonfile import JsonlStore, load_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def parse_qa(text: str) -> tuple[str, str]:
   return q, a
 
 
-def generate(figures: list[dict], client: lc.ChatClient, prompts: dict, store: lc.JsonlStore, *,
+def generate(figures: list[dict], client: lc.ChatClient, prompts: dict, store: JsonlStore, *,
              concurrency: int, limit: Optional[int] = None) -> dict:
   """A detailed description and a complex-reasoning QA per figure; finished rows go to `store`."""
   done = store.load()
@@ -312,7 +312,7 @@ def generate(figures: list[dict], client: lc.ChatClient, prompts: dict, store: l
   return counts
 
 
-def finalize(figures: list[dict], store: lc.JsonlStore, out_dir: Path, matcher: TemplateMatcher, *,
+def finalize(figures: list[dict], store: JsonlStore, out_dir: Path, matcher: TemplateMatcher, *,
              eval_frac: float, seed: int) -> dict:
   """train.json, eval.jsonl and rejects.jsonl from the progress file; totals over all runs."""
   done = store.load()
@@ -338,9 +338,9 @@ def finalize(figures: list[dict], store: lc.JsonlStore, out_dir: Path, matcher: 
                                   synth.row_rng(seed, "image", sid)))
   rejects = [{k: r.get(k) for k in ("id", "reason", "detail", "endpoint", "raw")} for _, r in rows
              if r["status"] != "ok"]
-  lc.write_json_atomic(out_dir / "train.json", train)
-  lc.write_json_atomic(out_dir / "eval.jsonl", evals, jsonl=True)
-  lc.write_json_atomic(out_dir / "rejects.jsonl", rejects, jsonl=True)
+  write_json(out_dir / "train.json", train)
+  write_jsonl(out_dir / "eval.jsonl", evals)
+  write_jsonl(out_dir / "rejects.jsonl", rejects)
   totals = {"generated ok": len(ok), "rejected": len(rejects),
             "pending": len(figures) * len(TASKS) - len(rows), "template by random fallback": fallback,
             "train samples": len(train), "eval samples": len(evals), "eval articles": len(held_out)}
@@ -385,8 +385,8 @@ def run(args, endpoints) -> int:
                                min_size=args.min_size, blur_threshold=args.blur_threshold,
                                types=tuple(args.types.split(",")), max_mentions=args.max_mentions,
                                workers=args.workers, lenient=args.lenient)
-  lc.write_json_atomic(args.out_dir / "figures.jsonl", kept, jsonl=True)
-  lc.write_json_atomic(args.out_dir / "dropped.jsonl", dropped, jsonl=True)
+  write_jsonl(args.out_dir / "figures.jsonl", kept)
+  write_jsonl(args.out_dir / "dropped.jsonl", dropped)
   con.print(lc.counts_table("figures", counts))
   if not endpoints:
     con.print("no --endpoint: filtered figures written, nothing generated")
@@ -394,7 +394,7 @@ def run(args, endpoints) -> int:
   client = lc.client_from_args(args, endpoints, seed=args.seed)
   prompts = {"detail": synth.Prompt.load(args.detail_prompt), "complex": synth.Prompt.load(args.complex_prompt)}
   matcher = TemplateMatcher(load_templates(args.templates))
-  with lc.JsonlStore(args.out_dir / "generated.progress.jsonl") as store:
+  with JsonlStore(args.out_dir / "generated.progress.jsonl") as store:
     asked = generate(kept, client, prompts, store, concurrency=args.concurrency, limit=args.limit)
     totals = finalize(kept, store, args.out_dir, matcher, eval_frac=args.eval_frac, seed=args.seed)
   con.print(lc.counts_table("this run", asked))

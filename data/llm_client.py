@@ -1,32 +1,29 @@
-"""OpenAI-compatible chat client and resumable JSONL store, shared by `data.synth`, `data.ldrt` and
-`evaluation.judge`.
+"""OpenAI-compatible chat client and the command-line plumbing shared by `data.synth`, `data.ldrt`
+and `evaluation.judge`.
 
 One place for what every LLM-driven job needs: endpoints named on the command line (URL, model, weight,
 the *name* of the environment variable holding the key), a seeded weighted split of requests across
 endpoints, retries with exponential backoff on 429 / 5xx / timeouts, a thread pool with a concurrency
-limit, token accounting, and an append-only JSONL file flushed per row so a killed job resumes where it
-stopped. Keys are read from the environment at request time and never logged or written.
+limit and token accounting. Their progress goes to a `data.jsonfile.JsonlStore`, flushed per row so
+a killed job resumes where it stopped. Keys are read from the environment at request time and never
+logged or written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import ipaddress
-import json
 import logging
 import os
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent import futures
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from data.errors import BadSample, UserError
+from data.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +34,10 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 class LLMError(RuntimeError):
   """A request that failed for good (non-retryable status, or retries exhausted)."""
 
-  def __init__(self, message: str, *, status: Optional[int] = None, retryable: bool = False):
+  def __init__(self, message: str, *, status: Optional[int] = None, retryable: bool = False,
+               retry_after: float = 0.0):
     super().__init__(message)
-    self.status, self.retryable = status, retryable
+    self.status, self.retryable, self.retry_after = status, retryable, retry_after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +70,7 @@ class Endpoint:
 
   @property
   def url(self) -> str:
+    """Where the openai client posts (named in connection errors)."""
     return self.base_url + "/chat/completions"
 
   def api_key(self) -> Optional[str]:
@@ -85,10 +84,6 @@ class Usage:
   failures: int = 0
   prompt_tokens: int = 0
   completion_tokens: int = 0
-
-  def add(self, other: "Usage") -> None:
-    for f in dataclasses.fields(self):
-      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclasses.dataclass
@@ -113,10 +108,11 @@ def _is_loopback(url: str) -> bool:
 
 
 class ChatClient:
-  """Thread-safe chat-completions client over one or more endpoints.
+  """Thread-safe chat-completions client over one or more endpoints, one `openai.OpenAI` each.
 
   `pick(key)` assigns a request to an endpoint by weight with a RNG seeded from (seed, key), so the
-  split is reproducible, independent of order and concurrency, and stable across resumed runs.
+  split is reproducible, independent of order and concurrency, and stable across resumed runs. The
+  openai client's own retries are off: ours count attempts per endpoint and honour Retry-After.
   """
 
   def __init__(self, endpoints: Iterable[Endpoint], *, timeout: float = 120.0, max_retries: int = 5,
@@ -133,8 +129,15 @@ class ChatClient:
     self._lock = threading.Lock()
     self.usage = {e.name: Usage() for e in self.endpoints}
     self._jitter = random.Random()
-    self._direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    self._default = urllib.request.build_opener()
+    self._clients = {e.name: self._openai(e) for e in self.endpoints}
+
+  def _openai(self, ep: Endpoint):
+    import openai
+    # The key goes per request (read from the environment then); this placeholder is never sent.
+    # A server on this machine is reached directly, not through an HTTP(S)_PROXY of the environment.
+    http = openai.DefaultHttpxClient(trust_env=False) if _is_loopback(ep.base_url) else None
+    return openai.OpenAI(base_url=ep.base_url, api_key="per-request", timeout=self.timeout, max_retries=0,
+                         http_client=http)
 
   def pick(self, key: str) -> Endpoint:
     total = sum(e.weight for e in self.endpoints)
@@ -144,13 +147,6 @@ class ChatClient:
       if x < 0:
         return e
     return self.endpoints[-1]
-
-  def total_usage(self) -> Usage:
-    out = Usage()
-    with self._lock:
-      for u in self.usage.values():
-        out.add(u)
-    return out
 
   def _count(self, name: str, **delta: int) -> None:
     with self._lock:
@@ -162,66 +158,65 @@ class ChatClient:
            **params: Any) -> ChatResult:
     """One completion, retried on transient failures. Raises LLMError when it gives up."""
     ep = endpoint or (self.pick(key) if key is not None else self.endpoints[0])
-    body = json.dumps({"model": ep.model, "messages": messages, **self.params, **params}).encode()
+    body = {"model": ep.model, "messages": messages, **self.params, **params}
     attempt = 0
     while True:
       attempt += 1
       self._count(ep.name, requests=1)
       try:
-        data = self._post(ep, body)
-        choice = data["choices"][0]
-        text = (choice.get("message") or {}).get("content") or ""
-        usage = data.get("usage") or {}
-        result = ChatResult(text, ep.name, ep.model, int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0), choice.get("finish_reason"), attempt)
+        result = self._complete(ep, body, attempt)
         self._count(ep.name, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
         return result
-      except (KeyError, IndexError, TypeError, AttributeError) as e:
-        err = LLMError(f"endpoint {ep.name}: response without choices[0].message ({e!r})", retryable=True)
       except LLMError as e:
         err = e
       if not err.retryable or attempt > self.max_retries:
         self._count(ep.name, failures=1)
         raise LLMError(f"{err} (after {attempt} attempt(s))", status=err.status, retryable=err.retryable)
       delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + 0.5 * self._jitter.random())
-      delay = max(delay, min(self.max_backoff, getattr(err, "retry_after", 0.0)))
+      delay = max(delay, min(self.max_backoff, err.retry_after))
       log.warning("%s; retry %d/%d in %.2fs", err, attempt, self.max_retries, delay)
       self._count(ep.name, retries=1)
       self._sleep(delay)
 
-  def _post(self, ep: Endpoint, body: bytes) -> dict:
+  def _complete(self, ep: Endpoint, body: dict, attempt: int) -> ChatResult:
+    """One request; every failure becomes an LLMError saying whether a retry may help."""
+    import openai
     key = ep.api_key()
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if key:
-      headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(ep.url, data=body, headers=headers, method="POST")
-    opener = self._direct if _is_loopback(ep.url) else self._default
 
     def fail(msg: str, status=None, retryable=True, retry_after=0.0):
       if key:
         msg = msg.replace(key, "***")
-      err = LLMError(f"endpoint {ep.name}: {msg}", status=status, retryable=retryable)
-      err.retry_after = retry_after
-      return err
+      return LLMError(f"endpoint {ep.name}: {msg}", status=status, retryable=retryable,
+                      retry_after=retry_after)
 
+    # Only the key this endpoint names is sent: no OPENAI_ORG_ID / OPENAI_PROJECT_ID headers the
+    # openai client would add from the environment.
+    headers = {"Authorization": f"Bearer {key}" if key else openai.Omit(),
+               "OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()}
     try:
-      with opener.open(req, timeout=self.timeout) as resp:
-        raw = resp.read()
-    except urllib.error.HTTPError as e:
-      detail = e.read(300).decode("utf-8", "replace") if e.fp else ""
+      resp = self._clients[ep.name].chat.completions.create(**body, extra_headers=headers)
+    except openai.APIStatusError as e:
       try:
-        retry_after = float(e.headers.get("Retry-After", 0) or 0)
+        retry_after = float(e.response.headers.get("Retry-After", 0) or 0)
       except ValueError:
         retry_after = 0.0
-      raise fail(f"HTTP {e.code} {detail.strip()[:200]!r}", e.code, e.code in RETRY_STATUS or e.code >= 500,
+      code = e.status_code
+      raise fail(f"HTTP {code} {e.message.strip()[:200]!r}", code, code in RETRY_STATUS or code >= 500,
                  retry_after) from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
-      reason = getattr(e, "reason", e)
-      raise fail(f"connection failed or timed out ({type(reason).__name__}: {reason})") from None
+    except openai.APIConnectionError as e:
+      reason = e.__cause__ or e  # the httpx error says more than "Connection error."
+      raise fail(f"connection to {ep.url} failed or timed out "
+                 f"({type(reason).__name__}: {reason})") from None
+    except (ValueError, openai.APIResponseValidationError) as e:  # a body that is not JSON
+      raise fail(f"response is not JSON ({type(e).__name__})") from None
     try:
-      return json.loads(raw)
-    except ValueError:
-      raise fail(f"response is not JSON: {raw[:120]!r}") from None
+      choice = resp.choices[0]
+      usage = resp.usage
+      return ChatResult(choice.message.content or "", ep.name, ep.model,
+                        int(getattr(usage, "prompt_tokens", 0) or 0),
+                        int(getattr(usage, "completion_tokens", 0) or 0), choice.finish_reason, attempt)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+      raise fail(f"response without choices[0].message ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def add_client_args(p: argparse.ArgumentParser, *, temperature: float, max_tokens: int) -> None:
@@ -329,73 +324,3 @@ def find_named_file(name_or_path: str, directory: Path, names: dict, what: str) 
   if not path.exists():
     raise FileNotFoundError(f"{what} {name_or_path!r} not found (names: {', '.join(names)}, or a JSON path)")
   return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, jsonl: bool = False) -> None:
-  """Write a whole output file via a temp file and rename, so a reader never sees half of it."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    if jsonl:
-      for row in obj:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-      json.dump(obj, f, ensure_ascii=False, indent=1)
-  os.replace(tmp, path)
-
-
-class JsonlStore:
-  """Append-only JSONL of finished rows keyed by `key`: what a resumed run skips.
-
-  Each append is one `write` of a full line followed by `flush`, so a killed process leaves at most one
-  torn last line, which `load` cuts off (that row is simply redone). Later rows win over earlier ones
-  with the same id (used to redo recorded failures on request).
-  """
-
-  def __init__(self, path: str | os.PathLike, key: str = "id"):
-    self.path, self.key = Path(path), key
-    self._lock = threading.Lock()
-    self._f = None
-
-  def load(self) -> dict:
-    rows: dict = {}
-    if not self.path.exists():
-      return rows
-    data = self.path.read_bytes()
-    end = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-    if end < len(data):
-      log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - end)
-      with open(self.path, "r+b") as f:
-        f.truncate(end)
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        rows[row[self.key]] = row
-      except (ValueError, KeyError, TypeError) as e:
-        raise BadSample("corrupt_progress", f"line {n} is not a JSON row with {self.key!r} ({e}); "
-                        "fix or delete the file to start over", path=str(self.path)) from None
-    return rows
-
-  def append(self, row: dict) -> None:
-    line = json.dumps(row, ensure_ascii=False) + "\n"
-    with self._lock:
-      if self._f is None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
-      self._f.write(line)
-      self._f.flush()
-
-  def close(self) -> None:
-    with self._lock:
-      if self._f is not None:
-        self._f.close()
-        self._f = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -147,7 +147,7 @@ class JsonSource:
 
 
 class ArrayRecordSource:
-  """ArrayRecord file(s) whose records are UTF-8 JSON samples (see `write_array_record`)."""
+  """ArrayRecord file(s) whose records are UTF-8 JSON samples, one sample a record."""
 
   def __init__(self, paths: str | Sequence[str]):
     import grain.python as gp
@@ -170,30 +170,16 @@ class ArrayRecordSource:
     return f"ArrayRecordSource({self.path!r}, n={len(self)})"
 
 
-def write_array_record(records, path: str) -> int:
-  """Writes JSON-serializable samples (e.g. the elements of a LLaVA JSON file) to one ArrayRecord
-  file readable by `ArrayRecordSource`; returns the count."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-  writer, n = ArrayRecordWriter(path, "group_size:1"), 0
-  try:
-    for rec in records:
-      writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
-      n += 1
-  finally:
-    writer.close()
-  return n
-
-
 def _text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
 class TfdsSource:
-  """A split of one of our TFDS VQA datasets (data/tfds), read with `tfds.data_source` and shaped
-  as a one-turn LLaVA conversation; the image comes decoded (uint8 HxWx3)."""
+  """A split of one of our TFDS VQA datasets (data/tfds_builders), read with `tfds.data_source`
+  and shaped as a one-turn LLaVA conversation; the image comes decoded (uint8 HxWx3)."""
 
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
-    import data.tfds  # noqa: F401  registers our builders so tfds can find them by name
+    import data.tfds_builders  # noqa: F401  registers our builders so tfds can find them by name
     import tensorflow_datasets as tfds
     self.name, self.split, self.data_dir = name, split, data_dir
     self.path = f"tfds:{name}:{split}" + (f" in {data_dir}" if data_dir else "")

@@ -29,7 +29,7 @@ from typing import Optional
 
 from data import llm_client as lc
 from data.errors import BadSample, cli_errors
-from data.jsonfile import iter_jsonl, load_json
+from data.jsonfile import JsonlStore, iter_jsonl, load_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def parse_endpoints(p: argparse.ArgumentParser, specs: list[str]) -> list[lc.End
     p.error(str(e))
 
 
-def synthesize(figures: list[dict], client: lc.ChatClient, prompt: Prompt, store: lc.JsonlStore, *,
+def synthesize(figures: list[dict], client: lc.ChatClient, prompt: Prompt, store: JsonlStore, *,
                seed: int, concurrency: int, limit: Optional[int] = None, min_turns: int = 2) -> dict:
   """Ask for every row not yet in `store`; append each finished row. Returns counts for this run."""
   done = store.load()
@@ -206,15 +206,15 @@ def synthesize(figures: list[dict], client: lc.ChatClient, prompt: Prompt, store
   return counts
 
 
-def finalize(figures: list[dict], store: lc.JsonlStore, out: Path) -> dict:
+def finalize(figures: list[dict], store: JsonlStore, out: Path) -> dict:
   """Rewrite OUT.json and OUT.rejects.jsonl from the progress file; return totals over all runs."""
   done = store.load()
   order = [f["pair_id"] for f in figures if f["pair_id"] in done]
   kept = [done[i]["record"] for i in order if done[i]["status"] == "ok"]
   rejects = [{k: done[i].get(k) for k in ("id", "reason", "detail", "endpoint", "raw")}
              for i in order if done[i]["status"] != "ok"]
-  lc.write_json_atomic(out, kept)
-  lc.write_json_atomic(rejects_path(out), rejects, jsonl=True)
+  write_json(out, kept)
+  write_jsonl(rejects_path(out), rejects)
   totals = {"figures": len(figures), "kept": len(kept), "rejected": len(rejects),
             "pending": len(figures) - len(order)}
   for r in rejects:
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     figures, skipped = read_figures(args.figures, lenient=args.lenient)
     prompt = Prompt.load(args.prompt)
     client = lc.client_from_args(args, endpoints, seed=args.seed)
-    with lc.JsonlStore(progress_path(args.out)) as store:
+    with JsonlStore(progress_path(args.out)) as store:
       run = synthesize(figures, client, prompt, store, seed=args.seed, concurrency=args.concurrency,
                        limit=args.limit, min_turns=args.min_turns)
       totals = finalize(figures, store, args.out)

@@ -35,7 +35,8 @@ import numpy as np
 
 from data import llm_client as lc
 from data.errors import BadSample, UserError, cli_errors
-from data.jsonfile import load_json, read_records
+from data.jsonfile import JsonlStore, load_json, write_json
+from evaluation.records import read_answers, read_by_id
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,6 @@ class Rule:
     return scores, None
 
 
-def _load_rows(path: str) -> list[tuple[int, dict]]:
-  """(record number, row) for a JSON list or JSONL file."""
-  return list(enumerate(read_records(path), 1))
-
-
 def _domain(d) -> Optional[str]:
   if isinstance(d, dict):
     return next((k for k in DOMAINS if d.get(k)), next((k for k, v in d.items() if v), None))
@@ -106,19 +102,14 @@ def _domain(d) -> Optional[str]:
 
 def load_questions(path: str) -> list[dict]:
   """Questions normalized to question_id, question, caption, context (list), reference, category, domain."""
-  out, seen = [], set()
-  for n, r in _load_rows(path):
-    qid = r.get("question_id", r.get("id"))
+  out = []
+  for qid, r in read_by_id(path, ("question_id", "id")).items():  # duplicate ids: error
     question = r.get("question", r.get("text"))
-    if qid is None or not isinstance(question, str):
-      raise BadSample("bad_row", f"row {n}: needs 'question_id' (or 'id') and 'question' (or 'text')", path=path)
-    qid = str(qid)
-    if qid in seen:
-      raise BadSample("duplicate_id", f"row {n}: question id seen before", sample_id=qid, path=path)
-    seen.add(qid)
+    if not isinstance(question, str):
+      raise BadSample("bad_row", "needs 'question' (or 'text')", sample_id=qid, path=path)
     ref = r.get("answer", r.get("gpt4_answer", r.get("reference")))
     if not isinstance(ref, str):
-      raise BadSample("bad_row", f"row {n}: no reference answer ('answer' or 'gpt4_answer')", sample_id=qid,
+      raise BadSample("bad_row", "no reference answer ('answer' or 'gpt4_answer')", sample_id=qid,
                       path=path)
     caption = r.get("caption", r.get("fig_caption")) or ""
     if r.get("fig_label") and caption:
@@ -130,18 +121,8 @@ def load_questions(path: str) -> list[dict]:
   return out
 
 
-def load_answers(path: str) -> dict[str, str]:
-  out = {}
-  for n, r in _load_rows(path):
-    text = r.get("text", r.get("answer"))
-    if r.get("question_id") is None or not isinstance(text, str):
-      raise BadSample("bad_row", f"row {n}: needs 'question_id' and 'text'", path=path)
-    out[str(r["question_id"])] = text
-  return out
-
-
-def judge(questions: list[dict], answers: dict, rule: Rule, client: lc.ChatClient, store: lc.JsonlStore, *,
-          rule_name: str, concurrency: int, limit: Optional[int] = None, retry_failed: bool = False) -> dict:
+def judge(questions: list[dict], answers: dict, rule: Rule, client: lc.ChatClient,
+          store: JsonlStore, *, rule_name: str, concurrency: int, limit: Optional[int] = None, retry_failed: bool = False) -> dict:
   """Review every question not yet in `store`; each review (parsed or not) is appended as it arrives."""
   done = store.load()
   todo = [q for q in questions if q["question_id"] not in done
@@ -239,9 +220,9 @@ def run(args) -> int:
   endpoint = lc.Endpoint.parse(f"judge={args.base_url},{args.model}", default_key_env=args.api_key_env)
   rule = Rule.load(args.rule)
   questions = load_questions(args.questions)
-  answers = load_answers(args.answers)
+  answers = read_answers(args.answers)
   if args.reference_answers:
-    refs = load_answers(args.reference_answers)
+    refs = read_answers(args.reference_answers)
     questions = [{**q, "reference": refs.get(q["question_id"], q["reference"])} for q in questions]
   missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
   if missing and not args.lenient:
@@ -249,13 +230,13 @@ def run(args) -> int:
                     f"{' ...' if len(missing) > 10 else ''} (--lenient skips them)")
   questions = [q for q in questions if q["question_id"] in answers]
   client = lc.client_from_args(args, [endpoint])
-  with lc.JsonlStore(args.out, key="question_id") as store:
+  with JsonlStore(args.out, key="question_id") as store:
     counts = judge(questions, answers, rule, client, store, rule_name=args.rule, concurrency=args.concurrency,
                    limit=args.limit, retry_failed=args.retry_failed)
     reviews = list(store.load().values())
   summary = summarize(reviews, rule.kind)
   summary_path = args.summary or args.out.with_name(args.out.stem + ".summary.json")
-  lc.write_json_atomic(summary_path, {"rule": args.rule, "judge": args.model, "groups": summary})
+  write_json(summary_path, {"rule": args.rule, "judge": args.model, "groups": summary})
   con = lc.console()
   con.print(lc.counts_table("this run", {**counts, "skipped: no answer": len(missing)}))
   con.print(summary_table(summary, rule.kind))

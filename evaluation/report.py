@@ -18,9 +18,10 @@ import statistics
 from typing import Optional
 
 from data.errors import BadSample, cli_errors
-from data.jsonfile import read_records
+from data.jsonfile import write_json, write_jsonl
+from evaluation.records import check_same_ids, read_answers, read_by_id
 from evaluation.text_metrics import HEDGES, TextMetrics
-from evaluation.vqa import check_same_ids, index_by_id, md_header, md_row, read_answers
+from evaluation.vqa import md_header, md_row
 
 log = logging.getLogger(__name__)
 GT_FIELDS = ("answer", "gpt4_answer", "reference")
@@ -32,7 +33,7 @@ def read_references(path: str, field: Optional[str] = None) -> dict:
   """{str(id): reference text}."""
   fields = (field,) if field else GT_FIELDS
   out = {}
-  for key, row in index_by_id(read_records(path), ("id", "question_id"), path).items():
+  for key, row in read_by_id(path).items():
     text = next((row[f] for f in fields if row.get(f) is not None), None)
     if text is None:
       turns = row.get("conversations", row.get("conversatons")) or []
@@ -163,12 +164,10 @@ def build(gt_path: str, preds: dict, out_dir: str, *, gt_field: Optional[str] = 
   summary = {name: summarize(rows, metrics.hedges) for name, rows in per_model.items()}
   os.makedirs(out_dir, exist_ok=True)
   images = plot(per_model, out_dir, metrics.hedges)
-  with open(os.path.join(out_dir, "per_answer.jsonl"), "w", encoding="utf-8") as f:
-    for name, rows in per_model.items():
-      f.writelines(json.dumps({"model": name, "question_id": k, **r}) + "\n"
-                   for k, r in zip(ids, rows))
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  write_jsonl(os.path.join(out_dir, "per_answer.jsonl"),
+              ({"model": name, "question_id": k, **r}
+               for name, rows in per_model.items() for k, r in zip(ids, rows)))
+  write_json(os.path.join(out_dir, "summary.json"), summary, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(markdown(summary, gt_path, metrics.hedges, use_stemmer, images))
   return summary

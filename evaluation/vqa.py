@@ -14,77 +14,17 @@ import argparse
 import json
 from typing import Optional
 
-from data.errors import BadSample, UserError, cli_errors
-from data.jsonfile import load_json, read_records
+from data.errors import UserError, cli_errors
+from data.jsonfile import load_json, write_json, write_jsonl
 from evaluation import vqa_metrics
+from evaluation.records import check_same_ids, gt_answer, read_answers, read_by_id
 
 _DATASET_NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "path_vqa": "VQA-PATH"}
-_SHOWN_IDS = 20
-
-
-def _field(row: dict, keys: tuple, path: str, n: int):
-  for k in keys:
-    if k in row:
-      return row[k]
-  raise BadSample("missing_field", f"record {n} has none of {list(keys)}", path=path)
-
-
-def index_by_id(rows: list, keys: tuple, path: str) -> dict:
-  """{str(id): row}; ids compared as strings so 5 and "5" agree; duplicates are errors."""
-  out = {}
-  for n, row in enumerate(rows, 1):
-    key = str(_field(row, keys, path, n))
-    if key in out:
-      raise BadSample("duplicate_id", f"id {key!r} appears twice", sample_id=key, path=path)
-    out[key] = row
-  return out
-
-
-def read_answers(path: str) -> dict:
-  """Answer JSONL -> {str(question_id): text}."""
-  rows = index_by_id(read_records(path), ("question_id",), path)
-  out = {}
-  for key, row in rows.items():
-    text = row.get("text")
-    if not isinstance(text, str):
-      raise BadSample("missing_field", "answer has no string 'text'", sample_id=key, path=path)
-    out[key] = text
-  return out
-
-
-def check_same_ids(gt_ids, pred_ids, gt_path: str, pred_path: str) -> None:
-  """Raise, listing what is missing and extra, unless both files hold the same ids."""
-  missing = sorted(set(gt_ids) - set(pred_ids))
-  extra = sorted(set(pred_ids) - set(gt_ids))
-  if not missing and not extra:
-    return
-  msg = []
-  for what, ids in (("missing from the answers", missing), ("not in the ground truth", extra)):
-    if ids:
-      more = f" (+{len(ids) - _SHOWN_IDS} more)" if len(ids) > _SHOWN_IDS else ""
-      msg.append(f"{len(ids)} ids {what}: {', '.join(ids[:_SHOWN_IDS])}{more}")
-  raise BadSample("id_mismatch", f"answers {pred_path} do not match ground truth {gt_path}: "
-                  + "; ".join(msg), path=pred_path)
-
-
-def gt_answer(row: dict, key: str, path: str) -> tuple:
-  """(answer_type, answer text) of one LLaVA-Med test.json entry."""
-  conv = row.get("conversations", row.get("conversatons"))
-  turn = conv[1] if isinstance(conv, list) and len(conv) > 1 else None
-  if (not isinstance(turn, dict) or turn.get("from") != "gpt"
-      or not isinstance(turn.get("value"), str)):
-    raise BadSample("malformed_sample", "expected conversations[1] to be the gpt answer",
-                    sample_id=key, path=path)
-  kind = str(row.get("answer_type", "")).upper()
-  if kind not in (vqa_metrics.OPEN, vqa_metrics.CLOSED):
-    raise BadSample("malformed_sample", f"answer_type must be OPEN or CLOSED, got "
-                    f"{row.get('answer_type')!r}", sample_id=key, path=path)
-  return kind, turn["value"]
 
 
 def score_files(gt_path: str, pred_path: str) -> tuple:
   """(metrics, per-question rows) for one dataset."""
-  gt = index_by_id(read_records(gt_path), ("id",), gt_path)
+  gt = read_by_id(gt_path, ("id",))
   pred = read_answers(pred_path)
   check_same_ids(gt, pred, gt_path, pred_path)
   rows = []
@@ -150,11 +90,9 @@ def cmd_score(args) -> None:
     raise UserError("score needs --gt and --pred (or --table)")
   metrics, rows = score_files(args.gt, args.pred)
   if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(metrics, f, indent=2)
+    write_json(args.out, metrics, indent=2)
   if args.per_question:
-    with open(args.per_question, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(args.per_question, rows)
   print(json.dumps(metrics, indent=2))
 
 

@@ -1,8 +1,8 @@
 """`python -m evaluation.vqa run`: zero-shot answers to a VQA benchmark, written as LLaVA-Med does.
 
-Questions come from a TFDS build (`python -m data.tfds build NAME ...`; --dataset + --data-dir) or
-a LLaVA-Med test.json + image folder (--test-json + --image-root). Each answer is appended to the
-output JSONL and flushed as soon as its batch is done, one row per question:
+Questions come from a TFDS build (`python -m data.tfds_builders build NAME ...`; --dataset +
+--data-dir) or a LLaVA-Med test.json + image folder (--test-json + --image-root). Each answer is
+appended to the output JSONL and flushed as soon as its batch is done, one row per question:
   {"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}}
 so a rerun with the same --out skips the ids already answered (a row cut short by a kill is
 dropped and answered again). Defaults follow the papers: greedy, max_new_tokens 1024.
@@ -21,6 +21,7 @@ import uuid
 from typing import Callable, Iterator, NamedTuple, Optional
 
 from data.errors import BadSample, UserError
+from data.jsonfile import JsonlStore, write_json
 
 DATASETS = ("vqa_rad", "slake", "path_vqa")
 IMAGE = "<image>"
@@ -40,7 +41,7 @@ class Question(NamedTuple):
 def tfds_questions(name: str, data_dir: str, split: str = "test") -> Iterator[Question]:
   import tensorflow_datasets as tfds
 
-  import data.tfds  # noqa: F401  (registers the builders)
+  import data.tfds_builders  # noqa: F401  (registers the builders)
   if name not in DATASETS:
     raise UserError(f"--dataset must be one of {DATASETS}, got {name!r}")
   try:
@@ -59,9 +60,8 @@ def test_json_questions(path: str, image_root: str) -> Iterator[Question]:
   """LLaVA-Med test.json ([{id, image, conversations|conversatons, answer_type}]), or the flat rows
   `data.ldrt` writes to eval.jsonl ({question_id, image, question, answer}; open-ended)."""
   from data.image import load_image
-  from data.jsonfile import read_records
-  from evaluation.vqa import gt_answer, index_by_id
-  rows = index_by_id(read_records(path), ("id", "question_id"), path)  # duplicate ids: error
+  from evaluation.records import gt_answer, read_by_id
+  rows = read_by_id(path)  # duplicate ids: error
   for key, r in rows.items():
     if "conversations" not in r and "conversatons" not in r and isinstance(r.get("question"), str):
       q, kind, answer = r["question"], str(r.get("answer_type", "OPEN")), str(r.get("answer", ""))
@@ -102,37 +102,7 @@ def write_gt(questions: list, path: str) -> None:
   rows = [{"id": q.qid, "image": str(q.qid), "answer_type": q.answer_type,
            "conversations": [{"from": "human", "value": q.text},
                              {"from": "gpt", "value": q.answer}]} for q in questions]
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1)
-
-
-# --- resumable answer file -----------------------------------------------------------------------
-
-def answered_ids(path: str) -> set:
-  """Ids already in `path`. A last line cut short by a kill (no newline, not JSON) is truncated
-  away; any other bad line is an error naming it (the file is not ours to repair)."""
-  if not os.path.exists(path):
-    return set()
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")  # the last item is what follows the final newline
-  done, keep = set(), 0
-  for n, line in enumerate(lines, 1):
-    tail = n == len(lines)
-    if line.strip():
-      try:
-        done.add(str(json.loads(line)["question_id"]))
-      except (ValueError, KeyError, TypeError):
-        if not tail:
-          raise BadSample("malformed_json", f"line {n} is not an answer row", path=path) from None
-        with open(path, "r+b") as f:
-          f.truncate(keep)
-        break
-      if tail:  # complete row, newline lost
-        with open(path, "ab") as f:
-          f.write(b"\n")
-    keep += len(line) + 1
-  return done
+  write_json(path, rows)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -166,7 +136,8 @@ def run(args) -> dict:
   ckpt = workdir.resolve(args.ckpt)   # a training workdir stands for the model it wrote
   if args.gt_out:
     write_gt(questions, args.gt_out)
-  done = answered_ids(args.out)
+  store = JsonlStore(args.out, key="question_id")
+  done = {str(k) for k in store.load()}  # a row cut short by a kill is dropped: answered again
   stats = {"questions": len(questions), "answered_before": len(done), "answered": 0,
            "skipped": 0}
   todo = []
@@ -200,9 +171,8 @@ def run(args) -> dict:
   gen = Generator.from_checkpoint(ckpt, mesh=mesh, **overrides)
   gc = sampling_config(args)
   model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   t0 = time.time()
-  with open(args.out, "a", encoding="utf-8") as out:
+  with store:
     for start in range(0, len(todo), args.batch_size):
       batch, prompts = [], []
       for q in todo[start:start + args.batch_size]:
@@ -217,10 +187,8 @@ def run(args) -> dict:
           stats["skipped"] += 1
           log(f"skipped {q.qid}: {e}")
       for q, res in zip(batch, gen.generate(prompts, gc, batch_size=args.batch_size)):
-        out.write(json.dumps({"question_id": q.qid, "prompt": prompt_text(q.text),
-                              "text": res.text, "answer_id": uuid.uuid4().hex,
-                              "model_id": model_id, "metadata": {}}) + "\n")
-        out.flush()
+        store.append({"question_id": q.qid, "prompt": prompt_text(q.text), "text": res.text,
+                    "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
       stats["answered"] += len(batch)
       log(f"answered {stats['answered']}/{len(todo)} ({time.time() - t0:.0f} s)")
   return stats
@@ -233,7 +201,7 @@ def add_parser(sub) -> None:
   p.add_argument("--ckpt", required=True, help="checkpoint dir of this project, a HF model dir, "
                  "or a train.main workdir (its final model; a chained run's last stage)")
   p.add_argument("--dataset", choices=DATASETS, help="TFDS build to read (with --data-dir)")
-  p.add_argument("--data-dir", help="TFDS data dir written by `python -m data.tfds build`")
+  p.add_argument("--data-dir", help="TFDS data dir written by `python -m data.tfds_builders build`")
   p.add_argument("--split", default="test")
   p.add_argument("--test-json", help="LLaVA-Med test.json instead of a TFDS build")
   p.add_argument("--image-root", help="folder the test.json image paths are relative to")

@@ -45,8 +45,8 @@ def _judge(tmp):
                 "--model", "m"], BAD_LINES
 
 
-def _inspect(tmp):
-  from data.inspect import main
+def _show_sample(tmp):
+  from data.show_sample import main
   return main, ["--tokenizer", str(tmp), "--template", "llama3", "--sample",
                 str(tmp / "bad.json")], BAD_LIST
 
@@ -68,7 +68,7 @@ def _ldrt(tmp):
 
 
 def _tfds(tmp):
-  from data.tfds.__main__ import main
+  from data.tfds_builders.__main__ import main
   (tmp / "slake").mkdir()
   (tmp / "slake" / "train.json").write_text(BAD_LIST)
   return main, ["build", "slake", "--src", str(tmp / "slake"), "--out", str(tmp / "o")], \
@@ -89,8 +89,8 @@ def _validate(tmp):
 
 CASES = {"convert import": _convert, "evaluation.vqa score": _vqa_score,
          "evaluation.vqa run": _vqa_run, "evaluation.report": _report,
-         "evaluation.judge": _judge, "data.inspect": _inspect, "data.synth": _synth,
-         "data.ldrt": _ldrt, "data.tfds build": _tfds, "train.validate": _validate}
+         "evaluation.judge": _judge, "data.show_sample": _show_sample, "data.synth": _synth,
+         "data.ldrt": _ldrt, "data.tfds_builders build": _tfds, "train.validate": _validate}
 
 
 @pytest.mark.parametrize("command", list(CASES))

@@ -18,7 +18,7 @@ from tiny_tokenizers import LLAMA3_SPECIAL, llama3_tokenizer, load
 from data.conversation import encode
 from data.errors import BadSample
 from data.pipeline import DataConfig, SkipGuardError, make_iterator, to_global
-from data.sources import ArrayRecordSource, JsonSource, json_index, write_array_record
+from data.sources import ArrayRecordSource, JsonSource, json_index
 
 IMG_ID, IMG_TOKENS, SIDE = 1000, 3, 8
 
@@ -122,6 +122,19 @@ def test_json_index_lazy_cached_and_exact(tmp_path):
     assert e.value.reason == "malformed_json"
 
 
+def write_array_record(records, path: str) -> int:
+  """The samples as one ArrayRecord file, one JSON sample a record (what ArrayRecordSource reads)."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer, n = ArrayRecordWriter(path, "group_size:1"), 0
+  try:
+    for rec in records:
+      writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
+      n += 1
+  finally:
+    writer.close()
+  return n
+
+
 def test_array_record_source_gives_the_same_batches(tmp_path, tok_dir):
   recs = [sample(i) for i in range(12)]
   path = write_data(str(tmp_path), recs)
@@ -139,7 +152,7 @@ def test_array_record_source_gives_the_same_batches(tmp_path, tok_dir):
 def test_tfds_source_feeds_the_pipeline(tmp_path, tok_dir):
   import pyarrow as pa
   import pyarrow.parquet as pq
-  from data import tfds as builders
+  from data import tfds_builders as builders
   src = tmp_path / "vqa-rad" / "data"
   src.mkdir(parents=True)
   qa = [("Is there a fracture?", "no"), ("Where is the lesion?", "left lung"),

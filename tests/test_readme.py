@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBCOMMANDS = {"convert": 1, "evaluation.vqa": 1, "data.tfds": 1}
+SUBCOMMANDS = {"convert": 1, "evaluation.vqa": 1, "data.tfds_builders": 1}
 
 
 def readme_commands():

@@ -14,6 +14,7 @@ import pytest
 from data import llm_client as lc
 from data import synth
 from data.errors import BadSample
+from data.jsonfile import JsonlStore
 from llm_server import LLMServer, Reply, tag_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,12 +86,12 @@ def test_client_retries_transient_failures_and_hides_key(monkeypatch, caplog):
 
 def test_jsonl_store_drops_torn_tail_and_keeps_last_row(tmp_path):
   path = tmp_path / "p.jsonl"
-  with lc.JsonlStore(path) as s:
+  with JsonlStore(path) as s:
     s.append({"id": "a", "v": 1})
     s.append({"id": "b", "v": 1})
   with open(path, "a") as f:
     f.write('{"id": "c", "v"')  # a write cut short by a kill
-  s = lc.JsonlStore(path)
+  s = JsonlStore(path)
   assert sorted(s.load()) == ["a", "b"]
   s.append({"id": "a", "v": 2})
   s.close()
@@ -98,7 +99,7 @@ def test_jsonl_store_drops_torn_tail_and_keeps_last_row(tmp_path):
   assert rows["a"]["v"] == 2 and len(path.read_text().splitlines()) == 3
   path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
   with pytest.raises(BadSample, match="line 2"):
-    lc.JsonlStore(path).load()
+    JsonlStore(path).load()
 
 
 def test_parse_conversation_and_validation():

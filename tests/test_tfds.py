@@ -1,5 +1,5 @@
-"""TFDS builders (data/tfds): each builds, without TensorFlow, into array_record from a tiny copy of
-its real source layout written here, and reads back through tfds.data_source."""
+"""TFDS builders (data/tfds_builders): each builds, without TensorFlow, into array_record from a
+tiny copy of its real source layout written here, and reads back through tfds.data_source."""
 import io
 import json
 import os
@@ -11,9 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import tfds as builders
+from data import tfds_builders as builders
 from data.errors import BadSample
-from data.tfds.__main__ import main as tfds_main
+from data.tfds_builders.__main__ import main as tfds_main
 
 
 def png(colour, mode="RGB", size=(7, 5)) -> bytes:

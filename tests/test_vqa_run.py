@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data import tfds as builders
+from data import tfds_builders as builders
 from data.image import load_image
 from evaluation import vqa
 from tests.tiny_ckpt import shared_llava_checkpoint

@@ -88,9 +88,6 @@ class Checkpoints:
     self.mgr.restore(step, args=ocp.args.Composite(
         data=gp.PyGrainCheckpointRestore(_IteratorState(target=iterator))))
 
-  def wait(self):
-    self.mgr.wait_until_finished()
-
   def close(self):
     self.mgr.wait_until_finished()
     self.mgr.close()

@@ -74,12 +74,3 @@ def make(optim, total_steps: int, params) -> tuple:
         lambda updates, _: jax.tree_util.tree_map(lambda u, s: u * s, updates, scales)))
   return optax.chain(*parts), sched
 
-
-def group_summary(optim, params) -> dict:
-  """{lr: number of parameters} for the startup log."""
-  out = {}
-  for s, p in zip(jax.tree_util.tree_leaves(lr_scales(optim, params)),
-                  jax.tree_util.tree_leaves(params)):
-    lr = optim.lr * s
-    out[lr] = out.get(lr, 0) + int(math.prod(p.shape))
-  return out

@@ -1,5 +1,5 @@
-"""`python -m data.tfds build NAME --src DIR --out DIR`: builds a VQA benchmark from local files
-into array_record (no TensorFlow); read it back with tfds.data_source(NAME, split=..., data_dir=OUT)
+"""`python -m data.tfds_builders build NAME --src DIR --out DIR`: builds a VQA benchmark from local
+files into array_record (no TensorFlow); read it back with tfds.data_source(NAME, split=..., data_dir=OUT)
 or train on it with the data path `tfds:NAME:SPLIT`."""
 import argparse
 
@@ -7,8 +7,8 @@ from data.errors import cli_errors
 
 
 def main(argv=None):
-  from data import tfds as ours
-  p = argparse.ArgumentParser(prog="python -m data.tfds", description=__doc__)
+  from data import tfds_builders as ours
+  p = argparse.ArgumentParser(prog="python -m data.tfds_builders", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser(
       "build", help="build one dataset from local source files",

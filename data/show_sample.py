@@ -1,8 +1,8 @@
 """Show how one sample is tokenized for training: which tokens are trained and how many.
 
-  python -m data.inspect --tokenizer DIR --template llama3 --sample FILE [--image-tokens 729]
-  python -m data.inspect ... --id pmc-123        # the sample with this id (or --index N)
-  python -m data.inspect ... --json   # exactly {"input_ids": [...], "labels": [...]}
+  python -m data.show_sample --tokenizer DIR --template llama3 --sample FILE [--image-tokens 729]
+  python -m data.show_sample ... --id pmc-123        # the sample with this id (or --index N)
+  python -m data.show_sample ... --json   # exactly {"input_ids": [...], "labels": [...]}
 
 FILE is a LLaVA / LLaVA-Med JSON list (or one object, or JSON lines); the first sample is shown
 unless --id or --index picks another. Trained spans are highlighted; each image's placeholder run
@@ -75,7 +75,7 @@ def render(tokenizer, ids, labels, image_id, console) -> None:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m data.show_sample", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tokenizer", required=True, help="HF tokenizer dir (local)")
   ap.add_argument("--template", required=True, choices=conversation.TEMPLATES)

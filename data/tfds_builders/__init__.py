@@ -1,9 +1,9 @@
 """TFDS builders for the zero-shot VQA benchmarks, built from local files without TensorFlow into
-array_record (`python -m data.tfds build NAME --src DIR --out DIR`). Importing this package
+array_record (`python -m data.tfds_builders build NAME --src DIR --out DIR`). Importing this package
 registers vqa_rad, slake and path_vqa with tfds."""
-from data.tfds.path_vqa import PathVqa
-from data.tfds.slake import Slake
-from data.tfds.vqa_rad import VqaRad
+from data.tfds_builders.path_vqa import PathVqa
+from data.tfds_builders.slake import Slake
+from data.tfds_builders.vqa_rad import VqaRad
 
 BUILDERS = {"vqa_rad": VqaRad, "slake": Slake, "path_vqa": PathVqa}
 

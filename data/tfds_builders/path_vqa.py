@@ -6,7 +6,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data.tfds import common
+from data.tfds_builders import common
 
 
 class PathVqa(tfds.core.GeneratorBasedBuilder):

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from data.image import resolve_path
 from data.jsonfile import load_json
-from data.tfds import common
+from data.tfds_builders import common
 
 SPLITS = ("train", "validation", "validate", "test")
 

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from data.image import resolve_path
 from data.jsonfile import load_json
-from data.tfds import common
+from data.tfds_builders import common
 
 ORIGINAL_JSON = "VQA_RAD Dataset Public.json"
 ORIGINAL_IMAGES = "VQA_RAD Image Folder"

@@ -1,4 +1,4 @@
-"""`python -m data.inspect`: its --json output is exactly what encode() gives the pipeline."""
+"""`python -m data.show_sample`: its --json output is exactly what encode() gives the pipeline."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from data import conversation as C
-from data import inspect as insp
+from data import show_sample
 from tiny_tokenizers import llama3_tokenizer, load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def files(tmp_path_factory):
 def test_json_matches_encode(files):
   sample_file, tok_dir = files
   env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-  res = subprocess.run([sys.executable, "-m", "data.inspect", "--tokenizer", tok_dir,
+  res = subprocess.run([sys.executable, "-m", "data.show_sample", "--tokenizer", tok_dir,
                         "--template", "vicuna_v1", "--sample", sample_file, "--image-tokens", "7",
                         "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr
@@ -46,7 +46,7 @@ def test_json_matches_encode(files):
 
 def test_render_counts_and_spans(files, capsys):
   sample_file, tok_dir = files
-  assert insp.main(["--tokenizer", tok_dir, "--template", "llama3", "--sample", sample_file,
+  assert show_sample.main(["--tokenizer", tok_dir, "--template", "llama3", "--sample", sample_file,
                     "--image-tokens", "4"]) == 0
   out = capsys.readouterr().out
   tok = load(tok_dir)
@@ -55,14 +55,14 @@ def test_render_counts_and_spans(files, capsys):
   n_train = int((enc["labels"] != -100).sum())
   assert f"tokens: {len(enc['input_ids'])}  trained: {n_train}" in out
   assert "image placeholders: 4" in out and "<image>x4" in out
-  kinds = [k for k, _, _ in insp.spans(enc["input_ids"], enc["labels"],
+  kinds = [k for k, _, _ in show_sample.spans(enc["input_ids"], enc["labels"],
                                         tok.convert_tokens_to_ids("<image>"))]
   assert kinds == ["masked", "image", "masked", "trained", "masked", "trained"]
 
 
 def _error(capsys, *argv) -> str:
   with pytest.raises(SystemExit) as e:
-    insp.main(list(argv))
+    show_sample.main(list(argv))
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
   return err
@@ -98,7 +98,7 @@ def test_pick_by_id_or_index_and_keep_lines_whole(files, tmp_path, capsys):
   assert len(LONG_Q) > 100
   for pick, want in ((["--id", "long"], LONG_Q), (["--id", "7"], "Is this normal?"),
                      (["--index", "-1"], "No fracture."), ([], "Is this normal?")):
-    assert insp.main(base + pick) == 0
+    assert show_sample.main(base + pick) == 0
     out = capsys.readouterr().out
     assert any(want in line for line in out.splitlines()), (pick, out)   # never wrapped at 80
   assert "no sample with id 'x'" in _error(capsys, *base, "--id", "x")
