@@ -5,7 +5,10 @@ real tokens 1, positions restart at 0 on each row's first real token, so every r
 exactly what it would alone. Shapes are bucketed (prompt length, cache length, batch) so a stream of
 prompts compiles a handful of programs. The decode loop is a `lax.while_loop` that runs up to a
 dynamic step limit: without streaming or stop strings it runs to the end in one call; otherwise it
-runs in chunks and the host decodes text between chunks.
+runs in chunks and the host decodes text between chunks. Both programs trace the model inside
+`sharding.activation_sharding(mesh, rules)`, as the train and eval steps do: on a mesh the
+Generator's rules (default DEFAULT_RULES, a run's config.sharding_rules where it has its own) place
+the weights, the cache and every block's activations.
 
   gen = Generator.from_checkpoint(CKPT)                       # or Generator(model, params, tok)
   prompt = build_prompt(gen.config, gen.tokenizer, "What is shown?", [image])
@@ -14,6 +17,7 @@ runs in chunks and the host decodes text between chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -103,28 +107,41 @@ def _pad_id(config) -> int:
   return 0 if config.image_token_id != 0 else 1
 
 
-def _constrain(x, logical, mesh):
+def _constrain(x, logical, mesh, rules):
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, sharding.spec_for(logical, x.shape, mesh)))
+      x, NamedSharding(mesh, sharding.spec_for(logical, x.shape, mesh, rules)))
+
+
+def _activations(mesh, rules):
+  """The rules pin activations on a mesh; without one, constraints stay no-ops."""
+  return contextlib.nullcontext() if mesh is None else sharding.activation_sharding(mesh, rules)
 
 
 # Programs are keyed by the (hashable) config, not by a Generator, so every Generator of the same
 # model shape shares them.
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "cache_dtype", "cache_len",
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "cache_dtype", "cache_len",
                                              "collect"))
 def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, *, config, mesh,
-             cache_dtype, cache_len, collect):
+             rules, cache_dtype, cache_len, collect):
   """Runs the padded prompts through the model once, writing the cache; returns the decode state
   with the logits of each row's last prompt token."""
+  with _activations(mesh, rules):
+    return _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_sizes,
+                         config, mesh, rules, cache_dtype, cache_len, collect)
+
+
+def _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_sizes, config, mesh,
+                  rules, cache_dtype, cache_len, collect):
   model, c = VLM(config), config.llm
   b, p = ids.shape
   shape, axes = (b, c.kv_heads, cache_len, c.head_dim), ("batch", "kv", None, None)
   if config.scan_layers:
-    kv = lambda: _constrain(jnp.zeros((c.layers,) + shape, cache_dtype), ("layers",) + axes, mesh)
+    kv = lambda: _constrain(jnp.zeros((c.layers,) + shape, cache_dtype), ("layers",) + axes, mesh,
+                            rules)
   else:  # one buffer per layer, like the weights: no layer slice of a stack is ever taken
-    kv = lambda: tuple(_constrain(jnp.zeros(shape, cache_dtype), axes, mesh)
+    kv = lambda: tuple(_constrain(jnp.zeros(shape, cache_dtype), axes, mesh, rules)
                        for _ in range(c.layers))
   cache = {"k": kv(), "v": kv(), "index": 0,  # the int 0: an empty cache (vlm.llama)
            # generated tokens are real (1) from the start: future slots are hidden causally
@@ -143,10 +160,10 @@ def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, 
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "collect"),
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "greedy", "collect"),
                    donate_argnames=("state",))
-def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, greedy,
-            collect):
+def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, mesh, rules,
+            greedy, collect):
   """Samples and feeds tokens until `stop_at` steps or every row is done."""
   model = VLM(config)
 
@@ -171,7 +188,8 @@ def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, co
     s.update(cache=cache, logits=out[:, 0], positions=s["positions"] + 1, step=step + 1)
     return s
 
-  return jax.lax.while_loop(cond, body, state)
+  with _activations(mesh, rules):
+    return jax.lax.while_loop(cond, body, state)
 
 
 class Generator:
@@ -182,11 +200,13 @@ class Generator:
   cuBLAS matmul (its dynamic-slice fusion is off by default), tripling the memory traffic of a
   bandwidth-bound decode step; XLA:CPU copies too (an 8-layer, 256-wide model decodes 2.2x faster
   at batch 1 unstacked: docs/benchmarks.md). XLA:TPU slices in place.
+  rules: (logical axis, mesh axes) pairs placing weights, cache and activations on `mesh`.
   Converting copies the decoder weights: stacked device params are held twice until the caller
   drops them."""
 
   def __init__(self, model: VLM, params, tokenizer=None, *, mesh=None, cache_dtype=None,
-               length_step: int = 128, scan_layers: Optional[bool] = None):
+               length_step: int = 128, scan_layers: Optional[bool] = None,
+               rules=sharding.DEFAULT_RULES):
     if scan_layers is None:
       scan_layers = model.config.scan_layers and jax.default_backend() == "tpu"
     if model.config.scan_layers and not scan_layers:
@@ -195,15 +215,18 @@ class Generator:
     elif scan_layers and not model.config.scan_layers:
       raise ValueError("params are already unstacked (scan_layers=False); load them stacked")
     self.model, self.config, self.tokenizer, self.mesh = model, model.config, tokenizer, mesh
+    # hashable: a static argument of the programs
+    self.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)
     self.length_step = length_step
     self.timings: dict = {}  # of the last generate(): prefill_s (incl. compile), decode_s, ...
     self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
     if mesh is not None:
-      params = sharding.shard(params, sharding.param_shardings(self.config, mesh))
+      params = sharding.shard(params, sharding.param_shardings(self.config, mesh, self.rules))
     self.params = jax.device_put(params) if mesh is None else params  # host arrays: copy once
 
   @classmethod
-  def from_checkpoint(cls, path: str, *, mesh=None, **overrides) -> "Generator":
+  def from_checkpoint(cls, path: str, *, mesh=None, rules=sharding.DEFAULT_RULES,
+                      **overrides) -> "Generator":
     """A checkpoint dir of this project (tokenizer in path/tokenizer), a HF model dir or a
     train.main workdir (serve.workdir.resolve)."""
     import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
@@ -212,7 +235,7 @@ class Generator:
     path = workdir.resolve(path)
     tokenizer = load_tokenizer(path)   # first: a missing tokenizer fails before the weights load
     model, params = vlm.from_pretrained(path, **overrides)
-    return cls(model, params, tokenizer, mesh=mesh)
+    return cls(model, params, tokenizer, mesh=mesh, rules=rules)
 
   # --- host side -------------------------------------------------------------------------------
 
@@ -220,7 +243,7 @@ class Generator:
     if self.mesh is None:
       return jnp.asarray(x)
     return jax.device_put(x, NamedSharding(self.mesh, sharding.spec_for(logical, x.shape,
-                                                                         self.mesh)))
+                                                                         self.mesh, self.rules)))
 
   def _batch(self, prompts: Sequence[Prompt], rows: int, width: int) -> dict:
     """Left-padded ids, positions, segment ids, lengths and stacked pixels for `rows` rows."""
@@ -293,7 +316,7 @@ class Generator:
         self.params, bx(b["ids"], None), bx(b["positions"], None), bx(b["segment_ids"], None),
         bx(b["lengths"]), bx(b["pixels"], *([None] * (b["pixels"].ndim - 1)))
         if b["pixels"] is not None else None,
-        bx(b["image_sizes"], None, None), config=self.config, mesh=self.mesh,
+        bx(b["image_sizes"], None, None), config=self.config, mesh=self.mesh, rules=self.rules,
         cache_dtype=self.cache_dtype, cache_len=cache_len, collect=return_logits)
     jax.block_until_ready(state["logits"])
     t_prefill = time.perf_counter()
@@ -302,7 +325,8 @@ class Generator:
     stop_arr[:len(stops)] = stops
     dyn = (jnp.asarray(stop_arr), jnp.float32(gc.temperature), jnp.float32(gc.top_p),
            jnp.int32(gc.top_k))
-    static = dict(config=self.config, greedy=gc.temperature <= 0, collect=return_logits)
+    static = dict(config=self.config, mesh=self.mesh, rules=self.rules,
+                  greedy=gc.temperature <= 0, collect=return_logits)
     texts = [_TextState(self.tokenizer, gc.stop_strings) for _ in prompts] if (
         stream or gc.stop_strings or host_rows) and self.tokenizer is not None else None
     chunk = STREAM_CHUNK if stream else STOP_STRING_CHUNK

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from bench import suite, train_step
+from bench import (step_ablations, step_cases, step_tables, suite, suite_report, suite_stages,
+                   train_step)
 
 
 def _lines(path):
@@ -19,7 +20,7 @@ def _lines(path):
 
 
 def _stage(name, estimate=0.1, timeout=60, render=""):
-  return suite.Stage(name, 1, f"test stage {name}", ("bench.nothing",), estimate, timeout,
+  return suite_stages.Stage(name, 1, f"test stage {name}", ("bench.nothing",), estimate, timeout,
                      render=render)
 
 
@@ -48,7 +49,7 @@ def test_budget_skips_stages_with_a_reason_and_part2_takes_them_over(tmp_path):
   suite.main(["--out", str(out), "--work", str(work), "--budget", "30", "--part", "1"])
   assert time.monotonic() - t < 20       # nothing started: every estimate exceeds 30 - 5 s
   stages = [r for r in _lines(out / "results.jsonl") if r["kind"] == "stage"]
-  part1 = [s.name for s in suite.STAGES if s.part == 1]
+  part1 = [s.name for s in suite_stages.STAGES if s.part == 1]
   assert [r["stage"] for r in stages] == part1
   for r in stages:
     assert r["status"] == "skipped" and r["wall_s"] is None
@@ -57,7 +58,7 @@ def test_budget_skips_stages_with_a_reason_and_part2_takes_them_over(tmp_path):
   assert md.count("| skipped |") == len(part1) and "by its estimate" in md
   # part 2 on the same machine first runs what part 1 skipped, then its own stages
   part2 = [s.name for s in suite.plan("2", work=str(work))]
-  assert part2 == part1 + [s.name for s in suite.STAGES if s.part == 2]
+  assert part2 == part1 + [s.name for s in suite_stages.STAGES if s.part == 2]
   assert [s.name for s in suite.plan("2", work=str(tmp_path / "fresh"))] == part2[len(part1):]
 
 
@@ -108,17 +109,17 @@ def test_global_deadline_cuts_the_last_stage_short(tmp_path):
 
 
 def test_train_step_ablation_flags():
-  assert train_step.variant("base") == {}
-  assert train_step.variant("remat=none,loss_chunk=0") == {"remat": "none", "loss_chunk": 0}
-  assert train_step.variant("frozen-dtype=float32") == {"frozen_dtype": "float32"}
-  assert train_step.variant("lora_dropout=0") == {"lora_dropout": 0.0}
+  assert step_ablations.variant("base") == {}
+  assert step_ablations.variant("remat=none,loss_chunk=0") == {"remat": "none", "loss_chunk": 0}
+  assert step_ablations.variant("frozen-dtype=float32") == {"frozen_dtype": "float32"}
+  assert step_ablations.variant("lora_dropout=0") == {"lora_dropout": 0.0}
   for bad in ("remat=sometimes", "lr=1", "remat"):
     with pytest.raises(argparse.ArgumentTypeError):
-      train_step.variant(bad)
+      step_ablations.variant(bad)
   args = train_step.parser().parse_args(["--cases", "llm", "--layers", "4", "--ablate", "base",
                                          "loss_chunk=0", "--compile-threads", "2"])
   assert args.layers == 4 and args.frozen_dtype is None
-  assert train_step.arch(args, "llm").llm.layers == 4
+  assert step_cases.arch(args, "llm").llm.layers == 4
   settings = dict(remat="full", attention="cudnn", loss_chunk=512, frozen_dtype="bfloat16")
   rows = [{"case": "llm", "side": "ours", "variant": "base", "settings": settings,
            "tokens": 16384, "compile_s": 30.0, "step_s": 0.25, "compiled_args": 2 ** 31,
@@ -128,7 +129,7 @@ def test_train_step_ablation_flags():
            "step_s": 0.5, "compiled_temp": 9 * 2 ** 30, "loss": 11.9},
           {"case": "llm", "side": "ours", "variant": "attention=cudnn", "settings": settings,
            "note": "same settings as base"}]
-  md = train_step.ablation_table(args, rows, ["--ablate", "base"])
+  md = step_tables.ablation_table(args, rows, ["--ablate", "base"])
   assert "4 decoder layers (reduced depth, same widths)" in md and "NVIDIA H200" in md
   assert "| base | full | cudnn | 512 | bfloat16 | 30.0 | 0.2500 | 65,536 | 1.00x | 2 | 3 |" in md
   assert "| loss_chunk=0 | full | cudnn | 0 | bfloat16 | 28.0 | 0.5000 | 32,768 | 2.00x | - | 9 |" in md
@@ -136,14 +137,14 @@ def test_train_step_ablation_flags():
 
 
 def test_killed_xla_flags_stage_still_renders_its_table():
-  stage = suite.BY_NAME["xla-flags"]
-  cmd = suite.command(stage, False, "/w")
+  stage = suite_stages.BY_NAME["xla-flags"]
+  cmd = suite_stages.command(stage, False, "/w")
   rec = {"case": "llm", "side": "ours", "tokens": 16384, "compile_s": 40.0, "step_s": 0.3,
          "peak": 2 ** 33, "loss": 11.9, "device": "NVIDIA H200 (gpu)"}
   records = [dict(rec, variant="base", xla_flags=""),
              dict(rec, variant="cublas_gemms", xla_flags="--xla_gpu_enable_triton_gemm=false",
                   step_s=0.27)]
-  md = suite._partial(stage, cmd, records)
+  md = suite_report.partial_table(stage, cmd, records)
   assert "## XLA flag A/B, (b) LLM alone, LoRA, ours (GPU)" in md and "4 decoder layers" in md
   assert "| base | (none) | 40.0 | 0.3000 | 54,613 | 1.00x | 8.0 | 11.900 |  |" in md
   assert "| cublas_gemms | `--xla_gpu_enable_triton_gemm=false` | 40.0 | 0.2700 |" in md

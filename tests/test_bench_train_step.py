@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from bench import train_step
+from bench import step_cases, train_step
 
 
 def _rows(out: str) -> dict:
@@ -12,13 +12,13 @@ def _rows(out: str) -> dict:
   rows = {}
   for line in out.splitlines():
     cells = [c.strip() for c in line.strip("|").split("|")]
-    if len(cells) == 12 and cells[1] in train_step.SIDES:
+    if len(cells) == 12 and cells[1] in step_cases.SIDES:
       rows[cells[0], cells[1]] = cells
   return rows
 
 
 def _check_pair(rows, case, unit_col):
-  label = train_step.CASES[case]
+  label = step_cases.CASES[case]
   ours, ref = rows[label, "ours"], rows[label, "reference"]
   for r in (ours, ref):
     assert float(r[2]) > 0 and r[11] == "", r            # step seconds, no failure note
@@ -32,11 +32,11 @@ def _check_pair(rows, case, unit_col):
 def test_smoke_keeps_explicit_flags_equal_to_defaults():
   """--smoke replaces only unset flags: `--loss-chunk 512` (the parser default) stays 512."""
   smoke = train_step.parse_args(["--smoke"])
-  assert {k: getattr(smoke, k) for k in train_step.SMOKE_FLAGS} == train_step.SMOKE_FLAGS
+  assert {k: getattr(smoke, k) for k in step_cases.SMOKE_FLAGS} == step_cases.SMOKE_FLAGS
   given = train_step.parse_args(["--smoke", "--loss-chunk", "512", "--steps=5", "--dtype",
                                  "bfloat16", "--micro-batch", "3"])
   assert (given.loss_chunk, given.steps, given.dtype, given.micro_batch) == (512, 5, "bfloat16", 3)
-  assert (given.seq, given.warmup) == (train_step.SMOKE_FLAGS["seq"], 1)
+  assert (given.seq, given.warmup) == (step_cases.SMOKE_FLAGS["seq"], 1)
   assert train_step.parse_args(["--loss-chunk", "512"]).loss_chunk == 512
 
 
@@ -67,8 +67,8 @@ def test_failed_case_is_a_note(capsys):
   # 6 positions cannot hold BOS + 4 image features + text: both sides fail cleanly, the run goes on.
   train_step.main(["--smoke", "--cases", "stage1", "--seq", "6"])
   rows = _rows(capsys.readouterr().out)
-  for side in train_step.SIDES:
-    r = rows[train_step.CASES["stage1"], side]
+  for side in step_cases.SIDES:
+    r = rows[step_cases.CASES["stage1"], side]
     assert r[2] == "-" and "ValueError: --seq 6 leaves no text" in r[11], r
 
 

@@ -1,7 +1,9 @@
-"""LoRA parity with peft on a tiny HF Llama; merge/unmerge; gradients reach only trainable params."""
+"""LoRA parity with peft on a tiny HF Llama; merge/unmerge; gradients and optimizer steps reach only
+trainable params."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import torch
 import transformers as T
@@ -82,6 +84,19 @@ def test_lora_gradients_match_peft_and_stay_in_trainable_set():
   grads = jax.jit(jax.grad(loss))(train)
   flat = flatten_dict(grads)
   assert all(k[-1].startswith("lora_") for k in flat), "gradients must only exist for trainables"
+  # Real optimizer steps on the selected tree: every frozen weight stays bit for bit (AdamW's
+  # decoupled decay would move one that leaked into the trainable set even without a gradient)
+  # and every adapter moves.
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  step = jax.jit(lambda p, o: tx.update(jax.grad(loss)(p), o, p))
+  p_train, opt = train, tx.init(train)
+  for _ in range(2):
+    updates, opt = step(p_train, opt)
+    p_train = optax.apply_updates(p_train, updates)
+  before, after = flatten_dict(params), flatten_dict(lora.combine(p_train, frozen))
+  assert set(after) == set(before)
+  moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+  assert moved == {k for k in before if k[-1].startswith("lora_")}
   got = hf.export_weights(_ours(ref)[2], grads, lambda comp, nm: (comp, nm))
   assert set(got) == set(want)
   for k, g in want.items():

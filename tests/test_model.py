@@ -92,6 +92,9 @@ def test_config_json_round_trip_and_unknown_keys():
 @pytest.mark.parametrize("remat", ["full", pytest.param("save_dots", marks=pytest.mark.slow),
                                    pytest.param("save_attn_proj", marks=pytest.mark.slow)])
 def test_remat_policies_keep_gradients(remat):
+  """Same gradients under each policy, and each policy really changes what the backward pass
+  keeps: the residuals of the stacked decoder [layers, batch, tokens, ...] and tower [layers,
+  images, tokens, ...] layers are what the policy's definition (vlm.llama.REMAT_POLICIES) saves."""
   params = init_params(CFG, jax.random.key(3))
   rng = np.random.default_rng(3)
   ids = np.stack([_sample(rng, 10), _sample(rng, 10)])
@@ -101,6 +104,29 @@ def test_remat_policies_keep_gradients(remat):
     return jax.jit(jax.grad(lambda p: jnp.mean(VLM(c).apply({"params": p}, ids, px) ** 2)))(params)
   for x, y in zip(jax.tree_util.tree_leaves(grads(CFG)), jax.tree_util.tree_leaves(grads(CFG.replace(remat=remat, vision_remat=remat)))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
+  c, v = CFG.llm, CFG.vision
+  dec = (c.layers,) + ids.shape                           # [layers, batch, tokens]
+  tow = (v.layers, 2, v.grid ** 2 + 1)                    # [layers, images, patches + CLS]
+  q, kv = (c.heads, c.head_dim), (c.kv_heads, c.head_dim)
+  vh = (v.heads, v.width // v.heads)
+  want = {   # nothing_saveable: each layer's input alone (the scan carry); every other residual
+      # is recomputed in the backward pass
+      "full": ([(c.hidden,)], [(v.width,)]),
+      # save_only_these_names: the input + the tensors named q_proj, k_proj, v_proj, attn_out
+      "save_attn_proj": ([(c.hidden,), q, kv, kv, (c.heads * c.head_dim,)],
+                         [(v.width,), vh, vh, vh, (v.width,)]),
+      # dots_with_no_batch_dims_saveable: the input + every weight matmul's output the backward
+      # pass reads: q k v o gate up (down's and fc2's outputs only feed the residual sum; the
+      # attention matmuls have batch dims)
+      "save_dots": ([(c.hidden,), (c.heads * c.head_dim,), (c.kv_heads * c.head_dim,),
+                     (c.kv_heads * c.head_dim,), (c.hidden,), (c.mlp_dim,), (c.mlp_dim,)],
+                    [(v.width,)] * 5 + [(v.mlp_dim,)])}
+  layer = lambda shapes, lead: sorted(s[3:] for s in shapes if s[:3] == lead and len(s) <= 5)
+  saved = _saved_shapes(CFG.replace(remat=remat, vision_remat=remat), params, ids, px)
+  none = _saved_shapes(CFG, params, ids, px)
+  for lead, expected in zip((dec, tow), want[remat]):
+    assert layer(saved, lead) == sorted(expected), (lead, layer(saved, lead))
+    assert len(layer(none, lead)) > len(expected)         # without remat: far more is kept
 
 
 def _saved_shapes(cfg, params, ids, px):
