@@ -19,7 +19,7 @@ Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/1
   stage1  (c) stage-1 step: only the connector trains, gradients flow through the frozen LLM
   vision  (d) the frozen S2 tower alone (forward, images/s)
 
-Ours is train.step.make_train_step as train.main builds it (train.state.plan: trainable float32
+Ours is train.step.make_train_step as train.main builds it (train.plan.plan: trainable float32
 masters + AdamW state, frozen weights bf16, loss over trained tokens, vocabulary-chunked loss,
 remat / attention from the flags), on random weights made on the device and a device-resident
 batch. The reference is what the papers' code runs: HF LlamaForCausalLM (+ peft LoRA) and
@@ -217,7 +217,7 @@ class _Prepared:
 def _prepare(args, case) -> _Prepared:
   import jax
   import jax.numpy as jnp
-  from train import state as state_lib
+  from train import plan as plan_lib
   from train.step import make_train_step
   from vlm import tiler
   from vlm.model import VLM, normalize_pixels
@@ -225,9 +225,9 @@ def _prepare(args, case) -> _Prepared:
   cfg = arch(args, case)
   total = args.warmup + args.steps
   c = _train_config(args, case, cfg, total)
-  mesh = state_lib.mesh_for(c)
-  p = state_lib.plan(c, mesh, total)
-  state_abs, frozen_abs = state_lib.abstract_state(p)
+  mesh = plan_lib.mesh_for(c)
+  p = plan_lib.plan(c, mesh, total)
+  state_abs, frozen_abs = plan_lib.abstract_state(p)
   host = batch(args, cfg, case)
   sh = batch_shardings(mesh, host)
   batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in host.items()}

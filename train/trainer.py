@@ -26,12 +26,14 @@ import numpy as np
 
 from data.errors import UserError
 from data.pipeline import DataConfig, make_iterator, open_sources, skip_summary, to_global
-from train import record
+from train import plan as plan_lib
+from train import record, source
 from train import state as state_lib
 from train.checkpoints import Checkpoints, Preempted, Preemption
 from train.metrics import Flops, Logger, fmt_time, peak_flops
 from train.step import make_eval_step, make_train_step
-from vlm import checkpoint, lora
+from train.trainable import combine
+from vlm import checkpoint
 from vlm.sharding import batch_shardings
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class NonFiniteError(RuntimeError):
 
 def data_config(config, model_cfg, *, eval_: bool = False) -> DataConfig:
   kw = {k: v for k, v in config.data.to_dict().items() if v is not None}
-  kw["tokenizer_dir"] = state_lib.tokenizer_dir(config)
+  kw["tokenizer_dir"] = source.tokenizer_dir(config)
   for k in ("paths", "pad_buckets"):
     if k in kw:
       kw[k] = tuple(kw[k])
@@ -227,17 +229,17 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
              done["steps_planned"])
     return {"final": final, "step": None, "preempted": False}
   if init is None:
-    state_lib.check_init(config)
+    source.check_init(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "train_config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mesh = state_lib.mesh_for(config)
-  src = state_lib.source_config(config)
-  dcfg = data_config(config, state_lib.train_config(config, src))
+  mesh = plan_lib.mesh_for(config)
+  src = source.source_config(config)
+  dcfg = data_config(config, plan_lib.train_config(config, src))
   steps = total_steps(config, dcfg)
-  plan = state_lib.plan(config, mesh, steps)
+  plan = plan_lib.plan(config, mesh, steps)
   accum = int(config.optim.grad_accum)
   if dcfg.global_batch % accum:
     raise UserError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
@@ -293,7 +295,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
       got = batches.next()   # bad data fails here, before any weight is read
     st, frozen = (init or functools.partial(state_lib.load, config))(plan)
     if start:
-      abstract, _ = state_lib.abstract_state(plan)
+      abstract, _ = plan_lib.abstract_state(plan)
       del st   # free the fresh trainable / optimizer state before reading the saved one
       st, _ = ckpts.restore(abstract, step=start)
       log.info("resumed from step %d", start)
@@ -302,7 +304,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(frozen))
     logger.message(f"{config.name}: {steps} steps of {dcfg.global_batch} ({accum} micro-batches), "
                    f"{n_train:,} trainable / {n_frozen:,} frozen parameters, mesh "
-                   f"{dict(mesh.shape)}, from {state_lib.resolve_init(config.model.init)}")
+                   f"{dict(mesh.shape)}, from {source.resolve_init(config.model.init)}")
     if config.eval.paths:
       eval_cfg = data_config(config, plan.config, eval_=True)
       open_sources(eval_cfg)   # a missing held-out file fails now, not at the first evaluation
@@ -394,7 +396,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
     end("done", "not saved (save=False)")
     return {"final": None, "step": step, "preempted": False, "state": st, "frozen": frozen,
             "step_fn": step_fn, "batch": batch}
-  params = lora.combine(frozen, st["trainable"])
+  params = combine(frozen, st["trainable"])
   checkpoint.save(final, state_lib.export_config(plan, dcfg), params, dcfg.tokenizer_dir)
   if jax.process_index() == 0:
     record.write(workdir, record.make(
