@@ -178,7 +178,7 @@ def pipeline_rate(config, steps: int, clock: CpuClock) -> dict:
   from data.pipeline import make_iterator
   from train.plan import train_config
   from train.source import source_config
-  from train.trainer import data_config
+  from train.batches import data_config
   model = train_config(config, source_config(config))
   it = make_iterator(data_config(config, model))
   try:

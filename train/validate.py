@@ -207,7 +207,7 @@ def _network(config, stage: Optional[str], workdir: str):
 
 def data_sets(config, stage: Optional[str], workdir: str) -> list:
   """[(name, DataConfig)]: the stage's training data and, if it has one, its held-out set."""
-  from train.trainer import data_config
+  from train.batches import data_config
   cfg = config[stage] if stage else config
   net = _network(config, stage, workdir)
   prefix = f"{stage} " if stage else ""
