@@ -1,7 +1,8 @@
-"""The jitted train step (train/step.py, train/plan.py, train/state.py): sharded = single device, gradient
-accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch, frozen
-weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite steps
-skipped and counted, and the collectives of the compiled step on fsdp and fsdp x tensor meshes."""
+"""The jitted train step (train/step.py, train/plan.py, train/state.py): sharded = single device,
+gradient accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch,
+frozen weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite
+steps skipped and counted, and the collectives of the compiled step on fsdp and fsdp x tensor
+meshes."""
 import math
 import re
 
