@@ -52,7 +52,7 @@ class Prepared:
 def prepare(args, case) -> Prepared:
   import jax
   import jax.numpy as jnp
-  from train import state as state_lib
+  from train import plan as plan_lib
   from train.step import make_train_step
   from vlm import tiler
   from vlm.model import VLM, normalize_pixels
@@ -60,9 +60,9 @@ def prepare(args, case) -> Prepared:
   cfg = arch(args, case)
   total = args.warmup + args.steps
   c = _train_config(args, case, cfg, total)
-  mesh = state_lib.mesh_for(c)
-  p = state_lib.plan(c, mesh, total)
-  state_abs, frozen_abs = state_lib.abstract_state(p)
+  mesh = plan_lib.mesh_for(c)
+  p = plan_lib.plan(c, mesh, total)
+  state_abs, frozen_abs = plan_lib.abstract_state(p)
   host = batch(args, cfg, case)
   sh = batch_shardings(mesh, host)
   batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in host.items()}

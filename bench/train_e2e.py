@@ -154,7 +154,7 @@ def resident_rate(config, result: dict, warmup: int, steps: int, clock: CpuClock
   compiled again."""
   import jax
   from data.pipeline import to_global
-  from train.state import mesh_for
+  from train.plan import mesh_for
   from vlm.sharding import batch_shardings
   step_fn, st, frozen, host = (result[k] for k in ("step_fn", "state", "frozen", "batch"))
   mesh = mesh_for(config)
@@ -176,9 +176,10 @@ def resident_rate(config, result: dict, warmup: int, steps: int, clock: CpuClock
 def pipeline_rate(config, steps: int, clock: CpuClock) -> dict:
   """Batches/s of the same input pipeline alone (no step), after its first batch."""
   from data.pipeline import make_iterator
-  from train import state as state_lib
-  from train.trainer import data_config
-  model = state_lib.train_config(config, state_lib.source_config(config))
+  from train.plan import train_config
+  from train.source import source_config
+  from train.batches import data_config
+  model = train_config(config, source_config(config))
   it = make_iterator(data_config(config, model))
   try:
     next(it)

@@ -19,7 +19,7 @@ Cases, all on the Llama3-Med shape (`vlm.preset("llama3_med")`: S2 DFN5B ViT-H/1
   stage1  (c) stage-1 step: only the connector trains, gradients flow through the frozen LLM
   vision  (d) the frozen S2 tower alone (forward, images/s)
 
-Ours is train.step.make_train_step as train.main builds it (train.state.plan: trainable float32
+Ours is train.step.make_train_step as train.main builds it (train.plan.plan: trainable float32
 masters + AdamW state, frozen weights bf16, loss over trained tokens, vocabulary-chunked loss,
 remat / attention from the flags), on random weights made on the device and a device-resident
 batch. The reference is what the papers' code runs: HF LlamaForCausalLM (+ peft LoRA) and

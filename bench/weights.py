@@ -30,11 +30,11 @@ def random_train_state(plan, seed: int = 0) -> tuple:
   on the device: trainable from seed + 1, frozen from seed + 2, AdamW state initialized."""
   import jax
   import jax.numpy as jnp
-  from train import state as state_lib
-  state_abs, frozen_abs = state_lib.abstract_state(plan)
+  from train.plan import abstract_state, rng_data
+  state_abs, frozen_abs = abstract_state(plan)
   trainable = hash_fill(state_abs["trainable"], seed + 1)
   put = lambda x: jax.device_put(x, plan.state_shardings["step"])
-  state = {"step": put(jnp.int32(0)), "rng": put(state_lib.rng_data(seed, plan.prng_impl)),
+  state = {"step": put(jnp.int32(0)), "rng": put(rng_data(seed, plan.prng_impl)),
            "trainable": trainable,
            "opt": jax.jit(plan.tx.init, out_shardings=plan.opt_shardings)(trainable),
            "nonfinite": put(jnp.int32(0)), "skipped_steps": put(jnp.int32(0))}

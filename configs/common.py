@@ -93,7 +93,7 @@ def base() -> ml_collections.ConfigDict:
                  weight_decay=0.0, no_decay=(r"bias$", r"norm", r"(^|/)ln", r"scale$"),
                  b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1)
   c.train = dict(epochs=1, steps=0, seed=0, max_nonfinite=10, log_every=10, peak_tflops=0.0,
-                 prng_impl="threefry2x32",  # dropout key: threefry2x32 | rbg (train/state.py)
+                 prng_impl="threefry2x32",  # dropout key: threefry2x32 | rbg (train/plan.py)
                  allow_incomplete=False)
   c.mesh = dict(shape=(1, -1, 1), num_devices=0)
   c.sharding_rules = DEFAULT_RULES

@@ -139,10 +139,10 @@ def test_llava_code_base_reads_the_tokenizer_too(toks, tok, anyres, want):
 
 
 def test_training_from_a_hf_dir_reads_it_like_the_import(toks, tmp_path):
-  """model.init = a llava-hf dir: train/state.py takes the format the import would."""
+  """model.init = a llava-hf dir: train/source.py takes the format the import would."""
   import ml_collections
-  from train import state
+  from train.source import source_config
   src = hf_dir(tmp_path / "m", llava("llava_next", mistral=True), toks["mistral"])
   c = ml_collections.ConfigDict({"model": {"init": src, "preset": None}})
-  cfg = state.source_config(c)
+  cfg = source_config(c)
   assert (cfg.template, cfg.image_position) == ("llava_mistral", LLAVA_NEXT)

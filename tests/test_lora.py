@@ -11,6 +11,7 @@ from flax.traverse_util import flatten_dict
 
 from convert import hf
 from tests import hf_models as H
+from train.trainable import combine, partition, select
 from vlm import lora
 from vlm.config import LoraConfig, VLMConfig
 from vlm.model import VLM
@@ -73,11 +74,11 @@ def test_lora_gradients_match_peft_and_stay_in_trainable_set():
   want = {hf.canonical_name(n): p.grad.numpy() for n, p in ref.named_parameters() if p.requires_grad}
   assert want and all("lora_" in k[1] for k in want)
 
-  trainable = lora.select(params, [r"lora_"])
-  train, frozen = lora.partition(params, trainable)
+  trainable = select(params, [r"lora_"])
+  train, frozen = partition(params, trainable)
 
   def loss(p_train):
-    logits = model.apply({"params": lora.combine(p_train, frozen)}, ids)
+    logits = model.apply({"params": combine(p_train, frozen)}, ids)
     logp = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
 
@@ -93,7 +94,7 @@ def test_lora_gradients_match_peft_and_stay_in_trainable_set():
   for _ in range(2):
     updates, opt = step(p_train, opt)
     p_train = optax.apply_updates(p_train, updates)
-  before, after = flatten_dict(params), flatten_dict(lora.combine(p_train, frozen))
+  before, after = flatten_dict(params), flatten_dict(combine(p_train, frozen))
   assert set(after) == set(before)
   moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
   assert moved == {k for k in before if k[-1].startswith("lora_")}

@@ -81,9 +81,9 @@ def test_documented_overrides_name_real_fields():
 
 
 def test_a_training_workdir_resolves_to_its_final_model(tmp_path):
-  """train.state.resolve_init: what train.main takes as model.init (and serve.chat as --ckpt)."""
+  """train.source.resolve_init: what train.main takes as model.init (and serve.chat as --ckpt)."""
   from data.errors import UserError
-  from train.state import resolve_init
+  from train.source import resolve_init
   for d in ("run/stage1/final/params", "run/stage2/final/params", "busy/checkpoints/5"):
     os.makedirs(tmp_path / d)
   for d in ("run/stage1/final", "run/stage2/final"):

@@ -15,6 +15,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from train import metrics, optimizer
+from train import plan as plan_lib
 from train import state as state_lib
 from train.main import fill_workdir, resolve_config_arg
 from vlm.sharding import make_mesh
@@ -117,8 +118,8 @@ def test_paper_config_plans_full_size_state_without_allocating(name):
   assert not os.path.exists(c.model.init)   # planned from model.preset, as on a laptop
   before = sum(x.nbytes for x in jax.live_arrays())
   mesh = make_mesh(tuple(c.mesh.shape))
-  plan = state_lib.plan(c, mesh, total_steps=1000)
-  st, frozen = state_lib.abstract_state(plan)
+  plan = plan_lib.plan(c, mesh, total_steps=1000)
+  st, frozen = plan_lib.abstract_state(plan)
   assert sum(x.nbytes for x in jax.live_arrays()) - before < 1 << 20   # nothing big allocated
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves((st, frozen)))
 

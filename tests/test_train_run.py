@@ -24,8 +24,8 @@ from configs import demo
 from data.errors import UserError, cli_errors
 from train import demo as demo_data
 from train import main as train_main
-from train import state as state_lib
 from train import trainer
+from train.source import source_config
 from vlm import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def root(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("train"))
   demo_data.prepare(d, train_views=10, test_views=4)
   c = stage("stage1", d, init="scratch")
-  cfg = state_lib.source_config(c)
+  cfg = source_config(c)
   from vlm.model import abstract_params
   rng = np.random.default_rng(0)
   flat = flatten_dict(abstract_params(cfg, boxed=False))

@@ -1,7 +1,8 @@
-"""The jitted train step (train/step.py, train/state.py): sharded = single device, gradient
-accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch, frozen
-weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite steps
-skipped and counted, and the collectives of the compiled step on fsdp and fsdp x tensor meshes."""
+"""The jitted train step (train/step.py, train/plan.py, train/state.py): sharded = single device,
+gradient accumulation 4x1 = one micro-batch of 4, the loss normalized over the whole global batch,
+frozen weights untouched (bf16 storage), a LoRA stage moving only adapters + connector, non-finite
+steps skipped and counted, and the collectives of the compiled step on fsdp and fsdp x tensor
+meshes."""
 import math
 import re
 
@@ -13,10 +14,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from configs import common
 from data.errors import UserError
+from train import plan as plan_lib
 from train import state as state_lib
 from train.step import make_train_step, token_losses
+from train.trainable import combine
 from vlm.sharding import batch_shardings
-from vlm import checkpoint, lora
+from vlm import checkpoint
 from vlm.config import VLMConfig
 from vlm.model import abstract_params
 from vlm.sharding import DEFAULT_RULES, make_mesh, param_shardings
@@ -88,7 +91,7 @@ def one_device():
 def step_fn(c, mesh, batch, total_steps, compile_options=None):
   """(state, frozen, batch shardings, step) of config c on mesh; with compile_options the step is
   compiled ahead of time for `batch`'s shapes (then `step.as_text()` is its HLO)."""
-  plan = state_lib.plan(c, mesh, total_steps=total_steps)
+  plan = plan_lib.plan(c, mesh, total_steps=total_steps)
   st, frozen = state_lib.load(c, plan)
   sh = batch_shardings(mesh, batch)
   fn = make_train_step(plan.model, plan.tx, mesh=mesh, state_shardings=plan.state_shardings,
@@ -102,12 +105,12 @@ def step_fn(c, mesh, batch, total_steps, compile_options=None):
 def train(c, data, mesh, compile_options=None):
   """(params before, params after, per-step metrics, final state) of len(data) steps."""
   st, frozen, sh, fn = step_fn(c, mesh, data[0], len(data), compile_options)
-  first = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  first = jax.tree_util.tree_map(np.asarray, combine(frozen, st["trainable"]))
   metrics = []
   for b in data:
     st, m = fn(st, frozen, jax.device_put(b, sh))
     metrics.append(jax.device_get(m))
-  last = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  last = jax.tree_util.tree_map(np.asarray, combine(frozen, st["trainable"]))
   return first, last, metrics, st
 
 
@@ -158,7 +161,7 @@ def test_accumulation_4x1_equals_one_microbatch_of_4(text_model, single):
 
 def test_loss_is_sum_over_trained_tokens_over_their_count(text_model):
   c = config(text_model)
-  plan = state_lib.plan(c, one_device(), 1)
+  plan = plan_lib.plan(c, one_device(), 1)
   _, params = checkpoint.load(text_model)
   b = batches(1, b=2)[0]
   total, n = jax.jit(lambda p: token_losses(plan.model, p, b, jax.random.key(0), train=False))(
@@ -189,13 +192,13 @@ def test_lora_stage_moves_only_adapters_and_connector_and_skips_nonfinite(tmp_pa
     b["pixel_values"] = b["pixel_values"].astype(np.float32) / 255.0
   data[1]["pixel_values"][0, 0, 3, 3, 0] = np.nan
   mesh = one_device()
-  plan = state_lib.plan(c, mesh, total_steps=3)
+  plan = plan_lib.plan(c, mesh, total_steps=3)
   st, frozen = state_lib.load(c, plan)
   sh = batch_shardings(mesh, data[0])
   fn = make_train_step(plan.model, plan.tx, mesh=mesh, state_shardings=plan.state_shardings,
                        frozen_shardings=plan.frozen_shardings, batch_shardings=sh)
   host = lambda s: jax.tree_util.tree_map(np.asarray, (s["trainable"], s["opt"]))
-  first_params = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  first_params = jax.tree_util.tree_map(np.asarray, combine(frozen, st["trainable"]))
   frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
   seen = []
   for b in data:
@@ -209,7 +212,7 @@ def test_lora_stage_moves_only_adapters_and_connector_and_skips_nonfinite(tmp_pa
                   (True, False, 0, 1)]    # training goes on; the in-a-row counter resets
   assert int(st["step"]) == 3
 
-  last = jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"]))
+  last = jax.tree_util.tree_map(np.asarray, combine(frozen, st["trainable"]))
   fa, fb = flatten_dict(first_params), flatten_dict(last)
   changed = {"/".join(k) for k in fa if not np.array_equal(fa[k], fb[k])}
   allowed = {"/".join(k) for k in fa if k[-1] in ("lora_a", "lora_b") or k[0] == "connector"}
@@ -230,24 +233,24 @@ def test_dropout_key_impl(text_model):
                               "train.prng_impl": impl})
     common.lora(c, rank=4, alpha=8.0, dropout=0.5)
     _, _, metrics, st = train(c, batches(2), one_device())
-    assert st["rng"].shape == (state_lib.RNG_WORDS[impl],)
+    assert st["rng"].shape == (plan_lib.RNG_WORDS[impl],)
     return [float(m["loss"]) for m in metrics]
   rbg, threefry = losses("rbg"), losses("threefry2x32")
   assert rbg[0] == threefry[0] and rbg[1] != threefry[1] and np.isfinite(rbg).all()
   with pytest.raises(ValueError, match="prng_impl"):
-    state_lib.plan(config(text_model, **{"train.prng_impl": "philox"}), one_device(), 1)
+    plan_lib.plan(config(text_model, **{"train.prng_impl": "philox"}), one_device(), 1)
 
 
 def test_sharding_rules_come_from_the_config(text_model):
   """config.sharding_rules place the weights (and reach the steps as plan.rules); a rule naming
   no mesh axis is a user error."""
   rules = tuple(r for r in DEFAULT_RULES if r[0] != "mlp") + (("mlp", None),)
-  p = state_lib.plan(config(text_model, sharding_rules=rules), make_mesh((1, 4, 2)), 1)
+  p = plan_lib.plan(config(text_model, sharding_rules=rules), make_mesh((1, 4, 2)), 1)
   assert p.rules == rules
   up = p.param_shardings["llm"]["layers"]["layer"]["mlp"]["up"]["kernel"]
   assert up.spec == jax.sharding.PartitionSpec(None, "fsdp", None)   # [layers, embed, mlp]
   with pytest.raises(UserError, match="sharding_rules"):
-    state_lib.plan(config(text_model, sharding_rules=(("mlp", "model"),)), make_mesh((1, 4, 2)), 1)
+    plan_lib.plan(config(text_model, sharding_rules=(("mlp", "model"),)), make_mesh((1, 4, 2)), 1)
 
 
 # --- activation sharding: the collectives of the compiled step ----------------------------------
@@ -312,7 +315,7 @@ def one_step(c, mesh, batch):
   """(compiled HLO text, params after one step, metrics)."""
   st, frozen, sh, fn = step_fn(c, mesh, batch, 1, FAST_COMPILE)
   st, m = fn(st, frozen, jax.device_put(batch, sh))
-  return (fn.as_text(), jax.tree_util.tree_map(np.asarray, lora.combine(frozen, st["trainable"])),
+  return (fn.as_text(), jax.tree_util.tree_map(np.asarray, combine(frozen, st["trainable"])),
           jax.device_get(m))
 
 

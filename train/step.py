@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from train.state import RNG_WORDS
-from vlm import lora
+from train.plan import RNG_WORDS
+from train.trainable import combine
 from vlm.model import VLM
 from vlm.sharding import BATCH, DEFAULT_RULES, activation_sharding
 
@@ -85,7 +85,7 @@ def make_train_step(model: VLM, tx, *, mesh, state_shardings, frozen_shardings, 
   state: {"step", "rng", "trainable", "opt", "nonfinite", "skipped_steps"}."""
 
   def loss_fn(trainable, frozen, mb, rng, n_total):
-    total, n = token_losses(model, lora.combine(frozen, trainable), mb, rng, chunk=loss_chunk)
+    total, n = token_losses(model, combine(frozen, trainable), mb, rng, chunk=loss_chunk)
     return total / n_total, n
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -137,7 +137,7 @@ def make_eval_step(model: VLM, *, mesh, trainable_shardings, frozen_shardings, b
   """jit(eval)(trainable, frozen, batch) -> (loss sum, trained tokens) for a held-out batch."""
   def run(trainable, frozen, batch):
     with activation_sharding(mesh, rules):
-      return token_losses(model, lora.combine(frozen, trainable), batch, jax.random.key(0),
+      return token_losses(model, combine(frozen, trainable), batch, jax.random.key(0),
                           chunk=loss_chunk, train=False)
   replicated = NamedSharding(mesh, P())
   return jax.jit(run, in_shardings=(trainable_shardings, frozen_shardings, batch_shardings),

@@ -14,160 +14,37 @@ summary line: steps, samples used and skipped per reason, tokens, time, where th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import math
 import os
 import time
-from typing import Optional
 
 import jax
 import numpy as np
 
 from data.errors import UserError
-from data.pipeline import DataConfig, make_iterator, open_sources, skip_summary, to_global
-from train import record
+from data.pipeline import make_iterator, open_sources, skip_summary
+from train import plan as plan_lib
+from train import record, source
 from train import state as state_lib
+from train.batches import Batches, HeldOut, data_config, fetch, total_steps
 from train.checkpoints import Checkpoints, Preempted, Preemption
 from train.metrics import Flops, Logger, fmt_time, peak_flops
-from train.step import make_eval_step, make_train_step
-from vlm import checkpoint, lora
+from train.step import make_train_step
+from train.trainable import combine
+from vlm import checkpoint
 from vlm.sharding import batch_shardings
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """train.max_nonfinite steps in a row had non-finite loss or gradients."""
 
 
-def data_config(config, model_cfg, *, eval_: bool = False) -> DataConfig:
-  kw = {k: v for k, v in config.data.to_dict().items() if v is not None}
-  kw["tokenizer_dir"] = state_lib.tokenizer_dir(config)
-  for k in ("paths", "pad_buckets"):
-    if k in kw:
-      kw[k] = tuple(kw[k])
-  if "num_epochs" not in kw:
-    kw["num_epochs"] = None if config.train.steps else math.ceil(config.train.epochs)
-  if eval_:
-    kw.update(paths=tuple(config.eval.paths), shuffle=False, num_epochs=1)
-    if config.eval.global_batch:
-      kw["global_batch"] = config.eval.global_batch
-  return DataConfig.from_model(model_cfg, **kw)
-
-
-def total_steps(config, dcfg: DataConfig) -> int:
-  if config.train.steps:
-    return int(config.train.steps)
-  n = len(open_sources(dcfg))
-  steps = int(n * config.train.epochs) // dcfg.global_batch
-  if steps < 1:
-    raise UserError(f"{n} samples x {config.train.epochs} epochs is less than one global batch "
-                    f"of {dcfg.global_batch}")
-  return steps
-
-
-def _pad_to(batch: dict, length: int) -> dict:
-  t = batch["input_ids"].shape[1]
-  if length == t:
-    return batch
-  fill = {"labels": -100}
-  return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill.get(k, 0))
-          if k in ("input_ids", "labels", "positions", "segment_ids") else v
-          for k, v in batch.items()}
-
-
-def samples_in(batch: dict) -> int:
-  """Samples in a host batch: each row's highest segment id (pad mode: 1 per filled row; pack
-  mode: the samples packed into it)."""
-  return int(batch["segment_ids"].max(axis=1).sum())
-
-
-def agree(batch: Optional[dict]) -> tuple:
-  """(batch, samples in the global batch). Several processes step together: all stop when any
-  runs out of data (bad samples are skipped per process, so shards can end a batch apart), and in
-  pad mode every process pads its rows to the longest bucket any of them drew, so the global
-  batch has one shape."""
-  n = 0 if batch is None else samples_in(batch)
-  if jax.process_count() == 1:
-    return batch, n
-  from jax.experimental import multihost_utils
-  mine = np.array([batch is not None, 0 if batch is None else batch["input_ids"].shape[1], n],
-                  np.int32)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
-  if not every[:, 0].all():
-    return None, 0
-  return _pad_to(batch, int(every[:, 1].max())), int(every[:, 2].sum())
-
-
-def fetch(tree):
-  """Replicated device values -> numpy on every process (multi-process arrays are not fully
-  addressable, so read this process's copy)."""
-  return jax.tree_util.tree_map(
-      lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0)), tree)
-
-
-def host_batch(batch: Optional[dict], text_only: bool) -> tuple:
-  """(the arrays the step takes, samples in the global batch), agreed on by every process (a
-  text-only model gets no all-padding image slots)."""
-  if batch is not None:
-    batch = {k: v for k, v in batch.items() if k != "skipped" and not (
-        text_only and k in ("pixel_values", "image_sizes"))}
-  return agree(batch)
-
-
-class Batches:
-  """The iterator as the loop uses it: (host batch, the same on the mesh, iterator state after
-  it, samples in the global batch). The copy to the device starts as the batch is taken, while
-  the step before it runs."""
-
-  def __init__(self, iterator, text_only: bool, mesh):
-    self.it, self.text_only, self.mesh = iterator, text_only, mesh
-    self.skipped: dict = {}
-
-  def next(self) -> Optional[tuple]:
-    batch = next(self.it, None)
-    if batch is not None:
-      self.skipped = batch.pop("skipped", {}) or {}
-    batch, n = host_batch(batch, self.text_only)
-    if batch is None:
-      return None
-    placed = to_global(batch, self.mesh, batch_shardings(self.mesh, batch))
-    return batch, placed, self.it.get_state(), n
-
-
-class HeldOut:
-  """Periodic held-out loss: one pass over the eval data (or its first `batches` batches)."""
-
-  def __init__(self, config, plan, dcfg: DataConfig, mesh):
-    self.config, self.plan, self.dcfg, self.mesh = config, plan, dcfg, mesh
-    self._steps = {}
-
-  def _step(self, batch):
-    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
-    if key not in self._steps:
-      sh = batch_shardings(self.mesh, batch)
-      self._steps[key] = (sh, make_eval_step(
-          self.plan.model, mesh=self.mesh, trainable_shardings=self.plan.trainable_shardings,
-          frozen_shardings=self.plan.frozen_shardings, batch_shardings=sh,
-          loss_chunk=self.config.model.loss_chunk, rules=self.plan.rules))
-    return self._steps[key]
-
-  def __call__(self, trainable, frozen) -> tuple:
-    it = make_iterator(self.dcfg)
-    total, count, i = 0.0, 0, 0
-    try:
-      while not self.config.eval.batches or i < self.config.eval.batches:
-        batch, _ = host_batch(next(it, None), self.plan.config.vision is None)
-        if batch is None:
-          break
-        i += 1
-        sh, fn = self._step(batch)
-        s, n = fetch(fn(trainable, frozen, to_global(batch, self.mesh, sh)))
-        total, count = total + float(s), count + int(n)
-    finally:
-      it.close()
-    return total / max(count, 1), count
+class IncompleteRun(UserError):
+  """The data ran out before the planned steps and the config does not accept a short run."""
 
 
 class NoCheckpoints:
@@ -182,10 +59,6 @@ class NoCheckpoints:
 
   def close(self):
     pass
-
-
-class IncompleteRun(UserError):
-  """The data ran out before the planned steps and the config does not accept a short run."""
 
 
 class Summary:
@@ -204,6 +77,122 @@ class Summary:
     return (f"{self.name}: {outcome} at step {self.step} of {self.planned}{resumed}; "
             f"{self.samples:,} samples used, {skipped:,} skipped{per}, {self.tokens:,} tokens "
             f"({self.trained:,} trained), {fmt_time(time.time() - self.t0)}; {where}")
+
+
+class InFlight:
+  """The steps dispatched whose metrics are not logged yet. Reading a step's metrics waits for the
+  device, so the loop leaves the newest one queued while it takes the next batch; logging a step
+  M non-finite steps in a row raises NonFiniteError(that step)."""
+
+  def __init__(self, logger: Logger, summary: Summary, max_nonfinite: int):
+    self.logger, self.summary, self.max_nonfinite = logger, summary, max_nonfinite
+    self.queue: list = []
+    self.restart_clock()
+
+  def restart_clock(self):
+    """The next step's time counts from now (after the setup, after a held-out pass)."""
+    self.t_last = time.time()
+
+  def put(self, step: int, m: dict, *, lr: float, flops: float, skipped: dict):
+    self.queue.append((step, m, lr, flops, int(sum(skipped.values()))))
+
+  def flush(self, keep: int = 0):
+    """Log the metrics of the steps dispatched so far but the last `keep`."""
+    while len(self.queue) > keep:
+      step, m, lr, flops, skipped = self.queue.pop(0)
+      m, now = fetch(m), time.time()
+      values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
+                "tokens": int(m["real_tokens"]), "trained_tokens": int(m["tokens"]),
+                "step_time": now - self.t_last, "flops": flops, "skipped_samples": skipped,
+                "skipped_steps": int(m["skipped_steps"])}
+      self.t_last = now
+      self.summary.tokens += values["tokens"]
+      self.summary.trained += values["trained_tokens"]
+      if not bool(m["finite"]):
+        self.logger.message(f"step {step}: non-finite loss or gradients, update skipped "
+                            f"({int(m['nonfinite'])} in a row, {int(m['skipped_steps'])} in total)")
+      self.logger.step(step, values)
+      if int(m["nonfinite"]) >= self.max_nonfinite:
+        raise NonFiniteError(step)
+
+
+class Session:
+  """What a run opens (its checkpoints, logger, batch iterator and preemption handler) and the
+  summary line it ends with. `end` writes the line and closes whatever is still open; leaving the
+  `with` block by an exception no handler ended (bad data, a bug, a second Ctrl-C) ends it as
+  stopped, with the newest checkpoint named. Each is closed once: the iterator and the signal
+  handlers when the loop is over (close_data), the checkpoints before the final model is written
+  (close_checkpoints), the logger after the summary line."""
+
+  def __init__(self, config, workdir: str, plan, dcfg, steps: int, *, save: bool, t0: float):
+    with contextlib.ExitStack() as opening:   # a failure while opening closes what was opened
+      self.ckpts = (Checkpoints(os.path.join(workdir, "checkpoints"),
+                                every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                use_async=config.checkpoint.use_async)
+                    if save else NoCheckpoints())
+      opening.callback(self.ckpts.close)
+      self.start = self.ckpts.latest_step() or 0
+      self.logger = Logger(workdir, total_steps=steps, start_step=self.start, name=config.name,
+                           log_every=config.train.log_every,
+                           peak=peak_flops(config.train.peak_tflops),
+                           enabled=jax.process_index() == 0)
+      opening.callback(self.logger.close)
+      self.summary = Summary(config.name, steps, self.start, t0)
+      self.batches = Batches(make_iterator(dcfg), plan.config.vision is None, plan.mesh)
+      opening.callback(self.batches.it.close)
+      self.preempt = Preemption(config.checkpoint.sync_every)
+      opening.pop_all()
+    self._data = self._ckpts = True
+    self.ended = False
+
+  def __enter__(self) -> Session:
+    return self
+
+  def close_data(self):
+    """The loop is over: the signal handlers are restored and the iterator is closed."""
+    if self._data:
+      self._data = False
+      self.preempt.close()
+      self.batches.it.close()
+
+  def close_checkpoints(self, step: int, st, data_state):
+    """Save the step reached unless it is saved already or nothing was trained; wait for the
+    saves to finish."""
+    if self._ckpts:
+      if step > self.start and self.ckpts.latest_step() != step:
+        self.ckpts.save(step, st, data_state, force=True)
+      self._ckpts = False
+      self.ckpts.close()
+
+  def end(self, outcome: str, where: str):
+    """The summary line (at summary.step), after everything else is closed."""
+    self.close_data()
+    if self._ckpts:
+      self._ckpts = False
+      self.ckpts.close()
+    self.ended = True
+    self.logger.message(self.summary.line(outcome, where))
+    self.logger.close()
+
+  def __exit__(self, kind, exc, tb):
+    if not self.ended:   # bad data, a bug, a second Ctrl-C: say where the run stopped
+      self.summary.skipped = self.summary.skipped or self.batches.it.skip_counts()
+      newest = self.ckpts.latest_step()
+      self.end("stopped", "no model written" + (f" (newest checkpoint: step {newest} in "
+                                                f"{self.ckpts.directory})" if newest else ""))
+    return False
+
+
+def itstime(step: int, every: int) -> bool:
+  """Whether `step` steps done is a multiple of `every` (0: never)."""
+  return bool(every) and step % every == 0
+
+
+def batch_shape(batch: dict) -> tuple:
+  """(samples, tokens, image slots) of the global batch, for the FLOP count."""
+  b, t = batch["input_ids"].shape
+  n = b * jax.process_count()
+  return n, t, n * batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
 
 
 def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
@@ -227,179 +216,130 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
              done["steps_planned"])
     return {"final": final, "step": None, "preempted": False}
   if init is None:
-    state_lib.check_init(config)
+    source.check_init(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "train_config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mesh = state_lib.mesh_for(config)
-  src = state_lib.source_config(config)
-  dcfg = data_config(config, state_lib.train_config(config, src))
+  mesh = plan_lib.mesh_for(config)
+  dcfg = data_config(config, plan_lib.train_config(config, source.source_config(config)))
   steps = total_steps(config, dcfg)
-  plan = state_lib.plan(config, mesh, steps)
+  plan = plan_lib.plan(config, mesh, steps)
   accum = int(config.optim.grad_accum)
   if dcfg.global_batch % accum:
     raise UserError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
                     f"{accum}")
 
-  ckpts = (Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                       keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
-           if save else NoCheckpoints())
-  start = ckpts.latest_step() or 0
-  logger = Logger(workdir, total_steps=steps, start_step=start, name=config.name,
-                  log_every=config.train.log_every, peak=peak_flops(config.train.peak_tflops),
-                  enabled=jax.process_index() == 0)
-  summary = Summary(config.name, steps, start, t0)
-  batches = Batches(make_iterator(dcfg), plan.config.vision is None, mesh)
-  preempt = Preemption(config.checkpoint.sync_every)
-  step, st, frozen, step_fn, batch, held_out, queued = start, None, None, None, None, None, []
-  data_state, t_last = None, time.time()
+  with Session(config, workdir, plan, dcfg, steps, save=save, t0=t0) as s:
+    start = step = s.start
+    st = frozen = step_fn = batch = data_state = held_out = None
+    metrics = InFlight(s.logger, s.summary, config.train.max_nonfinite)
+    preempted = False
+    try:
+      try:
+        if start:
+          s.ckpts.restore_data(start, s.batches.it)
+        with s.preempt.waiting():
+          got = s.batches.next()   # bad data fails here, before any weight is read
+        st, frozen = _load(config, plan, init, s.ckpts, start)
+        flops = Flops(plan.config, plan.abstract, plan.mask)
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st["trainable"]))
+        n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(frozen))
+        s.logger.message(f"{config.name}: {steps} steps of {dcfg.global_batch} ({accum} "
+                         f"micro-batches), {n_train:,} trainable / {n_frozen:,} frozen "
+                         f"parameters, mesh {dict(mesh.shape)}, from "
+                         f"{source.resolve_init(config.model.init)}")
+        if config.eval.paths:
+          eval_cfg = data_config(config, plan.config, eval_=True)
+          open_sources(eval_cfg)   # a missing held-out file fails now, not at the first evaluation
+          held_out = HeldOut(config, plan, eval_cfg, mesh)
+        # The schedule's values, read on the host: evaluated per step on the accelerator, they
+        # would queue behind the step in flight and wait for it, leaving the device idle while the
+        # host dispatches the next one.
+        lrs = np.asarray(jax.jit(jax.vmap(plan.schedule))(np.arange(max(steps, 1))))
+        metrics.restart_clock()
+        while got is not None and step < steps:
+          batch, placed, state_after, n = got
+          if step_fn is None:
+            step_fn = make_train_step(plan.model, plan.tx, mesh=mesh,
+                                      state_shardings=plan.state_shardings,
+                                      frozen_shardings=plan.frozen_shardings,
+                                      batch_shardings=batch_shardings(mesh, batch),
+                                      grad_accum=accum, loss_chunk=config.model.loss_chunk,
+                                      rules=plan.rules)
+          st, m = step_fn(st, frozen, placed)
+          step, data_state = step + 1, state_after
+          s.summary.step, s.summary.samples = step, s.summary.samples + n
+          metrics.put(step, m, lr=float(lrs[step - 1]), flops=flops.step(*batch_shape(batch)),
+                      skipped=s.batches.skipped)
+          got = None
+          if step < steps:
+            with s.preempt.waiting():
+              got = s.batches.next()   # overlaps the device step
+          metrics.flush(keep=1)
+          if s.preempt.should_stop(step):
+            raise Preempted()
+          s.ckpts.save(step, st, data_state)
+          if held_out is not None and itstime(step, config.eval.every):
+            metrics.flush()
+            s.logger.eval(step, *held_out(st["trainable"], frozen))
+            metrics.restart_clock()
+      except Preempted:   # a stop signal, at a step boundary or while waiting for data
+        preempted = True
+      metrics.flush()
+    except NonFiniteError as e:
+      s.ckpts.save(step, st, data_state, force=True)
+      s.end("stopped", f"parameters of the last finite step saved as step {step}")
+      raise NonFiniteError(
+          f"{config.train.max_nonfinite} steps in a row (up to step {int(e.args[0])}) had "
+          f"non-finite loss or gradients; parameters are those of the last finite step, saved as "
+          f"step {step} in {s.ckpts.directory} (a resume continues after these batches). Check "
+          f"the data of those steps, lower optim.lr or raise optim.clip_norm / "
+          f"train.max_nonfinite.") from None
+    s.summary.skipped = dict(s.batches.skipped)
+    s.close_data()
+    s.close_checkpoints(step, st, data_state)
 
-  def finish_metrics(m, at: int, data_skips: dict, shape, t_prev):
-    m = fetch(m)
-    now = time.time()
-    values = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-              "lr": float(lrs[at - 1]), "tokens": int(m["real_tokens"]),
-              "trained_tokens": int(m["tokens"]), "step_time": now - t_prev,
-              "flops": flops.step(*shape), "skipped_samples": int(sum(data_skips.values())),
-              "skipped_steps": int(m["skipped_steps"])}
-    summary.tokens += values["tokens"]
-    summary.trained += values["trained_tokens"]
-    if not bool(m["finite"]):
-      logger.message(f"step {at}: non-finite loss or gradients, update skipped "
-                     f"({int(m['nonfinite'])} in a row, {int(m['skipped_steps'])} in total)")
-    logger.step(at, values)
-    return now, int(m["nonfinite"])
+    if preempted:
+      if s.ckpts.latest_step() == step:
+        s.logger.message(f"preempted: checkpoint of step {step} saved in {s.ckpts.directory}")
+        s.end("preempted", f"checkpoint of step {step} in {s.ckpts.directory}; rerun to resume")
+      else:
+        s.end("preempted", "nothing trained yet")
+      return {"final": None, "step": step, "preempted": True}
+    complete = step >= steps or (not config.train.steps and step > 0)   # epochs: every one read
+    if not complete and not config.train.get("allow_incomplete", False):
+      kept = (f"the checkpoint of step {step} is in {s.ckpts.directory}" if step else
+              "nothing was trained")
+      s.end("incomplete", "no model written")
+      raise IncompleteRun(f"the data ran out after {step} of {steps} planned steps: no final "
+                          f"model written ({kept}); check data.paths / data.num_epochs, or set "
+                          f"train.allow_incomplete=True and rerun to accept the shorter run")
+    if held_out is not None and not itstime(step, config.eval.every):
+      s.logger.eval(step, *held_out(st["trainable"], frozen))
+    if not save:
+      s.end("done", "not saved (save=False)")
+      return {"final": None, "step": step, "preempted": False, "state": st, "frozen": frozen,
+              "step_fn": step_fn, "batch": batch}
+    checkpoint.save(final, state_lib.export_config(plan, dcfg), combine(frozen, st["trainable"]),
+                    dcfg.tokenizer_dir)
+    if jax.process_index() == 0:
+      record.write(workdir, record.make(
+          config, steps_planned=steps, steps_done=step, complete=complete, final=final,
+          samples=s.summary.samples, skipped=s.summary.skipped, tokens=s.summary.tokens,
+          seconds=round(time.time() - t0, 1), last=s.logger.last))
+    s.end("done" if complete else "incomplete (train.allow_incomplete)", f"model in {final}")
+    return {"final": final, "step": step, "preempted": False}
 
-  def flush(keep: int = 0):
-    """Log the metrics of the steps dispatched so far but the last `keep`."""
-    nonlocal t_last
-    while len(queued) > keep:
-      entry = queued.pop(0)
-      t_last, bad = finish_metrics(*entry, t_last)
-      if bad >= config.train.max_nonfinite:
-        raise NonFiniteError(entry[1])
 
-  def end(outcome: str, where: str):
-    summary.step = step
-    logger.message(summary.line(outcome, where))
-    logger.close()
-
-  try:
-    if start:
-      ckpts.restore_data(start, batches.it)
-    with preempt.waiting():
-      got = batches.next()   # bad data fails here, before any weight is read
-    st, frozen = (init or functools.partial(state_lib.load, config))(plan)
-    if start:
-      abstract, _ = state_lib.abstract_state(plan)
-      del st   # free the fresh trainable / optimizer state before reading the saved one
-      st, _ = ckpts.restore(abstract, step=start)
-      log.info("resumed from step %d", start)
-    flops = Flops(plan.config, plan.abstract, plan.mask)
-    n_train = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(st["trainable"]))
-    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(frozen))
-    logger.message(f"{config.name}: {steps} steps of {dcfg.global_batch} ({accum} micro-batches), "
-                   f"{n_train:,} trainable / {n_frozen:,} frozen parameters, mesh "
-                   f"{dict(mesh.shape)}, from {state_lib.resolve_init(config.model.init)}")
-    if config.eval.paths:
-      eval_cfg = data_config(config, plan.config, eval_=True)
-      open_sources(eval_cfg)   # a missing held-out file fails now, not at the first evaluation
-      held_out = HeldOut(config, plan, eval_cfg, mesh)
-    # The schedule's values, read on the host: evaluated per step on the accelerator, they would
-    # queue behind the step in flight and wait for it, leaving the device idle while the host
-    # dispatches the next one.
-    lrs = np.asarray(jax.jit(jax.vmap(plan.schedule))(np.arange(max(steps, 1))))
-    t_last = time.time()
-    while got is not None and step < steps:
-      batch, placed, state_after, n = got
-      b, t = batch["input_ids"].shape
-      shape = (b * jax.process_count(), t,
-               b * jax.process_count() * batch["pixel_values"].shape[1]
-               if "pixel_values" in batch else 0)
-      if step_fn is None:
-        step_fn = make_train_step(plan.model, plan.tx, mesh=mesh,
-                                  state_shardings=plan.state_shardings,
-                                  frozen_shardings=plan.frozen_shardings,
-                                  batch_shardings=batch_shardings(mesh, batch),
-                                  grad_accum=accum, loss_chunk=config.model.loss_chunk,
-                                  rules=plan.rules)
-      st, m = step_fn(st, frozen, placed)
-      step += 1
-      data_state = state_after
-      summary.samples += n
-      queued.append((m, step, dict(batches.skipped), shape))
-      got = None
-      if step < steps:
-        with preempt.waiting():
-          got = batches.next()   # overlaps the device step
-      flush(keep=1)
-      if preempt.should_stop(step):
-        raise Preempted()
-      ckpts.save(step, st, data_state)
-      if held_out is not None and config.eval.every and step % config.eval.every == 0:
-        flush()
-        logger.eval(step, *held_out(st["trainable"], frozen))
-        t_last = time.time()
-    flush()
-    summary.skipped = dict(batches.skipped)
-  except Preempted:
-    flush()
-    summary.skipped = dict(batches.skipped)
-    if step > start and ckpts.latest_step() != step:
-      ckpts.save(step, st, data_state, force=True)
-    ckpts.close()
-    if ckpts.latest_step() == step:
-      logger.message(f"preempted: checkpoint of step {step} saved in {ckpts.directory}")
-      end("preempted", f"checkpoint of step {step} in {ckpts.directory}; rerun to resume")
-    else:
-      end("preempted", "nothing trained yet")
-    return {"final": None, "step": step, "preempted": True}
-  except NonFiniteError as e:
-    ckpts.save(step, st, data_state, force=True)
-    ckpts.close()
-    end("stopped", f"parameters of the last finite step saved as step {step}")
-    raise NonFiniteError(
-        f"{config.train.max_nonfinite} steps in a row (up to step {int(e.args[0])}) had "
-        f"non-finite loss or gradients; parameters are those of the last finite step, saved as "
-        f"step {step} in {ckpts.directory} (a resume continues after these batches). Check the "
-        f"data of those steps, lower optim.lr or raise optim.clip_norm / train.max_nonfinite."
-    ) from None
-  except BaseException:   # bad data, a bug, a second Ctrl-C: say where the run stopped
-    summary.skipped = summary.skipped or batches.it.skip_counts()
-    newest = ckpts.latest_step()
-    ckpts.close()
-    end("stopped", "no model written" + (f" (newest checkpoint: step {newest} in "
-                                         f"{ckpts.directory})" if newest else ""))
-    raise
-  finally:
-    preempt.close()
-    batches.it.close()
-
-  complete = step >= steps or (not config.train.steps and step > 0)   # epochs: every one read
-  if step > start and ckpts.latest_step() != step:
-    ckpts.save(step, st, data_state, force=True)
-  ckpts.close()
-  if not complete and not config.train.get("allow_incomplete", False):
-    kept = (f"the checkpoint of step {step} is in {ckpts.directory}" if step else
-            "nothing was trained")
-    end("incomplete", "no model written")
-    raise IncompleteRun(f"the data ran out after {step} of {steps} planned steps: no final model "
-                        f"written ({kept}); check data.paths / data.num_epochs, or set "
-                        f"train.allow_incomplete=True and rerun to accept the shorter run")
-  if held_out is not None and not (config.eval.every and step % config.eval.every == 0):
-    logger.eval(step, *held_out(st["trainable"], frozen))
-  if not save:
-    end("done", "not saved (save=False)")
-    return {"final": None, "step": step, "preempted": False, "state": st, "frozen": frozen,
-            "step_fn": step_fn, "batch": batch}
-  params = lora.combine(frozen, st["trainable"])
-  checkpoint.save(final, state_lib.export_config(plan, dcfg), params, dcfg.tokenizer_dir)
-  if jax.process_index() == 0:
-    record.write(workdir, record.make(
-        config, steps_planned=steps, steps_done=step, complete=complete, final=final,
-        samples=summary.samples, skipped=summary.skipped, tokens=summary.tokens,
-        seconds=round(time.time() - summary.t0, 1), last=logger.last))
-  end("done" if complete else "incomplete (train.allow_incomplete)", f"model in {final}")
-  return {"final": final, "step": step, "preempted": False}
+def _load(config, plan, init, ckpts, start: int) -> tuple:
+  """(state, frozen): model.init's weights (or init(plan)'s), the trainable state replaced by
+  checkpoint `start`'s on a resume."""
+  st, frozen = (init or functools.partial(state_lib.load, config))(plan)
+  if start:
+    abstract, _ = plan_lib.abstract_state(plan)
+    del st   # free the fresh trainable / optimizer state before reading the saved one
+    st, _ = ckpts.restore(abstract, step=start)
+    log.info("resumed from step %d", start)
+  return st, frozen

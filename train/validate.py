@@ -192,21 +192,22 @@ def _network(config, stage: Optional[str], workdir: str):
   """The network a stage trains, for its template, image geometry and placeholder counts: as
   train.trainer plans it, or, for a stage starting from an earlier stage of the same chain that
   has not been trained yet, that stage's network."""
-  from train import state
+  from train.plan import train_config
+  from train.source import resolve_init, source_config
   from vlm import checkpoint
   cfg = config[stage] if stage else config
   init = cfg.model.init
-  if stage and init and not checkpoint.is_checkpoint(state.resolve_init(init)):
+  if stage and init and not checkpoint.is_checkpoint(resolve_init(init)):
     for earlier in config.chain[:list(config.chain).index(stage)]:
       d = os.path.join(workdir, earlier)
       if os.path.abspath(init) in (d, os.path.join(d, "final")):
-        return state.train_config(cfg, _network(config, earlier, workdir))
-  return state.train_config(cfg, state.source_config(cfg))
+        return train_config(cfg, _network(config, earlier, workdir))
+  return train_config(cfg, source_config(cfg))
 
 
 def data_sets(config, stage: Optional[str], workdir: str) -> list:
   """[(name, DataConfig)]: the stage's training data and, if it has one, its held-out set."""
-  from train.trainer import data_config
+  from train.batches import data_config
   cfg = config[stage] if stage else config
   net = _network(config, stage, workdir)
   prefix = f"{stage} " if stage else ""

@@ -7,7 +7,7 @@ a fresh adapter leaves the model unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -82,26 +82,3 @@ def merge(params, scale: float, *, drop_adapters: bool = True):
 def unmerge(params, scale: float):
   """Inverse of merge(..., drop_adapters=False): W - A B * scale."""
   return _fold(params, scale, -1.0, False)
-
-
-def select(params, patterns: Iterable[str]):
-  """Boolean tree: True where the '/'-joined path matches one of the regex patterns (trainable sets)."""
-  import re
-  regs = [re.compile(p) for p in patterns]
-  flat = flatten_dict(params)
-  return unflatten_dict({k: any(r.search("/".join(k)) for r in regs) for k in flat})
-
-
-def partition(params, mask):
-  """Split a tree by a boolean mask into (selected, rest), each a sparse nested dict."""
-  flat, m = flatten_dict(params), flatten_dict(mask)
-  return (unflatten_dict({k: v for k, v in flat.items() if m[k]}),
-          unflatten_dict({k: v for k, v in flat.items() if not m[k]}))
-
-
-def combine(*trees):
-  """Inverse of partition: merge sparse nested dicts (later trees win on overlap)."""
-  out = {}
-  for t in trees:
-    out.update(flatten_dict(t))
-  return unflatten_dict(out)
