@@ -56,10 +56,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from vlm.config import LLM_PROJECTIONS, VISION_PROJECTIONS
 from vlm.sharding import DEFAULT_RULES
-
-LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 def data_defaults() -> dict:

@@ -99,14 +99,19 @@ class LlamaConfig:
   sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
 
 
+# The projections LoRA can target, in module order (vlm/llama.py, vlm/vision.py name them so).
+LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA adapters: rank 0 disables them. Targets name decoder projections; vision_targets name
-  tower projections (q, k, v, o, fc1, fc2) as the LDRT recipe does."""
+  """LoRA adapters: rank 0 disables them. Targets name decoder projections (LLM_PROJECTIONS);
+  vision_targets name tower projections (VISION_PROJECTIONS) as the LDRT recipe does."""
   rank: int = 0
   alpha: float = 16.0
   dropout: float = 0.0
-  targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+  targets: tuple = LLM_PROJECTIONS
   vision_targets: tuple = ()
 
   @property
