@@ -259,8 +259,6 @@ PRESETS = {
     "vicuna_13b": VLMConfig(llm=VICUNA_13B),
     "mistral_7b_instruct_v02": VLMConfig(llm=MISTRAL_7B_INSTRUCT_V02, template="mistral_instruct"),
 }
-VISION_PRESETS = {"dfn5b_clip_vit_h_14_378": DFN5B_CLIP_VIT_H_14_378,
-                  "clip_vit_l_14_336": CLIP_VIT_L_14_336}
 
 
 def preset(name: str) -> VLMConfig:
