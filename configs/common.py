@@ -20,7 +20,8 @@ FILE --help` lists them with their values):
   trainable             regexes over '/'-joined parameter paths; everything else is frozen
   data.*                data.pipeline.DataConfig fields; None means the DataConfig / model default
                         (template, image_position, system, image geometry and placeholder counts
-                        come from the model; num_epochs from train.epochs, or endless when
+                        come from the model, data.image.ImageGeometry.of; data.resize_mode
+                        overrides the geometry's; num_epochs from train.epochs, or endless when
                         train.steps is set). The final checkpoint records the prompt format the
                         data was rendered in (template, image_position, system; not for `plain`).
                         strict (bad samples are errors) or lenient (skipped and counted), with

@@ -70,9 +70,12 @@ class TilerConfig:
     return max(self.scales) if self.kind == "s2" else vision.image_size
 
   def max_tiles(self, vision: VisionConfig) -> int:
-    """anyres: tiles per image the model is given (base image + the largest pinpoint grid)."""
-    b = vision.image_size
-    return 1 + max((h // b) * (w // b) for h, w in self.grid_pinpoints)
+    return anyres_max_tiles(self.grid_pinpoints, vision.image_size)
+
+
+def anyres_max_tiles(pinpoints, tile: int) -> int:
+  """anyres: tiles per image the model is given (base image + the largest pinpoint grid)."""
+  return 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
 
 
 @dataclasses.dataclass(frozen=True)
