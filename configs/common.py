@@ -60,7 +60,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from data.pipeline import DataConfig
-from vlm.config import LLM_PROJECTIONS, VISION_PROJECTIONS
+from vlm.config import VISION_PROJECTIONS, LoraConfig
 from vlm.sharding import DEFAULT_RULES
 
 
@@ -89,7 +89,7 @@ def base() -> ml_collections.ConfigDict:
   c.name = "run"
   c.model = dict(
       init="", preset="", arch=None, seed=0,
-      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=LLM_PROJECTIONS, vision_targets=()),
+      lora=dataclasses.asdict(LoraConfig()),
       dtype="bfloat16", frozen_dtype="bfloat16", remat="full", vision_remat="full",
       attention="auto", loss_chunk=0)
   c.trainable = (r"^connector/",)
