@@ -141,6 +141,7 @@ def bench_images(workers: list, batch: int, batches: int, tokenizer: str, seed: 
   processes involved (robust to contention: an idle machine with C cores tops out near
   C / that time)."""
   import grain.python as gp
+  from data.image import ImageGeometry
   from data.pipeline import DataConfig, make_iterator
   rows = []
   with tempfile.TemporaryDirectory() as root:
@@ -149,8 +150,9 @@ def bench_images(workers: list, batch: int, batches: int, tokenizer: str, seed: 
     tok = tokenizer or _tiny_tokenizer(root)
     for w in workers:
       cfg = DataConfig(paths=[path], tokenizer_dir=tok, template="llama3", max_len=MAX_LEN,
-                       per_process_batch=batch, mode="pad", image_size=1134, resize_mode="pad",
-                       tiler="s2", image_tokens=IMAGE_TOKENS, image_token_id=128256,
+                       per_process_batch=batch, mode="pad", image_token_id=128256,
+                       geometry=ImageGeometry(image_size=1134, resize_mode="pad", tiler="s2",
+                                              image_tokens=IMAGE_TOKENS),
                        worker_count=w, read_threads=threads, seed=seed, num_epochs=1,
                        group_window=1)
       rates, cpu, loads = [], [], []

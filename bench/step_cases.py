@@ -35,6 +35,7 @@ def arch(args, case):
 def batch(args, cfg, case) -> dict:
   """Host arrays shared by both sides: ids, labels (-100 on BOS and image slots, as LLaVA masks
   them), uint8 pixels at the largest S2 scale."""
+  from data.conversation import IGNORE
   rng = np.random.default_rng(0)
   b, s = args.micro_batch, args.seq
   img = cfg.image_token_id
@@ -54,7 +55,7 @@ def batch(args, cfg, case) -> dict:
     ids[:, 1:1 + f] = img
     start = 1 + f
   labels = ids.copy()
-  labels[:, :start] = -100
+  labels[:, :start] = IGNORE
   out.update(input_ids=ids, labels=labels)
   return out
 

@@ -20,7 +20,8 @@ FILE --help` lists them with their values):
   trainable             regexes over '/'-joined parameter paths; everything else is frozen
   data.*                data.pipeline.DataConfig fields; None means the DataConfig / model default
                         (template, image_position, system, image geometry and placeholder counts
-                        come from the model; num_epochs from train.epochs, or endless when
+                        come from the model, data.image.ImageGeometry.of; data.resize_mode
+                        overrides the geometry's; num_epochs from train.epochs, or endless when
                         train.steps is set). The final checkpoint records the prompt format the
                         data was rendered in (template, image_position, system; not for `plain`).
                         strict (bad samples are errors) or lenient (skipped and counted), with
@@ -53,28 +54,34 @@ WORKDIR first). "{workdir}" in any string stands for WORKDIR.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from data.pipeline import DataConfig
+from vlm.config import VISION_PROJECTIONS, LoraConfig
 from vlm.sharding import DEFAULT_RULES
 
-LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+
+# DataConfig fields a config leaves unset (None) by default: the model's value (template, system,
+# image_position, the geometry's resize_mode) or one derived at run time; typed placeholders, so
+# that the command line can set them.
+UNSET = dict(image_root=str, template=str, tokenizer_dir=str, per_process_batch=int,
+             pad_buckets=tuple, pack_bins=int, num_epochs=int, resize_mode=str,
+             max_images_per_row=int, system=str, image_position=str, cache_dir=str,
+             tfds_data_dir=str)
 
 
 def data_defaults() -> dict:
-  """data.pipeline.DataConfig fields a config may set (None: pipeline or model default; typed
-  placeholders, so that the command line can set them)."""
-  return dict(paths=(), image_root=placeholder(str), template=placeholder(str),
-              tokenizer_dir=placeholder(str), max_len=2048, global_batch=128,
-              per_process_batch=placeholder(int), mode="pad", pad_buckets=placeholder(tuple),
-              group_window=32, pack_bins=placeholder(int), seed=0, shuffle=True,
-              num_epochs=placeholder(int), worker_count=0, worker_buffer_size=4, read_threads=2,
-              read_buffer=8, strict=False, resize_mode=placeholder(str),
-              max_images_per_row=placeholder(int), system=placeholder(str),
-              image_position=placeholder(str),
-              cache_dir=placeholder(str), tfds_data_dir=placeholder(str), log_skips=3,
-              max_skipped_fraction=0.01, skip_check_after=200, max_leading_skips=20)
+  """data.pipeline.DataConfig fields a config may set, at DataConfig's defaults or UNSET; of the
+  image geometry (the model's) only resize_mode, and never the model's image_token_id."""
+  out = {}
+  for f in dataclasses.fields(DataConfig):
+    name = "resize_mode" if f.name == "geometry" else f.name
+    if name != "image_token_id":
+      out[name] = placeholder(UNSET[name]) if name in UNSET else f.default
+  return out
 
 
 def base() -> ml_collections.ConfigDict:
@@ -82,7 +89,7 @@ def base() -> ml_collections.ConfigDict:
   c.name = "run"
   c.model = dict(
       init="", preset="", arch=None, seed=0,
-      lora=dict(rank=0, alpha=16.0, dropout=0.0, targets=LLM_PROJECTIONS, vision_targets=()),
+      lora=dataclasses.asdict(LoraConfig()),
       dtype="bfloat16", frozen_dtype="bfloat16", remat="full", vision_remat="full",
       attention="auto", loss_chunk=0)
   c.trainable = (r"^connector/",)

@@ -31,7 +31,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from convert import hf, tensors, tokenizer
-from vlm.config import LoraConfig, VLMConfig
+from vlm.config import LLM_PROJECTIONS, VISION_PROJECTIONS, LoraConfig, VLMConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_STEM = "adapter_model"
@@ -39,7 +39,7 @@ LLAVA_TRAINABLES = "non_lora_trainables.bin"
 _PROJ = {"llm": {v: k for k, v in hf.LLM_PROJ.items()},
          "vision": {v: k for k, v in hf.VISION_PROJ.items()}}
 _LAYERS = {"llm": "layers.", "vision": "encoder.layers."}
-_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2")
+_ORDER = {"llm": LLM_PROJECTIONS, "vision": VISION_PROJECTIONS}
 _LORA = re.compile(r"((?:encoder\.)?layers\.(\d+)\.(.+))\.lora_([AB])\.weight")
 # adapter_config.json options that change what the adapter computes beyond B @ A * scale
 _REFUSED = ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication",
@@ -146,7 +146,7 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
       tensors_[(comp, at + ".lora_A.weight")] = np.zeros((rank, a.shape[1]), np.float32)
       tensors_[(comp, at + ".lora_B.weight")] = np.zeros((b.shape[0], rank), np.float32)
   pick = lambda comp: tuple(sorted({_PROJ[comp][p] for c, p in targets if c == comp},
-                                   key=_ORDER.index))
+                                   key=_ORDER[comp].index))
   return cfg.replace(lora=LoraConfig(rank=rank, alpha=alpha,
                                      dropout=float(d.get("lora_dropout", 0.0)),
                                      targets=pick("llm"), vision_targets=pick("vision")))

@@ -71,7 +71,7 @@ IMAGE_POSITIONS = ("keep", "first", "first_next")
 DEFAULT_IMAGE_POSITION = {"llama3": "keep", "vicuna_v1": "first", "mistral_instruct": "first",
                           "llava_mistral": "first", "plain": "first"}
 IMAGE = "<image>"
-IGNORE = -100
+IGNORE = -100  # label of a token the loss skips (PyTorch's cross-entropy ignore_index)
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
 # LLaVA-NeXT llava/train/train.py preprocess_llama3 (and conv_llava_llama_3): its llama3 models'.

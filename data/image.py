@@ -12,6 +12,7 @@ Intensity mapping for single-channel data (DICOM and >8-bit images):
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from data.errors import BadSample
-from vlm.config import OPENAI_CLIP_MEAN
+from vlm.config import LLAVA16_PINPOINTS, OPENAI_CLIP_MEAN, anyres_max_tiles
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -237,14 +238,52 @@ def anyres_tiles(img: np.ndarray, pinpoints, tile: int) -> tuple:
   return np.concatenate([_resize(img, (tile, tile))[None], tiles]), (h, w, rows, cols)
 
 
-def model_pixels(img: np.ndarray, *, tiler: str, size: int, resize_mode: str,
-                 mean: Sequence[float], pinpoints=(), max_tiles: int = 0) -> tuple:
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+  """What the host makes of one image for the model: the values of the model's TilerConfig and
+  VisionConfig that training (data/pipeline.py) and inference (serve/prompt.py) both need, derived
+  in one place (`of`). The defaults are Llama3-Med's (S2 DFN5B at 378/756/1134, pad to square)."""
+  tiler: str = "s2"            # s2 | single (square image) | anyres (LLaVA-1.6 tiles)
+  image_size: int = 1134       # side of each square shipped: the image (S2: the largest scale), or
+                               # anyres: each tile (the tower's size)
+  resize_mode: str = "pad"     # squash | center_crop | pad (pad-to-square, mean colour)
+  mean: tuple = OPENAI_CLIP_MEAN   # the tower's mean: pad mode's fill colour
+  pinpoints: tuple = LLAVA16_PINPOINTS   # anyres: (height, width) resolutions
+  patch_size: int = 14         # anyres: image_size / patch_size = feature grid side per tile
+  image_tokens: int = 729      # placeholders per image (square tilers; anyres: `tokens`)
+
+  @classmethod
+  def of(cls, config) -> "ImageGeometry":
+    """The geometry of a vlm.config.VLMConfig with a vision tower."""
+    v, t = config.vision, config.tiler
+    if v is None:
+      raise ValueError("this model has no vision tower; it cannot take an image")
+    return cls(tiler=t.kind, image_size=t.input_size(v), resize_mode=t.resize_mode,
+               mean=tuple(v.mean), pinpoints=tuple(tuple(p) for p in t.grid_pinpoints),
+               patch_size=v.patch_size,
+               image_tokens=0 if t.kind == "anyres" else config.image_tokens())
+
+  @property
+  def max_tiles(self) -> int:
+    """anyres: tiles per image shipped (zero tiles pad past an image's own)."""
+    return anyres_max_tiles(self.pinpoints, self.image_size)
+
+  def tokens(self, image_hw: tuple) -> int:
+    """Placeholder ids for an image of (height, width) (anyres: they depend on it)."""
+    if self.tiler != "anyres":
+      return self.image_tokens
+    from vlm.tiler import anyres_num_features   # lazy: imports jax
+    return anyres_num_features(image_hw, self.pinpoints, self.image_size, self.patch_size)
+
+
+def model_pixels(img: np.ndarray, geometry: ImageGeometry) -> tuple:
   """One image as the model takes it (training and inference share this):
-  square tilers -> (uint8 [size, size, 3], None); anyres (size = the tile) -> (uint8 [max_tiles,
-  size, size, 3] zero-padded past the image's tiles, (height, width, grid rows, grid cols))."""
-  if tiler == "anyres":
-    tiles, hw = anyres_tiles(img, pinpoints, size)
-    out = np.zeros((max_tiles,) + tiles.shape[1:], np.uint8)
+  square tilers -> (uint8 [size, size, 3], None); anyres -> (uint8 [max_tiles, tile, tile, 3]
+  zero-padded past the image's tiles, (height, width, grid rows, grid cols))."""
+  g = geometry
+  if g.tiler == "anyres":
+    tiles, hw = anyres_tiles(img, g.pinpoints, g.image_size)
+    out = np.zeros((g.max_tiles,) + tiles.shape[1:], np.uint8)
     out[:len(tiles)] = tiles
     return out, hw
-  return resize_square(img, size, resize_mode, mean=mean), None
+  return resize_square(img, g.image_size, g.resize_mode, mean=g.mean), None

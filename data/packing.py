@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 import grain.python as gp
 import numpy as np
 
-IGNORE = -100
+from data.conversation import IGNORE
+
 TEXT = ("input_ids", "labels")
 IMAGE = ("pixel_values", "image_sizes")
 

@@ -31,8 +31,7 @@ import numpy as np
 from data import packing, sources
 from data.conversation import encode
 from data.errors import BadSample, UserError
-from data.image import load_image, model_pixels
-from vlm.config import OPENAI_CLIP_MEAN
+from data.image import ImageGeometry, load_image, model_pixels
 
 log = logging.getLogger(__name__)
 SKIP = "_skip"
@@ -61,15 +60,7 @@ class DataConfig:
   read_threads: int = 2              # threads per process that decode samples
   read_buffer: int = 8               # samples each of those processes prefetches
   strict: bool = False
-  image_size: int = 1134             # side of the square image shipped (S2: the largest scale)
-  resize_mode: str = "pad"           # squash | center_crop | pad (pad-to-square, mean colour)
-  image_mean: Sequence[float] = OPENAI_CLIP_MEAN  # the tower's mean: pad mode's fill colour
-  tiler: str = "s2"                  # s2 | single (square image) | anyres (LLaVA-1.6 tiles)
-  anyres_pinpoints: Sequence[Sequence[int]] = ((336, 672), (672, 336), (672, 672), (1008, 336),
-                                               (336, 1008))
-  anyres_tile: int = 336
-  patch_size: int = 14               # anyres: tile/patch = feature grid side per tile
-  image_tokens: int = 729            # placeholders per image (square tilers)
+  geometry: ImageGeometry = ImageGeometry()   # image sizes and placeholder counts: the model's
   image_token_id: int = -1
   max_images_per_row: Optional[int] = None   # default: pad 1, pack as many as max_len could hold;
                                              # 0: text only (batches carry no pixel_values)
@@ -99,30 +90,33 @@ class DataConfig:
   def images_per_row(self) -> int:
     if self.max_images_per_row is not None:
       return self.max_images_per_row
-    if self.mode == "pad" or self.tiler == "anyres":
+    if self.mode == "pad" or self.geometry.tiler == "anyres":
       return 1
-    return max(1, self.max_len // (self.image_tokens + 1))
+    return max(1, self.max_len // (self.geometry.image_tokens + 1))
 
-  @property
-  def max_tiles(self) -> int:
-    return 1 + max((h // self.anyres_tile) * (w // self.anyres_tile)
-                   for h, w in self.anyres_pinpoints)
+  # The geometry's values, read flat.
+  tiler = property(lambda self: self.geometry.tiler)
+  image_size = property(lambda self: self.geometry.image_size)
+  anyres_tile = property(lambda self: self.geometry.image_size)
+  patch_size = property(lambda self: self.geometry.patch_size)
+  image_tokens = property(lambda self: self.geometry.image_tokens)
+  max_tiles = property(lambda self: self.geometry.max_tiles)
 
   @classmethod
   def from_model(cls, model_config, **kw) -> "DataConfig":
-    """Image geometry, placeholder counts and prompt format (template, image position, system
-    prompt) taken from a vlm.config.VLMConfig."""
-    v, t = model_config.vision, model_config.tiler
+    """Image geometry (ImageGeometry.of), placeholder counts and prompt format (template, image
+    position, system prompt) taken from a vlm.config.VLMConfig; `kw` overrides any of them, an
+    ImageGeometry field by its name (data.resize_mode=pad)."""
     derived = dict(template=model_config.template, image_token_id=model_config.image_token_id,
                    image_position=model_config.image_position, system=model_config.system)
-    if v is not None:
-      derived.update(image_size=t.input_size(v), resize_mode=t.resize_mode, tiler=t.kind,
-                     image_mean=tuple(v.mean),
-                     anyres_pinpoints=tuple(tuple(p) for p in t.grid_pinpoints),
-                     anyres_tile=v.image_size, patch_size=v.patch_size)
-      if t.kind != "anyres":
-        derived["image_tokens"] = model_config.image_tokens()
-    return cls(**{**derived, **kw})
+    if model_config.vision is not None:
+      derived["geometry"] = ImageGeometry.of(model_config)
+    geometry = {k: kw.pop(k) for k in list(kw) if k in _GEOMETRY}
+    out = cls(**{**derived, **kw})
+    return dataclasses.replace(out, geometry=dataclasses.replace(out.geometry, **geometry))
+
+
+_GEOMETRY = {f.name for f in dataclasses.fields(ImageGeometry)}
 
 
 # --- per-sample processing (runs in grain workers) -----------------------------------------------
@@ -205,14 +199,12 @@ class SampleProcessor:
     refs = self._image_refs(rec, sid)
     # encode only counts images (arrays from TFDS are not for it to look at)
     sample = {**rec, "image": [f"image{k}" for k in range(len(refs))]} if refs else rec
-    images = None
-    if cfg.tiler == "anyres":   # the placeholder count depends on each image's size
-      from vlm.tiler import anyres_num_features   # lazy: imports jax
+    images, g = None, cfg.geometry
+    if g.tiler == "anyres":   # the placeholder count depends on each image's size
       images = [self._load(r, sid, src) for r in refs]
-      tokens = [anyres_num_features(im.shape[:2], cfg.anyres_pinpoints, cfg.anyres_tile,
-                                    cfg.patch_size) for im in images]
+      tokens = [g.tokens(im.shape[:2]) for im in images]
     else:
-      tokens = cfg.image_tokens
+      tokens = g.image_tokens
     enc = self._encode(sample, tokens, cfg.max_len)
     out = {"input_ids": enc["input_ids"].astype(np.int32),
            "labels": enc["labels"].astype(np.int32)}
@@ -220,12 +212,9 @@ class SampleProcessor:
       return out
     if images is None:   # decoded only once the text is known to be usable
       images = [self._load(r, sid, src) for r in refs]
-    anyres = cfg.tiler == "anyres"
-    s = cfg.anyres_tile if anyres else cfg.image_size
-    shape = (cfg.max_tiles, s, s, 3) if anyres else (s, s, 3)
-    made = [model_pixels(im, tiler=cfg.tiler, size=s, resize_mode=cfg.resize_mode,
-                         mean=cfg.image_mean, pinpoints=cfg.anyres_pinpoints,
-                         max_tiles=cfg.max_tiles if anyres else 0) for im in images]
+    anyres, s = g.tiler == "anyres", g.image_size
+    shape = (g.max_tiles, s, s, 3) if anyres else (s, s, 3)
+    made = [model_pixels(im, g) for im in images]
     out["pixel_values"] = (np.stack([p for p, _ in made]) if made
                            else np.zeros((0,) + shape, np.uint8))
     if anyres:
@@ -397,8 +386,8 @@ def build_dataset(cfg: DataConfig, *, shard: Optional[gp.ShardOptions] = None) -
   """The grain dataset of batches (see module docstring); `shard` defaults to this JAX process."""
   if cfg.mode not in ("pad", "pack"):
     raise ValueError(f"mode must be 'pad' or 'pack', got {cfg.mode!r}")
-  if cfg.tiler not in ("s2", "single", "anyres"):
-    raise ValueError(f"tiler must be s2 | single | anyres, got {cfg.tiler!r}")
+  if cfg.geometry.tiler not in ("s2", "single", "anyres"):
+    raise ValueError(f"tiler must be s2 | single | anyres, got {cfg.geometry.tiler!r}")
   source = open_sources(cfg)
   epoch = len(shard_indices(len(source), dataclasses.replace(cfg, num_epochs=1), shard))
   ds = shard_indices(len(source), cfg, shard).map(SampleProcessor(cfg, source))
@@ -418,7 +407,7 @@ def build_dataset(cfg: DataConfig, *, shard: Optional[gp.ShardOptions] = None) -
                                       seed=cfg.seed)
   return packing.packed_batches(it, batch_size=b, max_len=cfg.max_len,
                                 max_images=cfg.images_per_row(), bins=cfg.pack_bins,
-                                anyres=cfg.tiler == "anyres", seed=cfg.seed)
+                                anyres=cfg.geometry.tiler == "anyres", seed=cfg.seed)
 
 
 def make_iterator(cfg: DataConfig, *, shard: Optional[gp.ShardOptions] = None) -> DataIterator:

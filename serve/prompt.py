@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data.conversation import render_prompt
-from data.image import model_pixels
+from data.image import ImageGeometry, model_pixels
 from vlm.config import VLMConfig
 
 
@@ -30,13 +30,7 @@ class Prompt:
 def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
   """uint8 [H, W, 3] -> (pixels for one image, (height, width, rows, cols) or None, placeholder
   count)."""
-  v, t = config.vision, config.tiler
-  if v is None:
-    raise ValueError("this model has no vision tower; it cannot take an image")
-  anyres = t.kind == "anyres"
-  pixels, hw = model_pixels(img, tiler=t.kind, size=v.image_size if anyres else t.input_size(v),
-                            resize_mode=t.resize_mode, mean=v.mean, pinpoints=t.grid_pinpoints,
-                            max_tiles=t.max_tiles(v) if anyres else 0)
+  pixels, hw = model_pixels(img, ImageGeometry.of(config))
   return pixels, hw, config.image_tokens(hw)
 
 

@@ -17,10 +17,13 @@ from tiny_tokenizers import LLAMA3_SPECIAL, llama3_tokenizer, load
 
 from data.conversation import encode
 from data.errors import BadSample
+from data.image import ImageGeometry
 from data.pipeline import DataConfig, SkipGuardError, make_iterator, to_global
 from data.sources import ArrayRecordSource, JsonSource, json_index
 
 IMG_ID, IMG_TOKENS, SIDE = 1000, 3, 8
+GEOMETRY = ImageGeometry(tiler="single", image_size=SIDE, resize_mode="squash",
+                         image_tokens=IMG_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,7 @@ def write_data(root, recs, name="data.json"):
 
 def config(path, tok_dir, **kw):
   base = dict(paths=[path], tokenizer_dir=tok_dir, max_len=96, per_process_batch=3, mode="pad",
-              image_size=SIDE, resize_mode="squash", tiler="single", image_tokens=IMG_TOKENS,
-              image_token_id=IMG_ID, group_window=2, seed=7, read_threads=1)
+              geometry=GEOMETRY, image_token_id=IMG_ID, group_window=2, seed=7, read_threads=1)
   return DataConfig(**{**base, **kw})
 
 
@@ -288,8 +290,9 @@ def test_anyres_tiles_and_placeholders(tmp_path, tok_dir):
   recs = [sample(i) for i in range(6)]
   path = write_data(str(tmp_path), recs)
   pins = ((14, 28), (28, 14), (28, 28))
-  cfg = config(path, tok_dir, tiler="anyres", anyres_pinpoints=pins, anyres_tile=14,
-               patch_size=7, max_len=160, per_process_batch=2)
+  geometry = dataclasses.replace(GEOMETRY, tiler="anyres", pinpoints=pins, image_size=14,
+                                 patch_size=7)
+  cfg = config(path, tok_dir, geometry=geometry, max_len=160, per_process_batch=2)
   tok = load(tok_dir)
   seen = set()
   for batch in make_iterator(cfg, shard=gp.ShardOptions(0, 1)):

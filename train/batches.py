@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from data.conversation import IGNORE
 from data.errors import UserError
 from data.pipeline import DataConfig, make_iterator, open_sources, to_global
 from train import source
@@ -47,7 +48,7 @@ def _pad_to(batch: dict, length: int) -> dict:
   t = batch["input_ids"].shape[1]
   if length == t:
     return batch
-  fill = {"labels": -100}
+  fill = {"labels": IGNORE}
   return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill.get(k, 0))
           if k in ("input_ids", "labels", "positions", "segment_ids") else v
           for k, v in batch.items()}

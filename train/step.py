@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data.conversation import IGNORE
 from train.plan import RNG_WORDS
 from train.trainable import combine
 from vlm.model import VLM
 from vlm.sharding import BATCH, DEFAULT_RULES, activation_sharding
 
-IGNORE = -100
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_sizes", "positions", "segment_ids")
 
 

@@ -70,9 +70,12 @@ class TilerConfig:
     return max(self.scales) if self.kind == "s2" else vision.image_size
 
   def max_tiles(self, vision: VisionConfig) -> int:
-    """anyres: tiles per image the model is given (base image + the largest pinpoint grid)."""
-    b = vision.image_size
-    return 1 + max((h // b) * (w // b) for h, w in self.grid_pinpoints)
+    return anyres_max_tiles(self.grid_pinpoints, vision.image_size)
+
+
+def anyres_max_tiles(pinpoints, tile: int) -> int:
+  """anyres: tiles per image the model is given (base image + the largest pinpoint grid)."""
+  return 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +102,19 @@ class LlamaConfig:
   sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
 
 
+# The projections LoRA can target, in module order (vlm/llama.py, vlm/vision.py name them so).
+LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA adapters: rank 0 disables them. Targets name decoder projections; vision_targets name
-  tower projections (q, k, v, o, fc1, fc2) as the LDRT recipe does."""
+  """LoRA adapters: rank 0 disables them. Targets name decoder projections (LLM_PROJECTIONS);
+  vision_targets name tower projections (VISION_PROJECTIONS) as the LDRT recipe does."""
   rank: int = 0
   alpha: float = 16.0
   dropout: float = 0.0
-  targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+  targets: tuple = LLM_PROJECTIONS
   vision_targets: tuple = ()
 
   @property
@@ -254,8 +262,6 @@ PRESETS = {
     "vicuna_13b": VLMConfig(llm=VICUNA_13B),
     "mistral_7b_instruct_v02": VLMConfig(llm=MISTRAL_7B_INSTRUCT_V02, template="mistral_instruct"),
 }
-VISION_PRESETS = {"dfn5b_clip_vit_h_14_378": DFN5B_CLIP_VIT_H_14_378,
-                  "clip_vit_l_14_336": CLIP_VIT_L_14_336}
 
 
 def preset(name: str) -> VLMConfig:
