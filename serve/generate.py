@@ -110,18 +110,18 @@ def _constrain(x, logical, mesh):
       x, NamedSharding(mesh, sharding.spec_for(logical, x.shape, mesh)))
 
 
-# Programs are keyed by the (hashable) config, not by a Generator, so every Generator of the same
-# model shape shares them.
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "cache_dtype", "cache_len",
-                                             "collect"))
-def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, *, config, mesh,
-             cache_dtype, cache_len, collect):
+# Programs are keyed by the (hashable) config and runtime, not by a Generator, so every Generator
+# of the same model shape shares them.
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "mesh", "cache_dtype",
+                                             "cache_len", "collect"))
+def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, *, config, runtime,
+             mesh, cache_dtype, cache_len, collect):
   """Runs the padded prompts through the model once, writing the cache; returns the decode state
   with the logits of each row's last prompt token."""
-  model, c = VLM(config), config.llm
+  model, c = VLM(config, runtime), config.llm
   b, p = ids.shape
   shape, axes = (b, c.kv_heads, cache_len, c.head_dim), ("batch", "kv", None, None)
-  if config.scan_layers:
+  if runtime.scan_layers:
     kv = lambda: _constrain(jnp.zeros((c.layers,) + shape, cache_dtype), ("layers",) + axes, mesh)
   else:  # one buffer per layer, like the weights: no layer slice of a stack is ever taken
     kv = lambda: tuple(_constrain(jnp.zeros(shape, cache_dtype), axes, mesh)
@@ -143,12 +143,12 @@ def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, 
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "collect"),
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "greedy", "collect"),
                    donate_argnames=("state",))
-def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, greedy,
-            collect):
+def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, runtime,
+            greedy, collect):
   """Samples and feeds tokens until `stop_at` steps or every row is done."""
-  model = VLM(config)
+  model = VLM(config, runtime)
 
   def cond(s):
     return (s["step"] < stop_at) & ~jnp.all(s["done"])
@@ -188,18 +188,19 @@ class Generator:
   def __init__(self, model: VLM, params, tokenizer=None, *, mesh=None, cache_dtype=None,
                length_step: int = 128, scan_layers: Optional[bool] = None):
     if scan_layers is None:
-      scan_layers = model.config.scan_layers and jax.default_backend() == "tpu"
-    if model.config.scan_layers and not scan_layers:
-      model = VLM(model.config.replace(scan_layers=False))
+      scan_layers = model.runtime.scan_layers and jax.default_backend() == "tpu"
+    if model.runtime.scan_layers and not scan_layers:
+      model = VLM(model.config, model.runtime.replace(scan_layers=False))
       params = unstack_layers(params)
-    elif scan_layers and not model.config.scan_layers:
+    elif scan_layers and not model.runtime.scan_layers:
       raise ValueError("params are already unstacked (scan_layers=False); load them stacked")
     self.model, self.config, self.tokenizer, self.mesh = model, model.config, tokenizer, mesh
     self.length_step = length_step
     self.timings: dict = {}  # of the last generate(): prefill_s (incl. compile), decode_s, ...
-    self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
     if mesh is not None:
-      params = sharding.shard(params, sharding.param_shardings(self.config, mesh))
+      params = sharding.shard(params, sharding.param_shardings(self.config, mesh,
+                                                               runtime=model.runtime))
     self.params = jax.device_put(params) if mesh is None else params  # host arrays: copy once
 
   @classmethod
@@ -293,8 +294,8 @@ class Generator:
         self.params, bx(b["ids"], None), bx(b["positions"], None), bx(b["segment_ids"], None),
         bx(b["lengths"]), bx(b["pixels"], *([None] * (b["pixels"].ndim - 1)))
         if b["pixels"] is not None else None,
-        bx(b["image_sizes"], None, None), config=self.config, mesh=self.mesh,
-        cache_dtype=self.cache_dtype, cache_len=cache_len, collect=return_logits)
+        bx(b["image_sizes"], None, None), config=self.config, runtime=self.model.runtime,
+        mesh=self.mesh, cache_dtype=self.cache_dtype, cache_len=cache_len, collect=return_logits)
     jax.block_until_ready(state["logits"])
     t_prefill = time.perf_counter()
     args = (jax.random.key(gc.seed),)
@@ -302,7 +303,8 @@ class Generator:
     stop_arr[:len(stops)] = stops
     dyn = (jnp.asarray(stop_arr), jnp.float32(gc.temperature), jnp.float32(gc.top_p),
            jnp.int32(gc.top_k))
-    static = dict(config=self.config, greedy=gc.temperature <= 0, collect=return_logits)
+    static = dict(config=self.config, runtime=self.model.runtime, greedy=gc.temperature <= 0,
+                  collect=return_logits)
     texts = [_TextState(self.tokenizer, gc.stop_strings) for _ in prompts] if (
         stream or gc.stop_strings or host_rows) and self.tokenizer is not None else None
     chunk = STREAM_CHUNK if stream else STOP_STRING_CHUNK

@@ -31,7 +31,7 @@ from data.errors import UserError
 from data.tokenizer import load_tokenizer
 from train import optimizer
 from vlm import checkpoint, lora
-from vlm.config import LoraConfig, VLMConfig, preset
+from vlm.config import LoraConfig, Runtime, VLMConfig, preset
 from vlm.model import DTYPES, VLM, abstract_params, init_params
 from vlm.sharding import AXES, DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
@@ -101,15 +101,20 @@ def source_config(config) -> VLMConfig:
 
 
 def train_config(config, src: VLMConfig) -> VLMConfig:
-  """The network trained: the source plus LoRA adapters and the run's compute settings."""
+  """The network trained: the source plus LoRA adapters."""
   m = config.model
-  out = src.replace(dtype=m.dtype, remat=m.remat, vision_remat=m.vision_remat,
-                    attention=m.attention)
+  out = src
   if m.lora.rank:
     out = out.replace(lora=LoraConfig(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
                                       targets=tuple(m.lora.targets),
                                       vision_targets=tuple(m.lora.vision_targets)))
   return out
+
+
+def train_runtime(config) -> Runtime:
+  """How the run computes (model.dtype / remat / vision_remat / attention): never saved."""
+  m = config.model
+  return Runtime(dtype=m.dtype, remat=m.remat, vision_remat=m.vision_remat, attention=m.attention)
 
 
 @dataclasses.dataclass
@@ -188,8 +193,8 @@ def plan(config, mesh, total_steps: int) -> Plan:
   impl = config.train.get("prng_impl", "threefry2x32")
   if impl not in RNG_WORDS:
     raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
-  return Plan(src, cfg, VLM(cfg), mask, abstract, shard, trainable_sh, frozen_sh,
-              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
+  return Plan(src, cfg, VLM(cfg, train_runtime(config)), mask, abstract, shard, trainable_sh,
+              frozen_sh, DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
 
 
 def abstract_state(p: Plan) -> tuple:
@@ -297,12 +302,10 @@ def load(config, p: Plan) -> tuple:
 
 
 def export_config(p: Plan, data=None) -> VLMConfig:
-  """config.json of the trained network: its LoRA, the source's runtime defaults and the prompt
-  format `data` (a data.pipeline.DataConfig) rendered the samples in, so that chat and VQA runs
-  render as it was trained; a stage-1 `plain` run keeps the model's own format."""
-  s = p.source
-  cfg = p.config.replace(dtype=s.dtype, remat=s.remat, vision_remat=s.vision_remat,
-                         attention=s.attention)
+  """config.json of the trained network: its LoRA and the prompt format `data` (a
+  data.pipeline.DataConfig) rendered the samples in, so that chat and VQA runs render as it was
+  trained; a stage-1 `plain` run keeps the model's own format."""
+  cfg = p.config
   if data is not None and data.template != "plain":
     cfg = cfg.replace(template=data.template, system=data.system,
                       image_position=image_position_for(data.template, data.image_position))

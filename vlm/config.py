@@ -115,6 +115,27 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How a network runs, not what it is: never saved in config.json (a run, a server or a bench
+  picks these), so a checkpoint carries no settings that a converter or an export must undo."""
+  dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
+  remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
+  # The vision tower's own policy (same names): its activations differ in shape and number from the
+  # decoder's, and a frozen tower that no gradient crosses needs none.
+  vision_remat: str = "none"
+  attention: str = "xla"  # xla | cudnn | pallas | splash | auto
+  # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
+  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
+  scan_layers: bool = True
+
+  def replace(self, **kw) -> "Runtime":
+    return dataclasses.replace(self, **kw)
+
+
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(Runtime))
+
+
+@dataclasses.dataclass(frozen=True)
 class VLMConfig:
   """The whole model. `vision=None` gives a text-only LLM (a HF Llama dir loads that way)."""
   llm: LlamaConfig = LlamaConfig()
@@ -128,15 +149,6 @@ class VLMConfig:
   # trained. None takes the template's defaults (and reads checkpoints written before the fields).
   image_position: Optional[str] = None  # keep | first | first_next
   system: Optional[str] = None  # system prompt; "" for none
-  dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
-  remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
-  # The vision tower's own policy (same names): its activations differ in shape and number from the
-  # decoder's, and a frozen tower that no gradient crosses needs none.
-  vision_remat: str = "none"
-  attention: str = "xla"  # xla | cudnn | pallas | splash | auto
-  # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
-  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
-  scan_layers: bool = True
 
   @property
   def feature_dim(self) -> int:
@@ -168,7 +180,9 @@ class VLMConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "VLMConfig":
-    d = dict(d)
+    # config.json written before Runtime existed carries its fields; they are dropped (the loader
+    # picks the runtime now, as it could override them before)
+    d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
     parts = {"llm": LlamaConfig, "vision": VisionConfig, "tiler": TilerConfig,
              "connector": ConnectorConfig, "lora": LoraConfig}
     for key, typ in parts.items():
