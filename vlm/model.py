@@ -12,11 +12,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
-from vlm import tiler
+from vlm import families, tiler
 from vlm.config import Runtime, VLMConfig
 from vlm.connector import Connector
-from vlm.llama import Llama
-from vlm.vision import VisionTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,12 +50,13 @@ class VLM(nn.Module):
 
   def setup(self):
     c, r = self.config, self.runtime
-    dtype = DTYPES[r.dtype]
-    self.llm = Llama(c.llm, c.lora, dtype, r.attention, r.remat, r.scan_layers, name="llm")
+    # the decoder and the tower are their families' modules (vlm/families), built by keyword
+    llm = families.of("llm", c.llm).module_class()
+    self.llm = llm(cfg=c.llm, lora=c.lora, runtime=r, name="llm")
     if c.vision is not None:
-      self.vision = VisionTower(c.vision, c.lora, dtype, r.attention, r.vision_remat,
-                                name="vision")
-      self.connector = Connector(c.connector.kind, c.llm.hidden, dtype, name="connector")
+      tower = families.of("vision", c.vision).module_class()
+      self.vision = tower(cfg=c.vision, lora=c.lora, runtime=r, name="vision")
+      self.connector = Connector(c.connector.kind, c.llm.hidden, r.compute_dtype, name="connector")
       if c.tiler.kind == "anyres":
         self.image_newline = self.param(
             "image_newline", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
@@ -70,7 +69,7 @@ class VLM(nn.Module):
     v = c.vision
     x = normalize_pixels(pixel_values, v.mean, v.std)
     b, n = x.shape[:2]
-    encode = lambda t: self.vision(t.astype(DTYPES[self.runtime.dtype]), deterministic)
+    encode = lambda t: self.vision(t.astype(self.runtime.compute_dtype), deterministic)
     if c.tiler.kind == "anyres":
       if image_sizes is None:
         raise ValueError("anyres models need image_sizes [B, n_images, 4] (height, width, grid "
