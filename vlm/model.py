@@ -56,7 +56,8 @@ class VLM(nn.Module):
     if c.vision is not None:
       tower = families.of("vision", c.vision).module_class()
       self.vision = tower(cfg=c.vision, lora=c.lora, runtime=r, name="vision")
-      self.connector = Connector(c.connector.kind, c.llm.hidden, r.compute_dtype, name="connector")
+      self.connector = Connector(c.connector.kind, c.llm.hidden, r.compute_dtype,
+                                 name="connector")
       if c.tiler.kind == "anyres":
         self.image_newline = self.param(
             "image_newline", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
