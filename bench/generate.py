@@ -70,7 +70,7 @@ def _random_params(config):
 
 def run_jax(args) -> dict:
   import jax
-  from vlm.config import LlamaConfig, VLMConfig
+  from vlm.config import LlamaConfig, Runtime, VLMConfig
   from serve.generate import GenerationConfig, Generator
   from vlm.model import VLM
   from serve.prompt import Prompt
@@ -79,10 +79,10 @@ def run_jax(args) -> dict:
                     heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
                     mlp_dim=s["mlp"], rope_theta=s["theta"], max_positions=8192)
   dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-  config = VLMConfig(llm=llm, template="llama3", dtype=dtype)
+  config = VLMConfig(llm=llm, template="llama3")
   params = _random_params(config)
   layout = {"auto": None, "scan": True, "unstacked": False}[args.layout]
-  gen = Generator(VLM(config), params, scan_layers=layout)
+  gen = Generator(VLM(config, Runtime(dtype=dtype)), params, scan_layers=layout)
   prompts = [Prompt(row) for row in _prompt(args)]
   gc = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
   gen.generate(prompts, gc, batch_size=args.batch)  # compile

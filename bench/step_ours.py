@@ -55,7 +55,7 @@ def prepare(args, case) -> Prepared:
   from train import plan as plan_lib
   from train.step import make_train_step
   from vlm import tiler
-  from vlm.model import VLM, normalize_pixels
+  from vlm.model import normalize_pixels
   from vlm.sharding import batch_shardings
   cfg = arch(args, case)
   total = args.warmup + args.steps
@@ -75,7 +75,7 @@ def prepare(args, case) -> Prepared:
       x = normalize_pixels(px, v.mean, v.std).reshape((-1,) + px.shape[2:])
       return tiler.s2_features(lambda t: m.vision(t.astype(dtype), True), x, p.config.tiler.scales,
                                v.image_size, v.grid)
-    fn = jax.jit(lambda prm, px: VLM(p.config).apply({"params": prm}, px, method=s2))
+    fn = jax.jit(lambda prm, px: p.model.apply({"params": prm}, px, method=s2))
     tower = {"vision": frozen_abs["vision"]}
     return Prepared(fn, (tower, batch_abs["pixel_values"]),
                      lambda: (_random(tower, 2), put_batch()["pixel_values"]), carry=False)

@@ -13,8 +13,8 @@ FILE --help` lists them with their values):
   model.lora            rank > 0 adds adapters (rank, alpha, dropout, targets, vision_targets)
   model.dtype           compute dtype; trainable weights always keep float32 masters
   model.frozen_dtype    storage dtype of frozen weights ("" keeps the stored dtype)
-  model.remat / model.attention   vlm.config.VLMConfig.remat / .attention
-  model.vision_remat    the vision tower's own remat policy (VLMConfig.vision_remat; the same
+  model.remat / model.attention   vlm.config.Runtime.remat / .attention
+  model.vision_remat    the vision tower's own remat policy (Runtime.vision_remat; the same
                         names as model.remat): costs nothing while the tower is frozen
   model.loss_chunk      positions per vocabulary projection in the loss (0: all at once)
   trainable             regexes over '/'-joined parameter paths; everything else is frozen

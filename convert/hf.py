@@ -17,8 +17,8 @@ import numpy as np
 from data.conversation import LLAVA_NEXT_LLAMA3_SYSTEM
 from data.errors import UserError
 from data.jsonfile import load_json
-from vlm.config import (ConnectorConfig, LlamaConfig, TilerConfig, VisionConfig,
-                        VLMConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from vlm import families
+from vlm.config import ConnectorConfig, TilerConfig, VisionConfig, VLMConfig
 
 
 class ConversionError(UserError):
@@ -94,55 +94,30 @@ def _to_hf(kind, x):
   return x
 
 
-def _linear(path, comp, name, bias=False, lora=False):
-  rules = [Rule(path + ("kernel",), comp, name + ".weight", "linear")]
-  if bias:
-    rules.append(Rule(path + ("bias",), comp, name + ".bias"))
-  if lora:
-    rules += [Rule(path + ("lora_a",), comp, name + ".lora_A.weight", "linear"),
-              Rule(path + ("lora_b",), comp, name + ".lora_B.weight", "linear")]
-  return rules
+def _rules(comp: str, part: list) -> list:
+  return [Rule((comp,) + r.path, comp, r.name, r.kind) for r in part]
 
 
-LLM_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-            "down": "mlp.down_proj"}
-VISION_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-               "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+def projections(cfg: VLMConfig) -> dict:
+  """component -> {our LoRA target: HF module inside a layer} of `cfg`'s families."""
+  out = {"llm": families.of("llm", cfg.llm).hf.projections}
+  if cfg.vision is not None:
+    out["vision"] = families.of("vision", cfg.vision).hf.projections
+  return out
 
 
 def rules(cfg: VLMConfig) -> list:
-  """Every parameter of `cfg`'s tree with its HF counterpart."""
-  out = [Rule(("llm", "embed"), "llm", "embed_tokens.weight"),
-         Rule(("llm", "norm", "scale"), "llm", "norm.weight"),
-         Rule(("llm", "layers", "layer", "attn_norm", "scale"), "llm", "layers.{i}.input_layernorm.weight"),
-         Rule(("llm", "layers", "layer", "mlp_norm", "scale"), "llm",
-              "layers.{i}.post_attention_layernorm.weight")]
-  if not cfg.llm.tie_embeddings:
-    out += _linear(("llm", "lm_head"), "llm", "lm_head")
-  for ours, hf in LLM_PROJ.items():
-    sub = ("attn",) if ours in ("q", "k", "v", "o") else ("mlp",)
-    out += _linear(("llm", "layers", "layer") + sub + (ours,), "llm", f"layers.{{i}}.{hf}",
-                   lora=cfg.lora.rank > 0 and ours in cfg.lora.targets)
+  """Every parameter of `cfg`'s tree with its HF counterpart: the decoder's and the tower's from
+  their families (vlm/families), the LLaVA connector and image_newline from here."""
+  on = lambda targets: tuple(targets) if cfg.lora.rank > 0 else ()
+  out = _rules("llm", families.of("llm", cfg.llm).hf.rules(cfg.llm, on(cfg.lora.targets)))
   if cfg.vision is None:
     return out
-  v = ("vision",)
-  out += [Rule(v + ("patch_embed",), "vision", "embeddings.patch_embedding.weight", "conv"),
-          Rule(v + ("cls",), "vision", "embeddings.class_embedding"),
-          Rule(v + ("pos_embed",), "vision", "embeddings.position_embedding.weight")]
-  for ours, hf in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-    out += [Rule(v + (ours, "scale"), "vision", f"{hf}.weight"),
-            Rule(v + (ours, "bias"), "vision", f"{hf}.bias")]
-  blk = v + ("layers", "block")
-  for ours, hf in (("ln1", "layer_norm1"), ("ln2", "layer_norm2")):
-    out += [Rule(blk + (ours, "scale"), "vision", f"encoder.layers.{{i}}.{hf}.weight"),
-            Rule(blk + (ours, "bias"), "vision", f"encoder.layers.{{i}}.{hf}.bias")]
-  for ours, hf in VISION_PROJ.items():
-    out += _linear(blk + (ours,), "vision", f"encoder.layers.{{i}}.{hf}", bias=True,
-                   lora=cfg.lora.rank > 0 and ours in cfg.lora.vision_targets)
+  out += _rules("vision", families.of("vision", cfg.vision).hf.rules(
+      cfg.vision, on(cfg.lora.vision_targets)))
   from vlm.connector import depth
   for i in range(depth(cfg.connector.kind)):
-    out += _linear(("connector", f"fc{i}"), "connector", f"linear_{i + 1}", bias=True)
+    out += _rules("connector", families.linear((f"fc{i}",), f"linear_{i + 1}", bias=True))
   if cfg.tiler.kind == "anyres":
     out.append(Rule(("image_newline",), "top", "image_newline"))
   return out
@@ -235,72 +210,57 @@ def export_weights(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], s
 
 # --- configs -------------------------------------------------------------------------------------
 
-def llama_config(d: dict) -> LlamaConfig:
-  rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-  theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
-  kind = rp.get("rope_type", rp.get("type", "default"))
-  scaling = None
-  if kind == "llama3":
-    scaling = ("llama3", float(rp["factor"]), float(rp["low_freq_factor"]),
-               float(rp["high_freq_factor"]), int(rp["original_max_position_embeddings"]))
-  elif kind not in ("default", None):
-    raise ConversionError(f"rope type {kind!r} is not supported (default | llama3)")
-  heads = d["num_attention_heads"]
-  return LlamaConfig(
-      vocab_size=d["vocab_size"], hidden=d["hidden_size"], layers=d["num_hidden_layers"],
-      heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
-      head_dim=d.get("head_dim") or d["hidden_size"] // heads, mlp_dim=d["intermediate_size"],
-      norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-      max_positions=d.get("max_position_embeddings", 4096),
-      tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-      sliding_window=d.get("sliding_window") if d.get("model_type") == "mistral" else None)
-
-
-def vision_config(d: dict, select_layer: int = -2, keep_cls: bool = False) -> VisionConfig:
-  act = d.get("hidden_act", "quick_gelu")
-  if act not in ("quick_gelu", "gelu"):
-    raise ConversionError(f"vision activation {act!r} is not supported (quick_gelu | gelu)")
-  return VisionConfig(
-      image_size=d["image_size"], patch_size=d["patch_size"], width=d["hidden_size"],
-      layers=d["num_hidden_layers"], heads=d["num_attention_heads"], mlp_dim=d["intermediate_size"],
-      act=act, norm_eps=d.get("layer_norm_eps", 1e-5), select_layer=select_layer, keep_cls=keep_cls,
-      mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD), proj_dim=d.get("projection_dim"))
-
-
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-LLAMA3_TOKENS = ("<|start_header_id|>", "<|eot_id|>")
+def _family_call(fn, *args):
+  """A family's reader / hook; its HFConfigError is our one-line ConversionError."""
+  try:
+    return fn(*args)
+  except families.HFConfigError as e:
+    raise ConversionError(str(e)) from None
 
 
 def text_model_type(d: dict) -> str:
-  """'llama' | 'mistral' of a text config, from model_type or else its architecture class."""
+  """The HF model_type of a text config, from model_type or else its architecture class; one a
+  decoder family reads (vlm/families)."""
   mt = d.get("model_type")
   if mt is None:
     arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
-    mt = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}.get(arch, arch)
-  if mt not in ("llama", "mistral"):
-    raise ConversionError(f"text model_type={mt!r} is not supported (llama | mistral)")
+    by_arch = {a: t for f in families.LLM.values() for t, a in f.hf.model_types.items()}
+    mt = by_arch.get(arch, arch)
+  if families.for_model_type("llm", mt) is None:
+    raise ConversionError(f"text model_type={mt!r} is not supported "
+                          f"({' | '.join(families.model_types('llm'))})")
   return mt
+
+
+def text_config(d: dict):
+  """A HF text config dict (model_type or architectures say the family) -> its family's config."""
+  d = dict(d, model_type=text_model_type(d))
+  return _family_call(families.for_model_type("llm", d["model_type"]).hf.read, d)
+
+
+def vision_config(d: dict, select_layer: int = -2, keep_cls: bool = False) -> VisionConfig:
+  """A HF vision config dict (model_type says the family; CLIP without one) -> its config."""
+  mt = d.get("model_type", "clip_vision_model")
+  fam = families.for_model_type("vision", mt)
+  if fam is None:
+    raise ConversionError(f"vision tower {mt!r} is not supported "
+                          f"({' | '.join(families.model_types('vision'))})")
+  v = _family_call(fam.hf.read, d)
+  return dataclasses.replace(v, select_layer=select_layer, keep_cls=keep_cls)
+
+
+def vision_hf_config(v) -> dict:
+  """A tower's config -> the transformers config dict of its family (CLIPVisionConfig)."""
+  return families.of("vision", v).hf.write(v)
 
 
 def template_for(text: dict, tokens: Optional[set], *, vlm: bool,
                  source: str = "config.json") -> str:
-  """Our template for a Llama / Mistral text config trained by the LLaVA family (`vlm`) or used
-  on its own. Mistral is told by its model_type; model_type 'llama' covers Llama-2 / Vicuna,
-  Llama-3 and Yi (LLaVA-1.6-34B), which only the tokenizer's special tokens tell apart
-  (`tokens`; without tokenizer files Llama-3's bos id or vocabulary size is the hint)."""
-  if text_model_type(text) == "mistral":
-    # LLaVA / LLaVA-NeXT conv_mistral_instruct (LLAMA_2 style, system "") for LLaVA-1.6-Mistral
-    # and LLaVA-Med v1.5; a bare Mistral speaks its own format (mistral-common)
-    return "llava_mistral" if vlm else "mistral_instruct"
-  tokens = tokens or set()
-  if any(t in tokens for t in CHATML_TOKENS):
-    raise ConversionError(f"{source}: a ChatML tokenizer ({CHATML_TOKENS[0]}): trained in "
-                          "LLaVA's chatml_direct template (LLaVA-1.6-34B), which medvlm-jax does "
-                          "not support")
-  if (all(t in tokens for t in LLAMA3_TOKENS) or text.get("bos_token_id") == 128000
-      or text.get("vocab_size", 0) >= 128000):   # the config's hints, for dirs without tokenizer
-    return "llama3"
-  return "vicuna_v1"
+  """Our template for a HF text config trained by the LLaVA family (`vlm`) or used on its own:
+  its decoder family's hook decides (model_type, tokenizer `tokens`, config hints)."""
+  text = dict(text, model_type=text_model_type(text))
+  fam = families.for_model_type("llm", text["model_type"])
+  return _family_call(fam.hf.template, text, tokens, vlm, source)
 
 
 def llava_next_format(template: str) -> dict:
@@ -328,7 +288,8 @@ def tokenizer_tokens(path) -> Optional[set]:
       out.update(t.get("content") for t in d.get("added_tokens") or ())
       vocab = (d.get("model") or {}).get("vocab") or {}   # Yi keeps <|im_start|> in its vocab
       pieces = vocab if isinstance(vocab, dict) else {p[0] for p in vocab}
-      out.update(t for t in CHATML_TOKENS + LLAMA3_TOKENS if t in pieces)
+      marks = {t for f in families.LLM.values() for t in f.hf.tokens}  # what template hooks read
+      out.update(t for t in marks if t in pieces)
     elif name == "added_tokens.json":
       out.update(d)
     else:
@@ -347,14 +308,12 @@ def vlm_config(d: dict, *, image_mean=None, image_std=None, tokens: Optional[set
   format its reference code trained it in (docs/conversion.md): `tokens` are the dir's tokenizer
   token strings (tokenizer_tokens)."""
   mt = d.get("model_type")
-  if mt in ("llama", "mistral"):
-    return VLMConfig(llm=llama_config(d), template=template_for(d, tokens, vlm=False,
-                                                                 source=source))
+  if families.for_model_type("llm", mt) is not None:
+    return VLMConfig(llm=text_config(d), template=template_for(d, tokens, vlm=False,
+                                                                source=source))
   if mt not in ("llava", "llava_next"):
-    raise ConversionError(f"unknown architecture model_type={mt!r} "
-                          "(llama | mistral | llava | llava_next)")
-  if d.get("vision_config", {}).get("model_type", "clip_vision_model") != "clip_vision_model":
-    raise ConversionError(f"vision tower {d['vision_config'].get('model_type')!r} is not CLIP")
+    known = families.model_types("llm") + ["llava", "llava_next"]
+    raise ConversionError(f"unknown architecture model_type={mt!r} ({' | '.join(known)})")
   layer = d.get("vision_feature_layer", -2)
   if not isinstance(layer, int):
     raise ConversionError(f"vision_feature_layer={layer!r}: multi-layer features not supported")
@@ -367,7 +326,7 @@ def vlm_config(d: dict, *, image_mean=None, image_std=None, tokens: Optional[set
     raise ConversionError(f"projector activation {act!r} is not supported (gelu)")
   text = dict(d["text_config"])
   text["model_type"] = text_model_type(text)
-  llm = llama_config(text)
+  llm = text_config(text)
   template = template_for(text, tokens, vlm=True, source=source)
   tiler, fmt = TilerConfig(kind="single"), {}
   if mt == "llava_next":
@@ -376,14 +335,6 @@ def vlm_config(d: dict, *, image_mean=None, image_std=None, tokens: Optional[set
   tok = d.get("image_token_index", d.get("image_token_id"))
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig("mlp2x_gelu"),
                    image_token_id=tok, template=template, **fmt)
-
-
-def clip_vision_config(v: VisionConfig) -> dict:
-  """VisionConfig -> a transformers CLIPVisionConfig dict."""
-  return {"model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
-          "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
-          "intermediate_size": v.mlp_dim, "hidden_act": v.act, "layer_norm_eps": v.norm_eps,
-          "projection_dim": v.proj_dim or v.width}
 
 
 def preprocessor_config(cfg: VLMConfig) -> dict:
@@ -403,32 +354,20 @@ def preprocessor_config(cfg: VLMConfig) -> dict:
 
 
 def hf_config(cfg: VLMConfig) -> dict:
-  """VLMConfig -> the config.json transformers expects (Llama / Mistral / Llava / LlavaNext)."""
+  """VLMConfig -> the config.json transformers expects: the decoder family's (Llama / Mistral)
+  or a Llava / LlavaNext around the decoder's and the tower's family configs."""
   c = cfg.llm
-  text = {"vocab_size": c.vocab_size, "hidden_size": c.hidden, "num_hidden_layers": c.layers,
-          "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
-          "intermediate_size": c.mlp_dim, "rms_norm_eps": c.norm_eps,
-          "max_position_embeddings": c.max_positions, "tie_word_embeddings": c.tie_embeddings,
-          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-          "model_type": "mistral" if c.sliding_window else "llama"}
-  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-  if c.rope_scaling is not None:
-    _, factor, low, high, old = c.rope_scaling
-    rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                original_max_position_embeddings=old)
-  text["rope_parameters"] = rope
-  if c.sliding_window:
-    text["sliding_window"] = c.sliding_window
+  fam = families.of("llm", c)
+  text = fam.hf.write(c)
   if cfg.vision is None:
-    arch = "MistralForCausalLM" if text["model_type"] == "mistral" else "LlamaForCausalLM"
-    return dict(text, architectures=[arch])
+    return dict(text, architectures=[fam.hf.model_types[text["model_type"]]])
   if cfg.tiler.kind == "s2":
     raise ConversionError("S2 multi-scale models have no transformers class; export with "
                           "`--to llava` (the LLaVA code-base layout with s2 config keys)")
   if cfg.connector.kind != "mlp2x_gelu":
     raise ConversionError(f"connector {cfg.connector.kind!r}: transformers Llava needs mlp2x_gelu")
   v = cfg.vision
-  vision = clip_vision_config(v)
+  vision = vision_hf_config(v)
   out = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
          "text_config": text, "vision_config": vision, "image_token_index": cfg.image_token_id,
          "projector_hidden_act": "gelu", "vision_feature_layer": v.select_layer,

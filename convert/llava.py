@@ -87,7 +87,7 @@ def to_vlm(d: dict, vision: VisionConfig, *, source: str = "config.json",
                              "(llava_llama | llava_mistral)")
   if d.get("mm_use_im_start_end"):
     raise hf.ConversionError(f"{source}: mm_use_im_start_end=true checkpoints are not supported")
-  llm = hf.llama_config(dict(d, model_type="mistral" if mt == "llava_mistral" else "llama"))
+  llm = hf.text_config(dict(d, model_type="mistral" if mt == "llava_mistral" else "llama"))
   feature = d.get("mm_vision_select_feature", "patch")
   if feature not in ("patch", "cls_patch"):
     raise hf.ConversionError(f"{source}: mm_vision_select_feature={feature!r} (patch | cls_patch)")
@@ -250,7 +250,7 @@ def save(cfg: VLMConfig, params: dict, dst, *, max_shard_bytes: int, dtype=None)
       hf.iter_export(cfg, {"vision": params["vision"]}, lambda comp, nm: "vision_model." + nm),
       tdir, dtype=dtype, max_shard_bytes=max_shard_bytes)
   with open(os.path.join(tdir, "config.json"), "w") as f:
-    json.dump(dict(hf.clip_vision_config(cfg.vision), architectures=["CLIPVisionModel"],
+    json.dump(dict(hf.vision_hf_config(cfg.vision), architectures=["CLIPVisionModel"],
                    torch_dtype=dname), f, indent=2)
   with open(os.path.join(tdir, "preprocessor_config.json"), "w") as f:
     json.dump(hf.preprocessor_config(cfg.replace(tiler=TilerConfig())), f, indent=2)

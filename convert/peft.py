@@ -31,15 +31,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from convert import hf, tensors, tokenizer
-from vlm.config import LLM_PROJECTIONS, VISION_PROJECTIONS, LoraConfig, VLMConfig
+from vlm.config import LoraConfig, VLMConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_STEM = "adapter_model"
 LLAVA_TRAINABLES = "non_lora_trainables.bin"
-_PROJ = {"llm": {v: k for k, v in hf.LLM_PROJ.items()},
-         "vision": {v: k for k, v in hf.VISION_PROJ.items()}}
 _LAYERS = {"llm": "layers.", "vision": "encoder.layers."}
-_ORDER = {"llm": LLM_PROJECTIONS, "vision": VISION_PROJECTIONS}
 _LORA = re.compile(r"((?:encoder\.)?layers\.(\d+)\.(.+))\.lora_([AB])\.weight")
 # adapter_config.json options that change what the adapter computes beyond B @ A * scale
 _REFUSED = ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication",
@@ -104,11 +101,12 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
   r0, a0, rs = int(d["r"]), float(d["lora_alpha"]), bool(d.get("use_rslora"))
   scale = lambda r, a: a / (math.sqrt(r) if rs else r)  # peft LoraLayer.update_layer
   found = {}  # (comp, layer, proj) -> (canon prefix, rank, module scale)
+  by_hf = {comp: {v: k for k, v in t.items()} for comp, t in hf.projections(cfg).items()}
   for (comp, name), t in list(tensors_.items()):
     if ".lora_" not in name:
       continue
     m = _LORA.fullmatch(name)
-    if not m or comp not in _PROJ or m.group(3) not in _PROJ[comp] or (
+    if not m or comp not in by_hf or m.group(3) not in by_hf[comp] or (
         comp == "vision") != name.startswith("encoder."):
       raise hf.ConversionError(f"{source}: LoRA on {getattr(t, 'key', name)} is not supported "
                                "(LLM q,k,v,o,gate,up,down; tower q,k,v,o,fc1,fc2)")
@@ -145,8 +143,8 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
       at = f"{_LAYERS[comp]}{i}.{proj}"
       tensors_[(comp, at + ".lora_A.weight")] = np.zeros((rank, a.shape[1]), np.float32)
       tensors_[(comp, at + ".lora_B.weight")] = np.zeros((b.shape[0], rank), np.float32)
-  pick = lambda comp: tuple(sorted({_PROJ[comp][p] for c, p in targets if c == comp},
-                                   key=_ORDER[comp].index))
+  pick = lambda comp: tuple(sorted({by_hf[comp][p] for c, p in targets if c == comp},
+                                   key=list(by_hf[comp].values()).index))
   return cfg.replace(lora=LoraConfig(rank=rank, alpha=alpha,
                                      dropout=float(d.get("lora_dropout", 0.0)),
                                      targets=pick("llm"), vision_targets=pick("vision")))
@@ -207,10 +205,11 @@ def _target_modules(cfg: VLMConfig, path, plain: bool):
   """A plain list of names for text-only models; else a regex over full module paths, so that
   `q_proj` does not also catch the CLIP tower's q_proj (peft fullmatches a string)."""
   if plain:
-    return sorted(hf.LLM_PROJ[t].split(".")[-1] for t in cfg.lora.targets)
+    return sorted(hf.projections(cfg)["llm"][t].split(".")[-1] for t in cfg.lora.targets)
   alts = []
-  for comp, targets, table in (("llm", cfg.lora.targets, hf.LLM_PROJ),
-                               ("vision", cfg.lora.vision_targets, hf.VISION_PROJ)):
+  proj = hf.projections(cfg)
+  for comp, targets, table in (("llm", cfg.lora.targets, proj["llm"]),
+                               ("vision", cfg.lora.vision_targets, proj["vision"])):
     for t in targets:
       mod = path(comp, f"{_LAYERS[comp]}999999.{table[t]}.weight")[:-len(".weight")]
       alts.append(re.escape(mod).replace("999999", r"\d+"))

@@ -7,6 +7,7 @@ import os
 
 from convert import hf, open_clip, tensors
 from data.jsonfile import load_json
+from vlm import families
 
 OPEN_CLIP_STEMS = ("open_clip_model", "open_clip_pytorch_model")
 _NOT_VISION = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
@@ -44,9 +45,10 @@ def load(path, *, select_layer: int = -2, keep_cls: bool = False):
   mt = d.get("model_type")
   if mt == "clip":
     d = d["vision_config"]
-  elif mt != "clip_vision_model":
+  elif families.for_model_type("vision", mt) is None:
+    known = ["clip"] + families.model_types("vision") + ["open_clip"]
     raise hf.ConversionError(f"unknown architecture model_type={mt!r} in {cfg_file} "
-                             "(clip | clip_vision_model | open_clip)")
+                             f"({' | '.join(known)})")
   vcfg = hf.vision_config(d, select_layer, keep_cls)
   pp = os.path.join(path, "preprocessor_config.json")
   if os.path.exists(pp):

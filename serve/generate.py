@@ -119,25 +119,25 @@ def _activations(mesh, rules):
   return contextlib.nullcontext() if mesh is None else sharding.activation_sharding(mesh, rules)
 
 
-# Programs are keyed by the (hashable) config, not by a Generator, so every Generator of the same
-# model shape shares them.
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "cache_dtype", "cache_len",
-                                             "collect"))
-def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, *, config, mesh,
-             rules, cache_dtype, cache_len, collect):
+# Programs are keyed by the (hashable) config and runtime, not by a Generator, so every Generator
+# of the same model shape shares them.
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "mesh", "rules", "cache_dtype",
+                                             "cache_len", "collect"))
+def _prefill(params, ids, positions, segment_ids, lengths, pixels, image_sizes, *, config, runtime,
+             mesh, rules, cache_dtype, cache_len, collect):
   """Runs the padded prompts through the model once, writing the cache; returns the decode state
   with the logits of each row's last prompt token."""
   with _activations(mesh, rules):
     return _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_sizes,
-                         config, mesh, rules, cache_dtype, cache_len, collect)
+                         config, runtime, mesh, rules, cache_dtype, cache_len, collect)
 
 
-def _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_sizes, config, mesh,
-                  rules, cache_dtype, cache_len, collect):
-  model, c = VLM(config), config.llm
+def _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_sizes, config,
+                  runtime, mesh, rules, cache_dtype, cache_len, collect):
+  model, c = VLM(config, runtime), config.llm
   b, p = ids.shape
   shape, axes = (b, c.kv_heads, cache_len, c.head_dim), ("batch", "kv", None, None)
-  if config.scan_layers:
+  if runtime.scan_layers:
     kv = lambda: _constrain(jnp.zeros((c.layers,) + shape, cache_dtype), ("layers",) + axes, mesh,
                             rules)
   else:  # one buffer per layer, like the weights: no layer slice of a stack is ever taken
@@ -160,12 +160,12 @@ def _prefill_body(params, ids, positions, segment_ids, lengths, pixels, image_si
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "rules", "greedy", "collect"),
-                   donate_argnames=("state",))
-def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, mesh, rules,
-            greedy, collect):
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "mesh", "rules", "greedy",
+                                             "collect"), donate_argnames=("state",))
+def _decode(params, state, key, stop_at, stops, temperature, top_p, top_k, *, config, runtime,
+            mesh, rules, greedy, collect):
   """Samples and feeds tokens until `stop_at` steps or every row is done."""
-  model = VLM(config)
+  model = VLM(config, runtime)
 
   def cond(s):
     return (s["step"] < stop_at) & ~jnp.all(s["done"])
@@ -208,20 +208,21 @@ class Generator:
                length_step: int = 128, scan_layers: Optional[bool] = None,
                rules=sharding.DEFAULT_RULES):
     if scan_layers is None:
-      scan_layers = model.config.scan_layers and jax.default_backend() == "tpu"
-    if model.config.scan_layers and not scan_layers:
-      model = VLM(model.config.replace(scan_layers=False))
+      scan_layers = model.runtime.scan_layers and jax.default_backend() == "tpu"
+    if model.runtime.scan_layers and not scan_layers:
+      model = VLM(model.config, model.runtime.replace(scan_layers=False))
       params = unstack_layers(params)
-    elif scan_layers and not model.config.scan_layers:
+    elif scan_layers and not model.runtime.scan_layers:
       raise ValueError("params are already unstacked (scan_layers=False); load them stacked")
     self.model, self.config, self.tokenizer, self.mesh = model, model.config, tokenizer, mesh
     # hashable: a static argument of the programs
     self.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)
     self.length_step = length_step
     self.timings: dict = {}  # of the last generate(): prefill_s (incl. compile), decode_s, ...
-    self.cache_dtype = jnp.dtype(cache_dtype or self.config.dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
     if mesh is not None:
-      params = sharding.shard(params, sharding.param_shardings(self.config, mesh, self.rules))
+      params = sharding.shard(params, sharding.param_shardings(self.config, mesh, self.rules,
+                                                               runtime=model.runtime))
     self.params = jax.device_put(params) if mesh is None else params  # host arrays: copy once
 
   @classmethod
@@ -316,8 +317,9 @@ class Generator:
         self.params, bx(b["ids"], None), bx(b["positions"], None), bx(b["segment_ids"], None),
         bx(b["lengths"]), bx(b["pixels"], *([None] * (b["pixels"].ndim - 1)))
         if b["pixels"] is not None else None,
-        bx(b["image_sizes"], None, None), config=self.config, mesh=self.mesh, rules=self.rules,
-        cache_dtype=self.cache_dtype, cache_len=cache_len, collect=return_logits)
+        bx(b["image_sizes"], None, None), config=self.config, runtime=self.model.runtime,
+        mesh=self.mesh, rules=self.rules, cache_dtype=self.cache_dtype, cache_len=cache_len,
+        collect=return_logits)
     jax.block_until_ready(state["logits"])
     t_prefill = time.perf_counter()
     args = (jax.random.key(gc.seed),)
@@ -325,7 +327,7 @@ class Generator:
     stop_arr[:len(stops)] = stops
     dyn = (jnp.asarray(stop_arr), jnp.float32(gc.temperature), jnp.float32(gc.top_p),
            jnp.int32(gc.top_k))
-    static = dict(config=self.config, mesh=self.mesh, rules=self.rules,
+    static = dict(config=self.config, runtime=self.model.runtime, mesh=self.mesh, rules=self.rules,
                   greedy=gc.temperature <= 0, collect=return_logits)
     texts = [_TextState(self.tokenizer, gc.stop_strings) for _ in prompts] if (
         stream or gc.stop_strings or host_rows) and self.tokenizer is not None else None

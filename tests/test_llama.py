@@ -47,10 +47,10 @@ def test_logits_match_hf(case, tmp_path):
 def test_rope_llama3_inv_freq_matches_hf():
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
   from vlm.llama import rope_inv_freq
-  from convert.hf import llama_config
+  from convert.hf import text_config
   c = H.llama_config(rope=H.LLAMA3_ROPE, head_dim=64, hidden_size=128)
   want, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
-  got = rope_inv_freq(llama_config(c.to_dict()))
+  got = rope_inv_freq(text_config(c.to_dict()))
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
-  plain = rope_inv_freq(llama_config(H.llama_config(head_dim=64, hidden_size=128).to_dict()))
+  plain = rope_inv_freq(text_config(H.llama_config(head_dim=64, hidden_size=128).to_dict()))
   assert not np.allclose(plain, got)

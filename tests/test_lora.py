@@ -32,7 +32,7 @@ def _peft_model():
 
 
 def _ours(ref):
-  cfg = VLMConfig(llm=hf.llama_config(ref.base_model.model.config.to_dict()),
+  cfg = VLMConfig(llm=hf.text_config(ref.base_model.model.config.to_dict()),
                   lora=LoraConfig(rank=4, alpha=8, targets=("q", "v", "o", "down")))
   tensors = {hf.canonical_name(k): v.numpy() for k, v in ref.state_dict().items()}
   return VLM(cfg), hf.import_weights(cfg, tensors, source="peft"), cfg

@@ -11,7 +11,7 @@ import pytest
 
 import vlm
 from vlm import checkpoint
-from vlm.config import LlamaConfig, TilerConfig, VisionConfig, VLMConfig
+from vlm.config import LlamaConfig, Runtime, TilerConfig, VisionConfig, VLMConfig
 from vlm.model import VLM, abstract_params, init_params, unstack_layers
 
 CFG = VLMConfig(
@@ -51,7 +51,7 @@ def test_packed_row_equals_samples_run_separately():
 
 
 def test_pallas_attention_matches_xla_logits_and_grads():
-  cfg = CFG.replace(attention="pallas")
+  pallas = Runtime(attention="pallas")
   params = init_params(CFG, jax.random.key(1))
   rng = np.random.default_rng(1)
   ids = np.stack([_sample(rng, 12), _sample(rng, 12)])
@@ -59,13 +59,13 @@ def test_pallas_attention_matches_xla_logits_and_grads():
   seg = np.ones(ids.shape, np.int32)
   seg[1, -3:] = 0
 
-  def loss_fn(c):
+  def loss_fn(r):
     def loss(p):
-      logits = VLM(c).apply({"params": p}, ids, px, segment_ids=seg)
+      logits = VLM(CFG, r).apply({"params": p}, ids, px, segment_ids=seg)
       return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2) * 1e-3, logits
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
-  (l1, lo1), g1 = loss_fn(CFG)(params)
-  (l2, lo2), g2 = loss_fn(cfg)(params)
+  (l1, lo1), g1 = loss_fn(Runtime())(params)
+  (l2, lo2), g2 = loss_fn(pallas)(params)
   valid = seg > 0
   assert np.abs(np.asarray(lo1)[valid] - np.asarray(lo2)[valid]).max() <= 1e-4
   for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
@@ -94,15 +94,18 @@ def test_config_json_round_trip_and_unknown_keys():
 def test_remat_policies_keep_gradients(remat):
   """Same gradients under each policy, and each policy really changes what the backward pass
   keeps: the residuals of the stacked decoder [layers, batch, tokens, ...] and tower [layers,
-  images, tokens, ...] layers are what the policy's definition (vlm.llama.REMAT_POLICIES) saves."""
+  images, tokens, ...] layers are what the policy's definition (vlm.families.module.REMAT_POLICIES) saves."""
   params = init_params(CFG, jax.random.key(3))
   rng = np.random.default_rng(3)
   ids = np.stack([_sample(rng, 10), _sample(rng, 10)])
   px = rng.integers(0, 256, size=(2, 1, 28, 28, 3), dtype=np.uint8)
 
-  def grads(c):
-    return jax.jit(jax.grad(lambda p: jnp.mean(VLM(c).apply({"params": p}, ids, px) ** 2)))(params)
-  for x, y in zip(jax.tree_util.tree_leaves(grads(CFG)), jax.tree_util.tree_leaves(grads(CFG.replace(remat=remat, vision_remat=remat)))):
+  def grads(r):
+    loss = lambda p: jnp.mean(VLM(CFG, r).apply({"params": p}, ids, px) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+  policy = Runtime(remat=remat, vision_remat=remat)
+  for x, y in zip(jax.tree_util.tree_leaves(grads(Runtime())),
+                  jax.tree_util.tree_leaves(grads(policy))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
   c, v = CFG.llm, CFG.vision
   dec = (c.layers,) + ids.shape                           # [layers, batch, tokens]
@@ -122,19 +125,19 @@ def test_remat_policies_keep_gradients(remat):
                      (c.kv_heads * c.head_dim,), (c.hidden,), (c.mlp_dim,), (c.mlp_dim,)],
                     [(v.width,)] * 5 + [(v.mlp_dim,)])}
   layer = lambda shapes, lead: sorted(s[3:] for s in shapes if s[:3] == lead and len(s) <= 5)
-  saved = _saved_shapes(CFG.replace(remat=remat, vision_remat=remat), params, ids, px)
-  none = _saved_shapes(CFG, params, ids, px)
+  saved = _saved_shapes(CFG, policy, params, ids, px)
+  none = _saved_shapes(CFG, Runtime(), params, ids, px)
   for lead, expected in zip((dec, tow), want[remat]):
     assert layer(saved, lead) == sorted(expected), (lead, layer(saved, lead))
     assert len(layer(none, lead)) > len(expected)         # without remat: far more is kept
 
 
-def _saved_shapes(cfg, params, ids, px):
+def _saved_shapes(cfg, runtime, params, ids, px):
   """Shapes of the residuals the backward pass keeps (jax.ad_checkpoint.print_saved_residuals)."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     jax.ad_checkpoint.print_saved_residuals(
-        lambda p: VLM(cfg).apply({"params": p}, ids, px).sum(), params)
+        lambda p: VLM(cfg, runtime).apply({"params": p}, ids, px).sum(), params)
   return [tuple(map(int, m.group(1).split(","))) for m in
           re.finditer(r"^[a-z0-9]+\[([\d,]+)\]", out.getvalue(), re.M)]
 
@@ -150,7 +153,7 @@ def test_tower_remat_policy_is_its_own_and_saves_its_named_tensors():
   n_img, tokens, heads, hd = 2, 5, 2, 8          # 4 patches + CLS per image, width 16 = 2 x 8
   tower = lambda shapes: sorted(s for s in shapes if s[:3] == (3, n_img, tokens))
   llm = lambda shapes: [s for s in shapes if s[:3] == (2,) + ids.shape]
-  got = {p: _saved_shapes(cfg.replace(remat="full", vision_remat=p), params, ids, px)
+  got = {p: _saved_shapes(cfg, Runtime(remat="full", vision_remat=p), params, ids, px)
          for p in ("none", "full", "save_dots", "save_attn_proj")}
   x = (3, n_img, tokens, 16)
   assert tower(got["full"]) == [x]                                      # each layer's input
@@ -158,7 +161,7 @@ def test_tower_remat_policy_is_its_own_and_saves_its_named_tensors():
   assert tower(got["save_dots"]) == sorted([x] * 5 + [(3, n_img, tokens, 32)])  # q k v o fc1
   assert len(tower(got["none"])) > len(tower(got["save_dots"]))
   assert len({len(llm(s)) for s in got.values()}) == 1                  # the decoder: model.remat
-  own = _saved_shapes(cfg.replace(remat="none", vision_remat="full"), params, ids, px)
+  own = _saved_shapes(cfg, Runtime(remat="none", vision_remat="full"), params, ids, px)
   assert tower(own) == [x] and len(llm(own)) > len(llm(got["full"]))
 
 
@@ -167,8 +170,8 @@ def test_bfloat16_compute_close_to_float32():
   rng = np.random.default_rng(4)
   ids = np.stack([_sample(rng, 10)])
   px = rng.integers(0, 256, size=(1, 1, 28, 28, 3), dtype=np.uint8)
-  run = lambda c: jax.jit(lambda p: VLM(c).apply({"params": p}, ids, px))(params)
-  f32, bf = np.asarray(run(CFG)), run(CFG.replace(dtype="bfloat16"))
+  run = lambda r: jax.jit(lambda p: VLM(CFG, r).apply({"params": p}, ids, px))(params)
+  f32, bf = np.asarray(run(Runtime())), run(Runtime(dtype="bfloat16"))
   assert bf.dtype == jnp.float32  # logits always float32
   rel = np.abs(np.asarray(bf) - f32).max() / np.abs(f32).max()
   assert rel <= 2e-2, rel
@@ -181,11 +184,11 @@ def test_kv_cache_chunks_equal_full_forward(window, scan):
   and the cache holds exactly the k/v a full prefill writes. scan=False: per-layer params (from
   model.unstack_layers) and a tuple of per-layer cache buffers."""
   llm = dataclasses.replace(CFG.llm, sliding_window=window)
-  cfg = VLMConfig(llm=llm, scan_layers=scan)
+  cfg = VLMConfig(llm=llm)
   params = init_params(VLMConfig(llm=llm), jax.random.key(1))
   if not scan:
     params = unstack_layers(params)
-  model = VLM(cfg)
+  model = VLM(cfg, Runtime(scan_layers=scan))
   rng = np.random.default_rng(5)
   b, pad, p, s = 2, np.array([0, 2]), 6, 16
   ids = rng.integers(0, 63, size=(b, p + 5)).astype(np.int32)

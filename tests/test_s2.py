@@ -59,7 +59,7 @@ def test_bicubic_matrix_is_torch_bicubic():
 
 
 def test_uint8_pixels_are_normalized_in_model():
-  llm = hf.llama_config(H.llama_config().to_dict())
+  llm = hf.text_config(H.llama_config().to_dict())
   ref = H.build(T.CLIPVisionModel, H.clip_config(), seed=6)
   cfg = VLMConfig(llm=llm, vision=hf.vision_config(ref.config.to_dict()),
                   tiler=TilerConfig(kind="s2", scales=(28, 56)), image_token_id=95)

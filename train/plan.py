@@ -22,21 +22,26 @@ from data.errors import UserError
 from train import optimizer
 from train.source import source_config
 from train.trainable import partition, select
-from vlm.config import LoraConfig, VLMConfig
+from vlm.config import LoraConfig, Runtime, VLMConfig
 from vlm.model import DTYPES, VLM, abstract_params
 from vlm.sharding import AXES, DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 
 def train_config(config, src: VLMConfig) -> VLMConfig:
-  """The network trained: the source plus LoRA adapters and the run's compute settings."""
+  """The network trained: the source plus LoRA adapters."""
   m = config.model
-  out = src.replace(dtype=m.dtype, remat=m.remat, vision_remat=m.vision_remat,
-                    attention=m.attention)
+  out = src
   if m.lora.rank:
     out = out.replace(lora=LoraConfig(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
                                       targets=tuple(m.lora.targets),
                                       vision_targets=tuple(m.lora.vision_targets)))
   return out
+
+
+def train_runtime(config) -> Runtime:
+  """How the run computes (model.dtype / remat / vision_remat / attention): never saved."""
+  m = config.model
+  return Runtime(dtype=m.dtype, remat=m.remat, vision_remat=m.vision_remat, attention=m.attention)
 
 
 @dataclasses.dataclass
@@ -115,8 +120,8 @@ def plan(config, mesh, total_steps: int) -> Plan:
   impl = config.train.get("prng_impl", "threefry2x32")
   if impl not in RNG_WORDS:
     raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
-  return Plan(src, cfg, VLM(cfg), mask, abstract, shard, trainable_sh, frozen_sh,
-              DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
+  return Plan(src, cfg, VLM(cfg, train_runtime(config)), mask, abstract, shard, trainable_sh,
+              frozen_sh, DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
 
 
 def abstract_state(p: Plan) -> tuple:

@@ -40,12 +40,10 @@ def load(config, p: Plan) -> tuple:
 
 
 def export_config(p: Plan, data=None) -> VLMConfig:
-  """config.json of the trained network: its LoRA, the source's runtime defaults and the prompt
-  format `data` (a data.pipeline.DataConfig) rendered the samples in, so that chat and VQA runs
-  render as it was trained; a stage-1 `plain` run keeps the model's own format."""
-  s = p.source
-  cfg = p.config.replace(dtype=s.dtype, remat=s.remat, vision_remat=s.vision_remat,
-                         attention=s.attention)
+  """config.json of the trained network: its LoRA and the prompt format `data` (a
+  data.pipeline.DataConfig) rendered the samples in, so that chat and VQA runs render as it was
+  trained; a stage-1 `plain` run keeps the model's own format."""
+  cfg = p.config
   if data is not None and data.template != "plain":
     cfg = cfg.replace(template=data.template, system=data.system,
                       image_position=image_position_for(data.template, data.image_position))

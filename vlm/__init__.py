@@ -24,8 +24,11 @@ def from_pretrained(path, *, dtype=None, **overrides):
   imported: a HF Llama / Mistral / Llava / LlavaNext dir).
 
   Returns (VLM module, params). `dtype` casts imported weights (None keeps the stored dtype);
-  `overrides` replace VLMConfig fields (e.g. attention='cudnn', dtype='bfloat16', remat='full')."""
+  `overrides` naming vlm.config.Runtime fields set the module's runtime (attention='cudnn',
+  remat='full', scan_layers=False; runtime=Runtime(...) gives one whole), the others replace
+  VLMConfig fields (template='llama3')."""
   from vlm import checkpoint
+  from vlm.config import RUNTIME_FIELDS, Runtime
   from vlm.model import VLM
   if checkpoint.is_checkpoint(path):
     cfg, params = checkpoint.load(path)
@@ -37,6 +40,8 @@ def from_pretrained(path, *, dtype=None, **overrides):
       raise FileNotFoundError(f"{path}: neither a medvlm-jax checkpoint (config.json + params/) "
                               f"nor a HF model dir (config.json + safetensors){hint}")
     cfg, params = read(path, dtype=dtype)
+  runtime = overrides.pop("runtime", None) or Runtime()
+  knobs = {k: overrides.pop(k) for k in list(overrides) if k in RUNTIME_FIELDS}
   if overrides:
     cfg = cfg.replace(**overrides)
-  return VLM(cfg), params
+  return VLM(cfg, runtime.replace(**knobs)), params

@@ -1,8 +1,9 @@
 """Model configuration: one frozen dataclass per part, composed into `VLMConfig`.
 
 Configs are plain data (JSON round-trippable) so a checkpoint's `config.json` fully describes the
-network; presets below reproduce the published shapes (DFN5B ViT-H/14-378, CLIP ViT-L/14-336,
-Llama-3-8B, Vicuna, Mistral-7B-Instruct-v0.2, Llama3-Med, LLaVA-1.5/1.6-13B).
+network (how it runs, `Runtime`, is not part of it); the decoder and tower configs name their
+family (vlm/families). Presets below reproduce the published shapes (DFN5B ViT-H/14-378, CLIP
+ViT-L/14-336, Llama-3-8B, Vicuna, Mistral-7B-Instruct-v0.2, Llama3-Med, LLaVA-1.5/1.6-13B).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class VisionConfig:
   mean: tuple = OPENAI_CLIP_MEAN
   std: tuple = OPENAI_CLIP_STD
   proj_dim: Optional[int] = None  # open_clip/HF visual projection, kept only for round trips
+  family: str = "clip"  # its row in vlm/families (module + HF mapping)
 
   @property
   def grid(self) -> int:
@@ -100,6 +102,7 @@ class LlamaConfig:
   max_positions: int = 4096
   tie_embeddings: bool = False
   sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
+  family: str = "llama"  # its row in vlm/families (module + HF mapping)
 
 
 # The projections LoRA can target, in module order (vlm/llama.py, vlm/vision.py name them so).
@@ -123,6 +126,33 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How a network runs, not what it is: never saved in config.json (a run, a server or a bench
+  picks these), so a checkpoint carries no settings that a converter or an export must undo."""
+  dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
+  remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
+  # The vision tower's own policy (same names): its activations differ in shape and number from the
+  # decoder's, and a frozen tower that no gradient crosses needs none.
+  vision_remat: str = "none"
+  attention: str = "xla"  # xla | cudnn | pallas | splash | auto
+  # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
+  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
+  scan_layers: bool = True
+
+  def replace(self, **kw) -> "Runtime":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def compute_dtype(self):
+    """`dtype` as a jnp dtype (imports jax: for model code)."""
+    import jax.numpy as jnp
+    return jnp.dtype(self.dtype)
+
+
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(Runtime))
+
+
+@dataclasses.dataclass(frozen=True)
 class VLMConfig:
   """The whole model. `vision=None` gives a text-only LLM (a HF Llama dir loads that way)."""
   llm: LlamaConfig = LlamaConfig()
@@ -136,15 +166,6 @@ class VLMConfig:
   # trained. None takes the template's defaults (and reads checkpoints written before the fields).
   image_position: Optional[str] = None  # keep | first | first_next
   system: Optional[str] = None  # system prompt; "" for none
-  dtype: str = "float32"  # compute dtype; params keep their own (float32 masters, bf16 frozen)
-  remat: str = "none"  # decoder layers: none | full | save_dots | save_attn_proj
-  # The vision tower's own policy (same names): its activations differ in shape and number from the
-  # decoder's, and a frozen tower that no gradient crosses needs none.
-  vision_remat: str = "none"
-  attention: str = "xla"  # xla | cudnn | pallas | splash | auto
-  # False: one parameter subtree per decoder layer (llm/layers_0, ...) instead of one scanned stack;
-  # generation uses it on GPUs (see serve/generate.py). Checkpoints always hold the stacked layout.
-  scan_layers: bool = True
 
   @property
   def feature_dim(self) -> int:
@@ -176,10 +197,14 @@ class VLMConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "VLMConfig":
-    d = dict(d)
-    parts = {"llm": LlamaConfig, "vision": VisionConfig, "tiler": TilerConfig,
-             "connector": ConnectorConfig, "lora": LoraConfig}
-    for key, typ in parts.items():
+    # config.json written before Runtime existed carries its fields; they are dropped (the loader
+    # picks the runtime now, as it could override them before)
+    d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
+    from vlm import families  # the part's family (absent: llama / clip) says its dataclass
+    for key, default in (("llm", "llama"), ("vision", "clip")):
+      if d.get(key) is not None:
+        d[key] = _build(families.get(key, d[key].get("family", default)).config, d[key])
+    for key, typ in {"tiler": TilerConfig, "connector": ConnectorConfig, "lora": LoraConfig}.items():
       if d.get(key) is not None:
         d[key] = _build(typ, d[key])
     return _build(cls, d)

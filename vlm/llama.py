@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vlm.attention import attend, attend_cached
 from vlm.config import LlamaConfig, LoraConfig
+from vlm.families.module import Part, remat
 from vlm.lora import Dense
 from vlm.sharding import constrain
 
@@ -25,21 +26,6 @@ from vlm.sharding import constrain
 RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_proj": jax.checkpoint_policies.save_only_these_names(
-        "q_proj", "k_proj", "v_proj", "attn_out"),
-}
-
-
-def remat_policy(name: str):
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"remat policy {name!r} not in {sorted(REMAT_POLICIES)}")
-  return REMAT_POLICIES[name]
-
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   """[head_dim // 2] float32 inverse frequencies, HF's default or llama3-scaled variant."""
@@ -90,12 +76,7 @@ def _dense(name, features, axes, lora: LoraConfig, dtype, **kw):
                lora_dropout=lora.dropout, name=name, **kw)
 
 
-class Attention(nn.Module):
-  cfg: LlamaConfig
-  lora: LoraConfig
-  dtype: Any
-  impl: str
-
+class Attention(Part):
   @nn.compact
   def __call__(self, x, positions, segment_ids, kv, cache_meta, deterministic):
     c, b, t = self.cfg, x.shape[0], x.shape[1]
@@ -111,7 +92,7 @@ class Attention(nn.Module):
     q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
     if kv is None:  # training, or a prompt filling an empty cache: the chunk sees only itself
       out = attend(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=c.sliding_window,
-                   impl=self.impl)
+                   impl=self.runtime.attention)
     else:  # the chunk sees the cache's filled slots and itself; the cache is only read here
       out = attend_cached(q, k, v, kv[0].astype(q.dtype), kv[1].astype(q.dtype),
                           index=cache_meta["index"], segment_ids=segment_ids,
@@ -122,11 +103,7 @@ class Attention(nn.Module):
     return dense("o", c.hidden, ("heads", "embed"))(out, deterministic), new_kv
 
 
-class MLP(nn.Module):
-  cfg: LlamaConfig
-  lora: LoraConfig
-  dtype: Any
-
+class MLP(Part):
   @nn.compact
   def __call__(self, x, deterministic):
     c = self.cfg
@@ -136,68 +113,48 @@ class MLP(nn.Module):
     return _dense("down", c.hidden, ("mlp", "embed"), self.lora, self.dtype)(h, deterministic)
 
 
-class DecoderLayer(nn.Module):
-  cfg: LlamaConfig
-  lora: LoraConfig
-  dtype: Any
-  impl: str
-
+class DecoderLayer(Part):
   @nn.compact
   def __call__(self, x, positions, segment_ids, kv, cache_meta, deterministic):
     c = self.cfg
     x = constrain(x, RESIDUAL)
-    h, new_kv = Attention(c, self.lora, self.dtype, self.impl, name="attn")(
+    h, new_kv = self.child(Attention, "attn")(
         RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, segment_ids, kv, cache_meta,
         deterministic)
     x = constrain(x + h, RESIDUAL)
-    x = x + MLP(c, self.lora, self.dtype, name="mlp")(
-        RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x), deterministic)
+    x = x + self.child(MLP, "mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x),
+                                   deterministic)
     return constrain(x, RESIDUAL), new_kv
 
 
-class _ScanBody(nn.Module):
+class _ScanBody(Part):
   """scan-friendly wrapper: carry = hidden states, per-layer input = the layer's KV cache (read
   only), per-layer output = this chunk's k/v."""
-  cfg: LlamaConfig
-  lora: LoraConfig
-  dtype: Any
-  impl: str
-  remat: str
 
   @nn.compact
   def __call__(self, x, kv, positions, segment_ids, cache_meta, deterministic):
-    layer = DecoderLayer
-    if self.remat != "none":
-      layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False,
-                       static_argnums=(6,))
-    return layer(self.cfg, self.lora, self.dtype, self.impl, name="layer")(
-        x, positions, segment_ids, kv, cache_meta, deterministic)
+    layer = remat(DecoderLayer, self.runtime.remat, static_argnums=(6,))
+    return self.child(layer, "layer")(x, positions, segment_ids, kv, cache_meta, deterministic)
 
 
-class Llama(nn.Module):
+class Llama(Part):
   """Token embedding, decoder stack and LM head. `embed()` and `__call__()` are separate so the VLM
-  can write image features into the embeddings in between."""
-  cfg: LlamaConfig
-  lora: LoraConfig = LoraConfig()
-  dtype: Any = jnp.float32
-  impl: str = "xla"
-  remat: str = "none"
-  scan: bool = True  # False: a Python loop over per-layer modules (VLMConfig.scan_layers)
+  can write image features into the embeddings in between. runtime.scan_layers=False: a Python
+  loop over per-layer modules (llm/layers_0, ...) instead of one scanned stack."""
 
   def setup(self):
     c = self.cfg
     self.embedding = self.param(
         "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (c.vocab_size, c.hidden), jnp.float32)
-    body = (c, self.lora, self.dtype, self.impl, self.remat)
-    if self.scan:
+    if self.runtime.scan_layers:
       self.layers = nn.scan(
           _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(*body, name="layers")
+      )(cfg=c, lora=self.lora, runtime=self.runtime, name="layers")
     else:
-      self.layers = [_ScanBody(*body, name=f"layers_{i}") for i in range(c.layers)]
+      self.layers = [self.child(_ScanBody, f"layers_{i}") for i in range(c.layers)]
     self.norm = RMSNorm(c.norm_eps, self.dtype, name="norm")
     if not c.tie_embeddings:
       self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="lm_head")
@@ -224,7 +181,7 @@ class Llama(nn.Module):
       empty = isinstance(idx, int) and idx == 0
       kv = None if empty else (cache["k"], cache["v"])
       meta = {"index": idx, "segment_ids": cache["segment_ids"]}
-    if self.scan:
+    if self.runtime.scan_layers:
       h, new_kv = self.layers(h, kv, positions, segment_ids, meta, deterministic)
     else:
       outs = []

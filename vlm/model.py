@@ -12,11 +12,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
-from vlm import tiler
-from vlm.config import VLMConfig
+from vlm import families, tiler
+from vlm.config import Runtime, VLMConfig
 from vlm.connector import Connector
-from vlm.llama import Llama
-from vlm.vision import VisionTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,16 +45,19 @@ def merge_image_features(embeds, is_image, feats, counts):
 
 
 class VLM(nn.Module):
-  config: VLMConfig
+  config: VLMConfig  # what the network is (saved)
+  runtime: Runtime = Runtime()  # how it runs (dtype, remat, attention, layer layout; not saved)
 
   def setup(self):
-    c = self.config
-    dtype = DTYPES[c.dtype]
-    self.llm = Llama(c.llm, c.lora, dtype, c.attention, c.remat, c.scan_layers, name="llm")
+    c, r = self.config, self.runtime
+    # the decoder and the tower are their families' modules (vlm/families), built by keyword
+    llm = families.of("llm", c.llm).module_class()
+    self.llm = llm(cfg=c.llm, lora=c.lora, runtime=r, name="llm")
     if c.vision is not None:
-      self.vision = VisionTower(c.vision, c.lora, dtype, c.attention, c.vision_remat,
-                                name="vision")
-      self.connector = Connector(c.connector.kind, c.llm.hidden, dtype, name="connector")
+      tower = families.of("vision", c.vision).module_class()
+      self.vision = tower(cfg=c.vision, lora=c.lora, runtime=r, name="vision")
+      self.connector = Connector(c.connector.kind, c.llm.hidden, r.compute_dtype,
+                                 name="connector")
       if c.tiler.kind == "anyres":
         self.image_newline = self.param(
             "image_newline", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
@@ -69,7 +70,7 @@ class VLM(nn.Module):
     v = c.vision
     x = normalize_pixels(pixel_values, v.mean, v.std)
     b, n = x.shape[:2]
-    encode = lambda t: self.vision(t.astype(DTYPES[c.dtype]), deterministic)
+    encode = lambda t: self.vision(t.astype(self.runtime.compute_dtype), deterministic)
     if c.tiler.kind == "anyres":
       if image_sizes is None:
         raise ValueError("anyres models need image_sizes [B, n_images, 4] (height, width, grid "
@@ -124,9 +125,11 @@ class VLM(nn.Module):
     return jnp.zeros((b, 1, s, s, 3), jnp.uint8)
 
 
-def init_params(config: VLMConfig, rng, *, seq_len: int = 8, boxed: bool = False):
-  """Initialize (vision included) without a real batch. boxed=True keeps the logical-axis boxes."""
-  model = VLM(config)
+def init_params(config: VLMConfig, rng, *, seq_len: int = 8, boxed: bool = False,
+                runtime: Runtime = Runtime()):
+  """Initialize (vision included) without a real batch. boxed=True keeps the logical-axis boxes;
+  `runtime.scan_layers` picks the layout (stacked by default, as checkpoints hold it)."""
+  model = VLM(config, runtime)
   ids = jnp.zeros((1, seq_len), jnp.int32)
 
   @jax.jit  # one compiled program instead of thousands of eager ops
@@ -136,9 +139,10 @@ def init_params(config: VLMConfig, rng, *, seq_len: int = 8, boxed: bool = False
   return init(rng)
 
 
-def abstract_params(config: VLMConfig, *, boxed: bool = True):
+def abstract_params(config: VLMConfig, *, boxed: bool = True, runtime: Runtime = Runtime()):
   """Shapes/dtypes (and logical axes) of the full parameter tree without allocating it."""
-  return jax.eval_shape(lambda k: init_params(config, k, boxed=boxed), jax.random.key(0))
+  return jax.eval_shape(lambda k: init_params(config, k, boxed=boxed, runtime=runtime),
+                        jax.random.key(0))
 
 
 def unstack_layers(params):

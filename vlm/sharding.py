@@ -157,10 +157,12 @@ def shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
       is_leaf=lambda x: isinstance(x, P))
 
 
-def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
-  """Shardings of a VLM's full parameter tree, computed from shapes alone (nothing allocated)."""
+def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES, runtime=None):
+  """Shardings of a VLM's full parameter tree, computed from shapes alone (nothing allocated);
+  `runtime` (vlm.config.Runtime) gives the layout (scan_layers), stacked by default."""
   from vlm.model import abstract_params
-  return shardings(abstract_params(config, boxed=True), mesh, rules)
+  kw = {} if runtime is None else {"runtime": runtime}
+  return shardings(abstract_params(config, boxed=True, **kw), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vlm.attention import attend
-from vlm.config import LoraConfig, VisionConfig
-from vlm.llama import remat_policy
+from vlm.families.module import Part, remat
 from vlm.lora import Dense
 from vlm.sharding import constrain
 
@@ -50,12 +49,7 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-class VisionBlock(nn.Module):
-  cfg: VisionConfig
-  lora: LoraConfig
-  dtype: Any
-  impl: str
-
+class VisionBlock(Part):
   @nn.compact
   def __call__(self, x, deterministic):
     c = self.cfg
@@ -72,7 +66,7 @@ class VisionBlock(nn.Module):
     # Named as in the decoder, so a named remat policy (save_attn_proj) keeps them on the tower too.
     q, k, v = (checkpoint_name(constrain(dense(nm, c.width, ("vision_embed", "vision_heads"))(
         h, deterministic).reshape(n, t, c.heads, hd), HEADS), f"{nm}_proj") for nm in ("q", "k", "v"))
-    o = attend(q, k, v, causal=False, impl=self.impl)
+    o = attend(q, k, v, causal=False, impl=self.runtime.attention)
     o = checkpoint_name(constrain(o, HEADS).reshape(n, t, c.width), "attn_out")
     x = x + dense("o", c.width, ("vision_heads", "vision_embed"))(o, deterministic)
     x = constrain(x, TOKENS)
@@ -82,21 +76,12 @@ class VisionBlock(nn.Module):
     return x + dense("fc2", c.width, ("vision_mlp", "vision_embed"))(h, deterministic)
 
 
-class _VisionScanBody(nn.Module):
-  cfg: VisionConfig
-  lora: LoraConfig
-  dtype: Any
-  impl: str
-  remat: str
-
+class _VisionScanBody(Part):
   @nn.compact
   def __call__(self, carry, _, deterministic):
     x, i = carry
-    block_cls = VisionBlock
-    if self.remat != "none":
-      block_cls = nn.remat(VisionBlock, policy=remat_policy(self.remat), prevent_cse=False,
-                           static_argnums=(2,))
-    block = block_cls(self.cfg, self.lora, self.dtype, self.impl, name="block")
+    # the tower's own policy (runtime.vision_remat; MaxText: remat_policy_for_vit)
+    block = self.child(remat(VisionBlock, self.runtime.vision_remat, static_argnums=(2,)), "block")
     if self.is_initializing():  # create every layer's params; nn.cond cannot create them
       x = block(x, deterministic)
     else:
@@ -105,13 +90,8 @@ class _VisionScanBody(nn.Module):
     return (x, i + 1), None
 
 
-class VisionTower(nn.Module):
+class VisionTower(Part):
   """pixels [N, H, W, 3] (normalized float) -> [N, tokens, width] selected hidden states."""
-  cfg: VisionConfig
-  lora: LoraConfig = LoraConfig()
-  dtype: Any = jnp.float32
-  impl: str = "xla"
-  remat: str = "none"  # its own policy (VLMConfig.vision_remat; MaxText: remat_policy_for_vit)
 
   @nn.compact
   def __call__(self, pixels, deterministic: bool = True):
@@ -138,7 +118,7 @@ class VisionTower(nn.Module):
     stack = nn.scan(_VisionScanBody, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast),
                     length=c.layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, _), _ = stack(c, self.lora, self.dtype, self.impl, self.remat, name="layers")(
+    (x, _), _ = stack(cfg=c, lora=self.lora, runtime=self.runtime, name="layers")(
         (x, jnp.int32(0)), None, deterministic)
     x = constrain(x, TOKENS)
     if self.is_initializing():  # create post-LN params for round trips; unused for features
