@@ -144,7 +144,7 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
       tensors_[(comp, at + ".lora_A.weight")] = np.zeros((rank, a.shape[1]), np.float32)
       tensors_[(comp, at + ".lora_B.weight")] = np.zeros((b.shape[0], rank), np.float32)
   pick = lambda comp: tuple(sorted({by_hf[comp][p] for c, p in targets if c == comp},
-                                   key=list(by_hf[comp].values()).index))
+                                   key=list(by_hf.get(comp, {}).values()).index))
   return cfg.replace(lora=LoraConfig(rank=rank, alpha=alpha,
                                      dropout=float(d.get("lora_dropout", 0.0)),
                                      targets=pick("llm"), vision_targets=pick("vision")))
