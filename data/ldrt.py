@@ -287,26 +287,15 @@ def generate(figures: list[dict], client: lc.ChatClient, prompts: dict, store: J
     fig, task = item
     return client.chat(prompts[task].messages(fig["caption"], fig["mentions"]), key=f"{fig['pair_id']}:{task}")
 
+  def parse(task, text):
+    q, a = parse_qa(text) if task == "complex" else (None, text.strip())
+    synth.check_text([a] + ([q] if q else []))
+    return {"question": q, "answer": a}
+
   def on_done(item, res, err):
     fig, task = item
-    rid = f"{fig['pair_id']}:{task}"
-    if err is not None:
-      if not isinstance(err, lc.LLMError):
-        raise err
-      log.error("row %s: %s", rid, err)
-      counts["request failed"] += 1
-      return
-    row = {"id": rid, "pair_id": fig["pair_id"], "task": task, "endpoint": res.endpoint, "model": res.model,
-           "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens, "raw": res.text}
-    try:
-      q, a = parse_qa(res.text) if task == "complex" else (None, res.text.strip())
-      synth.check_text([a] + ([q] if q else []))
-      row.update(status="ok", question=q, answer=a)
-      counts["ok"] += 1
-    except BadSample as e:
-      row.update(status="rejected", reason=e.reason, detail=str(e))
-      counts["rejected"] += 1
-    store.append(row)
+    lc.settle(f"{fig['pair_id']}:{task}", res, err, counts, store,
+              lambda text: parse(task, text), pair_id=fig["pair_id"], task=task)
 
   lc.run_pool(todo, work, on_done, concurrency=concurrency, description="generating")
   return counts

@@ -23,7 +23,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from data.errors import UserError
+from data.errors import BadSample, UserError
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,29 @@ def add_client_args(p: argparse.ArgumentParser, *, temperature: float, max_token
 def client_from_args(args: argparse.Namespace, endpoints: list[Endpoint], seed: int = 0) -> ChatClient:
   return ChatClient(endpoints, timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff,
                     seed=seed, params={"temperature": args.temperature, "max_tokens": args.max_tokens})
+
+
+def settle(rid: str, res, err: Optional[BaseException], counts: dict, store, parse: Callable,
+           **fields) -> None:
+  """One pool result (synth and ldrt): a failed request is logged and counted (errors that are
+  not LLMError propagate); a reply is stored as a row, "ok" with parse(text)'s fields or
+  "rejected" with the BadSample's reason, so a rerun skips it either way."""
+  if err is not None:
+    if not isinstance(err, LLMError):
+      raise err
+    log.error("row %s: %s", rid, err)
+    counts["request failed"] += 1
+    return
+  row = {"id": rid, **fields, "endpoint": res.endpoint, "model": res.model,
+         "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+         "raw": res.text}
+  try:
+    row.update(status="ok", **parse(res.text))
+    counts["ok"] += 1
+  except BadSample as e:
+    row.update(status="rejected", reason=e.reason, detail=str(e))
+    counts["rejected"] += 1
+  store.append(row)
 
 
 def run_pool(tasks: list, work: Callable[[Any], Any], on_done: Callable[[Any, Any, Optional[BaseException]], None],

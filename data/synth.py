@@ -183,24 +183,13 @@ def synthesize(figures: list[dict], client: lc.ChatClient, prompt: Prompt, store
   def work(fig):
     return client.chat(prompt.messages(fig["caption"], fig["mentions"]), key=fig["pair_id"])
 
-  def on_done(fig, res, err):
+  def parse(fig, text):
+    pairs = parse_conversation(text, min_turns=min_turns)
     pid = fig["pair_id"]
-    if err is not None:
-      if not isinstance(err, lc.LLMError):
-        raise err
-      log.error("row %s: %s", pid, err)
-      counts["request failed"] += 1
-      return
-    row = {"id": pid, "endpoint": res.endpoint, "model": res.model, "prompt_tokens": res.prompt_tokens,
-           "completion_tokens": res.completion_tokens, "raw": res.text}
-    try:
-      pairs = parse_conversation(res.text, min_turns=min_turns)
-      row.update(status="ok", record=to_llava(pid, fig["image"], pairs, row_rng(seed, "image", pid)))
-      counts["ok"] += 1
-    except BadSample as e:
-      row.update(status="rejected", reason=e.reason, detail=str(e))
-      counts["rejected"] += 1
-    store.append(row)
+    return {"record": to_llava(pid, fig["image"], pairs, row_rng(seed, "image", pid))}
+
+  def on_done(fig, res, err):
+    lc.settle(fig["pair_id"], res, err, counts, store, lambda text: parse(fig, text))
 
   lc.run_pool(todo, work, on_done, concurrency=concurrency, description="synthesizing")
   return counts

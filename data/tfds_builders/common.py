@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data.errors import BadSample
-from data.image import load_image
+from data.image import load_image, resolve_path
 
 # HF parquet shards are named {split}-00000-of-00003[-hash].parquet.
 _PARQUET_SPLIT = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}")
@@ -25,6 +25,16 @@ def features() -> tfds.features.FeaturesDict:
       "answer": tfds.features.Text(),
       "answer_type": tfds.features.Text(),   # OPEN | CLOSED
   })
+
+
+class VqaInfo:
+  """The builders' shared metadata (mixed in before GeneratorBasedBuilder): version 1.0.0, the
+  common features and the dataset's HOMEPAGE."""
+  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = ""
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=features(), homepage=self.HOMEPAGE)
 
 
 def answer_type(answer: str, given: Optional[str] = None, key=None) -> str:
@@ -89,6 +99,17 @@ def parquet_examples(split: str, paths: list[str]) -> Iterator[tuple[str, dict]]
                     "question": str(rec["question"]).strip(), "answer": answer,
                     "answer_type": answer_type(answer)}
         row += 1
+
+
+def json_example(r: dict, images: str, image_field: str) -> tuple[str, dict]:
+  """(key, example) of a release's JSON QA record (qid, question, answer[, answer_type]) whose
+  image `r[image_field]` lies under `images` (and may not leave it)."""
+  key = str(r["qid"])
+  image = os.fspath(resolve_path(r[image_field], images, key))
+  answer = str(r["answer"]).strip()
+  return key, {"id": key, "image": image_bytes(read_file(image, key), where=image, key=key),
+               "question": str(r["question"]).strip(), "answer": answer,
+               "answer_type": answer_type(answer, r.get("answer_type"), key)}
 
 
 def require(builder, src: str, by_split: dict) -> dict:

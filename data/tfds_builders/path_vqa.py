@@ -9,17 +9,13 @@ import tensorflow_datasets as tfds
 from data.tfds_builders import common
 
 
-class PathVqa(tfds.core.GeneratorBasedBuilder):
+class PathVqa(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
   """PathVQA: 4,998 pathology images, 32,799 question-answer pairs."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://github.com/UCSD-AI4H/PathVQA"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point --src at a copy of flaviagiammarino/path-vqa "
       "(data/{train,validation,test}-*.parquet).")
-
-  def _info(self):
-    return self.dataset_info_from_configs(features=common.features(),
-                                          homepage="https://github.com/UCSD-AI4H/PathVQA")
 
   def _split_generators(self, dl_manager):
     src = os.fspath(dl_manager.manual_dir)

@@ -6,24 +6,19 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data.image import resolve_path
 from data.jsonfile import load_json
 from data.tfds_builders import common
 
 SPLITS = ("train", "validation", "validate", "test")
 
 
-class Slake(tfds.core.GeneratorBasedBuilder):
+class Slake(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
   """SLAKE bilingual medical VQA, English questions only."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://www.med-vqa.com/slake/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point --src at a copy of BoKelvin/SLAKE with imgs.zip extracted: train.json, "
       "validation.json, test.json and imgs/xmlabN/source.jpg.")
-
-  def _info(self):
-    return self.dataset_info_from_configs(features=common.features(),
-                                          homepage="https://www.med-vqa.com/slake/")
 
   def _split_generators(self, dl_manager):
     src = os.fspath(dl_manager.manual_dir)
@@ -37,10 +32,4 @@ class Slake(tfds.core.GeneratorBasedBuilder):
     for r in load_json(json_path):
       if r.get("q_lang") != "en":
         continue
-      key = str(r["qid"])
-      image = os.fspath(resolve_path(r["img_name"], images, key))
-      answer = str(r["answer"]).strip()
-      raw = common.read_file(image, key)
-      yield key, {"id": key, "image": common.image_bytes(raw, where=image, key=key),
-                  "question": str(r["question"]).strip(), "answer": answer,
-                  "answer_type": common.answer_type(answer, r.get("answer_type"), key)}
+      yield common.json_example(r, images, "img_name")

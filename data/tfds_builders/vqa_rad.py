@@ -8,7 +8,6 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data.image import resolve_path
 from data.jsonfile import load_json
 from data.tfds_builders import common
 
@@ -16,17 +15,13 @@ ORIGINAL_JSON = "VQA_RAD Dataset Public.json"
 ORIGINAL_IMAGES = "VQA_RAD Image Folder"
 
 
-class VqaRad(tfds.core.GeneratorBasedBuilder):
+class VqaRad(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
   """VQA-RAD: 315 radiology images, 2,248 question-answer pairs."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://osf.io/89kps/"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point --src at a copy of flaviagiammarino/vqa-rad (data/{train,test}-*.parquet) or at the "
       f"original release folder holding '{ORIGINAL_JSON}' and '{ORIGINAL_IMAGES}/'.")
-
-  def _info(self):
-    return self.dataset_info_from_configs(features=common.features(),
-                                          homepage="https://osf.io/89kps/")
 
   def _split_generators(self, dl_manager):
     src = os.fspath(dl_manager.manual_dir)
@@ -49,10 +44,4 @@ class VqaRad(tfds.core.GeneratorBasedBuilder):
       return
     images = os.path.join(os.path.dirname(json_path), ORIGINAL_IMAGES)
     for r in records:
-      key = str(r["qid"])
-      image = os.fspath(resolve_path(r["image_name"], images, key))
-      answer = str(r["answer"]).strip()
-      raw = common.read_file(image, key)
-      yield key, {"id": key, "image": common.image_bytes(raw, where=image, key=key),
-                  "question": str(r["question"]).strip(), "answer": answer,
-                  "answer_type": common.answer_type(answer, r.get("answer_type"), key)}
+      yield common.json_example(r, images, "image_name")

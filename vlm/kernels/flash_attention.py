@@ -274,6 +274,13 @@ def _block_ranges(seg, rows: int, cols: int):
   return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
+def _segment_specs(s: int) -> list:
+  """BlockSpecs of a program's segment ids (the whole row) and of its block's two loop bounds
+  (_block_ranges); every grid here is (block, batch, head)."""
+  bounds = pl.BlockSpec((None, None), lambda blk, n, h: (n, blk))
+  return [pl.BlockSpec((None, s), lambda blk, n, h: (n, 0)), bounds, bounds]
+
+
 def _fwd_call(st: _Static, q, k, v, seg, ranges):
   b, s, hq, d = q.shape
   group = hq // k.shape[2]
@@ -286,9 +293,7 @@ def _fwd_call(st: _Static, q, k, v, seg, ranges):
   ]
   args = [q, k, v]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, s), lambda i, n, h: (n, 0)),
-                 pl.BlockSpec((None, None), lambda i, n, h: (n, i)),
-                 pl.BlockSpec((None, None), lambda i, n, h: (n, i))]
+    in_specs += _segment_specs(s)
     args += [seg, *ranges["fwd"]]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, has_seg=has_seg, nk=nk),
@@ -321,9 +326,7 @@ def _bwd_call(st: _Static, q, k, v, seg, ranges, o, lse, do):
   in_specs = [full_q, kv_blk, kv_blk, full_q, rows, rows]
   args = [q, k, v, do, lse, delta]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, s), lambda j, n, h: (n, 0)),
-                 pl.BlockSpec((None, None), lambda j, n, h: (n, j)),
-                 pl.BlockSpec((None, None), lambda j, n, h: (n, j))]
+    in_specs += _segment_specs(s)
     args += [seg, *ranges["dkv"]]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, has_seg=has_seg, group=group, nq=s // bq),
@@ -344,9 +347,7 @@ def _bwd_call(st: _Static, q, k, v, seg, ranges, o, lse, do):
   in_specs = [q_blk, full_kv, full_kv, q_blk, row_blk, row_blk]
   args = [q, k, v, do, lse, delta]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, s), lambda i, n, h: (n, 0)),
-                 pl.BlockSpec((None, None), lambda i, n, h: (n, i)),
-                 pl.BlockSpec((None, None), lambda i, n, h: (n, i))]
+    in_specs += _segment_specs(s)
     args += [seg, *ranges["dq"]]
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, has_seg=has_seg, nk=s // bk),
