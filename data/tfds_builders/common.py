@@ -27,14 +27,27 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-class VqaInfo:
-  """The builders' shared metadata (mixed in before GeneratorBasedBuilder): version 1.0.0, the
-  common features and the dataset's HOMEPAGE."""
+class VqaBuilder:
+  """What the builders share (mixed in before GeneratorBasedBuilder): version 1.0.0, the common
+  features, the HOMEPAGE, and splits from `_sources(src)` ({split: source}, an error naming what
+  --src should hold when empty) fed to `_generate_examples(split, source)`. The defaults read a
+  HF image-VQA parquet export."""
   VERSION = tfds.core.Version("1.0.0")
   HOMEPAGE = ""
 
   def _info(self):
     return self.dataset_info_from_configs(features=features(), homepage=self.HOMEPAGE)
+
+  def _split_generators(self, dl_manager):
+    src = os.fspath(dl_manager.manual_dir)
+    return {s: self._generate_examples(s, source)
+            for s, source in require(self, src, self._sources(src)).items()}
+
+  def _sources(self, src: str) -> dict:
+    return parquet_splits(src)
+
+  def _generate_examples(self, split, paths):
+    yield from parquet_examples(split, paths)
 
 
 def answer_type(answer: str, given: Optional[str] = None, key=None) -> str:

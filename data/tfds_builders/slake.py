@@ -12,7 +12,7 @@ from data.tfds_builders import common
 SPLITS = ("train", "validation", "validate", "test")
 
 
-class Slake(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
+class Slake(common.VqaBuilder, tfds.core.GeneratorBasedBuilder):
   """SLAKE bilingual medical VQA, English questions only."""
 
   HOMEPAGE = "https://www.med-vqa.com/slake/"
@@ -20,15 +20,13 @@ class Slake(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
       "Point --src at a copy of BoKelvin/SLAKE with imgs.zip extracted: train.json, "
       "validation.json, test.json and imgs/xmlabN/source.jpg.")
 
-  def _split_generators(self, dl_manager):
-    src = os.fspath(dl_manager.manual_dir)
+  def _sources(self, src):
     # Older copies call the validation split validate.json.
-    by_split = {("validation" if s == "validate" else s): os.path.join(src, f"{s}.json")
-                for s in SPLITS if os.path.isfile(os.path.join(src, f"{s}.json"))}
-    return {s: self._generate_examples(path, os.path.join(src, "imgs"))
-            for s, path in common.require(self, src, by_split).items()}
+    return {("validation" if s == "validate" else s): os.path.join(src, f"{s}.json")
+            for s in SPLITS if os.path.isfile(os.path.join(src, f"{s}.json"))}
 
-  def _generate_examples(self, json_path, images):
+  def _generate_examples(self, split, json_path):
+    images = os.path.join(os.path.dirname(json_path), "imgs")
     for r in load_json(json_path):
       if r.get("q_lang") != "en":
         continue

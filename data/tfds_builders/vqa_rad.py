@@ -15,7 +15,7 @@ ORIGINAL_JSON = "VQA_RAD Dataset Public.json"
 ORIGINAL_IMAGES = "VQA_RAD Image Folder"
 
 
-class VqaRad(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
+class VqaRad(common.VqaBuilder, tfds.core.GeneratorBasedBuilder):
   """VQA-RAD: 315 radiology images, 2,248 question-answer pairs."""
 
   HOMEPAGE = "https://osf.io/89kps/"
@@ -23,25 +23,23 @@ class VqaRad(common.VqaInfo, tfds.core.GeneratorBasedBuilder):
       "Point --src at a copy of flaviagiammarino/vqa-rad (data/{train,test}-*.parquet) or at the "
       f"original release folder holding '{ORIGINAL_JSON}' and '{ORIGINAL_IMAGES}/'.")
 
-  def _split_generators(self, dl_manager):
-    src = os.fspath(dl_manager.manual_dir)
-    parquet = common.parquet_splits(src)
+  def _sources(self, src):
+    """The parquet export's splits, else the original release's: {split: (json path, records)}."""
+    parquet = super()._sources(src)
     if parquet:
-      return {s: self._generate_examples(s, parquet=paths)
-              for s, paths in common.require(self, src, parquet).items()}
-    found = sorted(glob.glob(os.path.join(src, "**", ORIGINAL_JSON), recursive=True))
+      return parquet
     by_split: dict = {}
-    if found:
-      for r in load_json(found[0]):
+    for path in sorted(glob.glob(os.path.join(src, "**", ORIGINAL_JSON), recursive=True))[:1]:
+      for r in load_json(path):
         test = str(r.get("phrase_type", "")).startswith("test")
-        by_split.setdefault("test" if test else "train", []).append(r)
-    return {s: self._generate_examples(s, records=recs, json_path=found[0])
-            for s, recs in common.require(self, src, by_split).items()}
+        by_split.setdefault("test" if test else "train", (path, []))[1].append(r)
+    return by_split
 
-  def _generate_examples(self, split, parquet=None, records=(), json_path=None):
-    if parquet:
-      yield from common.parquet_examples(split, parquet)
+  def _generate_examples(self, split, source):
+    if not isinstance(source, tuple):
+      yield from super()._generate_examples(split, source)
       return
+    json_path, records = source
     images = os.path.join(os.path.dirname(json_path), ORIGINAL_IMAGES)
     for r in records:
       yield common.json_example(r, images, "image_name")
