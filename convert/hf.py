@@ -202,12 +202,6 @@ def iter_export(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]
       yield name_fn(rule.component, rule.name), np.ascontiguousarray(_to_hf(rule.kind, x))
 
 
-def export_weights(cfg: VLMConfig, params: dict, name_fn: Callable[[str, str], str]) -> dict:
-  """Our params -> {full HF name: numpy array}; `name_fn(component, canonical)` spells the
-  layout."""
-  return dict(iter_export(cfg, params, name_fn))
-
-
 # --- configs -------------------------------------------------------------------------------------
 
 def _family_call(fn, *args):

@@ -1,4 +1,4 @@
-"""Dense layers with optional LoRA adapters, and merge / unmerge on parameter trees.
+"""Dense layers with optional LoRA adapters, and merging adapters into their kernels.
 
 A `Dense` with rank r > 0 adds `lora_a` [in, r] and `lora_b` [r, out] beside its `kernel` [in, out]
 and computes x @ W + (dropout(x) @ A @ B) * alpha / r, as peft's LoRA Linear does; B starts at zero so
@@ -62,23 +62,13 @@ def lora_paths(params) -> list:
   return [path[:-1] for path in flatten_dict(params) if path[-1] == "lora_a"]
 
 
-def _fold(params, scale: float, sign: float, drop: bool):
+def merge(params, scale: float):
+  """Fold every adapter into its kernel (W + A B * scale) and drop the adapters. Works on scanned
+  [layers, ...] stacks."""
   flat = flatten_dict(params)
   out = dict(flat)
   for path in lora_paths(params):
-    a, b, w = flat[path + ("lora_a",)], flat[path + ("lora_b",)], flat[path + ("kernel",)]
+    a, b, w = out.pop(path + ("lora_a",)), out.pop(path + ("lora_b",)), flat[path + ("kernel",)]
     delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-    out[path + ("kernel",)] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
-    if drop:
-      del out[path + ("lora_a",)], out[path + ("lora_b",)]
+    out[path + ("kernel",)] = (w.astype(jnp.float32) + delta).astype(w.dtype)
   return unflatten_dict(out)
-
-
-def merge(params, scale: float, *, drop_adapters: bool = True):
-  """Fold every adapter into its kernel (W + A B * scale). Works on scanned [layers, ...] stacks."""
-  return _fold(params, scale, +1.0, drop_adapters)
-
-
-def unmerge(params, scale: float):
-  """Inverse of merge(..., drop_adapters=False): W - A B * scale."""
-  return _fold(params, scale, -1.0, False)
