@@ -165,10 +165,9 @@ def run(args) -> dict:
   if args.mesh:
     from vlm.sharding import make_mesh
     mesh = make_mesh([int(x) for x in args.mesh.split(",")])
-  overrides = {"dtype": args.dtype} if args.dtype else {}
   if ckpt != args.ckpt:
     log(f"model: {ckpt}")
-  gen = Generator.from_checkpoint(ckpt, mesh=mesh, **overrides)
+  gen = Generator.from_checkpoint(ckpt, mesh=mesh, dtype=args.dtype)
   gc = sampling_config(args)
   model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
   t0 = time.time()
@@ -213,7 +212,7 @@ def add_parser(sub) -> None:
   from serve.generate import add_sampling_args
   add_sampling_args(p, max_new_tokens=1024)  # the papers' zero-shot setting: greedy, 1024
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="compute dtype (default: the checkpoint's)")
+                 help="compute dtype (default float32); a HF dir's weights are cast to it")
   p.add_argument("--mesh", help="data,fsdp,tensor mesh shape, e.g. 1,-1,1 (default: one device)")
   p.add_argument("--limit", type=int, help="answer at most this many new questions, then stop")
   p.add_argument("--lenient", action="store_true",

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="the largest max_tokens a request may ask for")
   add_sampling_args(p, max_new_tokens=512)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="compute dtype (default: the checkpoint's)")
+                 help="compute dtype (default float32); a HF dir's weights are cast to it")
   return p
 
 
@@ -77,8 +77,7 @@ def main(argv=None) -> None:
                         max_tokens=args.max_tokens_limit, image_root=args.image_root)
     from vlm import compile_cache
     compile_cache.enable()
-    overrides = {"dtype": args.dtype} if args.dtype else {}
-    gen = Generator.from_checkpoint(ckpt, **overrides)
+    gen = Generator.from_checkpoint(ckpt, dtype=args.dtype)
     serve(gen, args, limits, key, sampling_config(args))
 
 

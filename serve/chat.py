@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
   from serve.generate import add_sampling_args
   add_sampling_args(p, max_new_tokens=512)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="compute dtype (default: the checkpoint's)")
+                 help="compute dtype (default float32); a HF dir's weights are cast to it")
   return p
 
 
@@ -41,8 +41,7 @@ class Chat:
 
   def __init__(self, args, image=None):
     from serve.generate import Generator, sampling_config
-    overrides = {"dtype": args.dtype} if args.dtype else {}
-    self.gen = Generator.from_checkpoint(args.ckpt, **overrides)
+    self.gen = Generator.from_checkpoint(args.ckpt, dtype=args.dtype)
     self.gc = sampling_config(args)
     self.system, self.frame, self.image, self.history = args.system, args.frame, None, []
     if image is not None or args.image:

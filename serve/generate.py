@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from vlm import sharding
+from vlm.config import Runtime
 from vlm.model import VLM, unstack_layers
 from data.tokenizer import load_tokenizer
 from serve.prompt import Prompt
@@ -227,14 +228,19 @@ class Generator:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh=None, rules=sharding.DEFAULT_RULES,
-                      **overrides) -> "Generator":
+                      dtype: Optional[str] = None, **overrides) -> "Generator":
     """A checkpoint dir of this project (tokenizer in path/tokenizer), a HF model dir or a
-    train.main workdir (serve.workdir.resolve)."""
+    train.main workdir (serve.workdir.resolve). `dtype` is the compute dtype (and the KV cache's;
+    a HF dir's weights are cast to it as they load); None: the Runtime default, float32.
+    `overrides` go to vlm.from_pretrained."""
     import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
     import vlm
     from serve import workdir
     path = workdir.resolve(path)
     tokenizer = load_tokenizer(path)   # first: a missing tokenizer fails before the weights load
+    if dtype:
+      overrides = {"dtype": dtype, **overrides,
+                   "runtime": overrides.get("runtime", Runtime()).replace(dtype=dtype)}
     model, params = vlm.from_pretrained(path, **overrides)
     return cls(model, params, tokenizer, mesh=mesh, rules=rules)
 

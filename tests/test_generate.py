@@ -272,3 +272,13 @@ def test_greedy_llava_next_anyres_matches_hf(tmp_path):
   assert len(prompts[0].ids) != len(prompts[1].ids)
   for g, w in zip(Generator(model, params).generate(prompts, GREEDY), want):
     np.testing.assert_array_equal(g.tokens, w)
+
+
+def test_dtype_sets_the_compute_and_cache_dtype():
+  """--dtype of serve / serve.chat / vqa run: the model computes in it (Runtime), the cache is
+  kept in it; the saved config has no say (it holds the architecture alone)."""
+  plain = Generator.from_checkpoint(shared_llava_checkpoint())
+  bf16 = Generator.from_checkpoint(shared_llava_checkpoint(), dtype="bfloat16")
+  assert (plain.model.runtime.dtype, plain.cache_dtype) == ("float32", jnp.float32)
+  assert (bf16.model.runtime.dtype, bf16.cache_dtype) == ("bfloat16", jnp.bfloat16)
+  assert bf16.config == plain.config
