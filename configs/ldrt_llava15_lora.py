@@ -19,7 +19,9 @@ def get_config():
   # Sec. 4: r=128, alpha=256 on the vision module and the base model. Dropout 0.05: not in the
   # paper, LLaVA's finetune_lora.sh default.
   common.lora(c, rank=128, alpha=256.0, dropout=0.05, vision=True)
-  c.data.paths = ("data/ldrt/ldrt_train.json",)     # `python -m data.ldrt` output (97% split)
+  # `python -m data.ldrt --out-dir data/ldrt` output: train.json (97% of the articles) and
+  # eval.json (the other 3%, Sec. 3.1); images as `data.ldrt --image-root` found them.
+  c.data.paths = ("data/ldrt/train.json",)
   c.data.image_root = "data/ldrt/images"
   c.data.max_len = 2048             # Sec. 4: maximum sequence length 2048
   # The LLaVA code base's format (the model's template, vicuna_v1): LLaVA train.py
@@ -27,7 +29,7 @@ def get_config():
   c.data.template = None
   c.data.image_position = "first"
   c.data.global_batch = 16          # Sec. 4: batch size 16 (4 per GPU x 4 GPUs)
-  c.eval.paths = ("data/ldrt/ldrt_eval.json",)      # Sec. 3.1: the 3% evaluation split
+  c.eval.paths = ("data/ldrt/eval.json",)           # held-out loss on Sec. 3.1's 3% split
   c.eval.every = 500
   c.optim.lr = 2e-4                 # Sec. 4: learning rate 2e-4
   c.optim.schedule = "cosine"       # Sec. 4: cosine decay

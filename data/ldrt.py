@@ -11,7 +11,7 @@
 4. Articles are split train/eval (97/3 by default) with a seed.
 
 Writes to --out-dir: figures.jsonl (kept figures, also valid `data.synth --figures` input), dropped.jsonl
-(with reasons), generated.progress.jsonl (resume record), train.json (LLaVA JSON), eval.jsonl (question,
+(with reasons), generated.progress.jsonl (resume record), train.json and eval.json (LLaVA JSON), eval.jsonl (question,
 answer, caption, context, category: what `evaluation.judge --rule ldrt` reads) and rejects.jsonl.
 """
 from __future__ import annotations
@@ -303,7 +303,9 @@ def generate(figures: list[dict], client: lc.ChatClient, prompts: dict, store: J
 
 def finalize(figures: list[dict], store: JsonlStore, out_dir: Path, matcher: TemplateMatcher, *,
              eval_frac: float, seed: int) -> dict:
-  """train.json, eval.jsonl and rejects.jsonl from the progress file; totals over all runs."""
+  """train.json, eval.json, eval.jsonl and rejects.jsonl from the progress file; totals over all
+  runs. eval.json is the held-out split as LLaVA conversations (the trainer's held-out loss),
+  eval.jsonl the same rows for `vqa run` and the judge."""
   done = store.load()
   rows = [(f, done[f"{f['pair_id']}:{t}"]) for f in figures for t in TASKS if f"{f['pair_id']}:{t}" in done]
   ok = [(f, r) for f, r in rows if r["status"] == "ok"]
@@ -315,19 +317,21 @@ def finalize(figures: list[dict], store: JsonlStore, out_dir: Path, matcher: Tem
       i, fallback = synth.row_rng(seed, "template", r["id"]).randrange(len(matcher.templates)), fallback + 1
     r["question"] = matcher.templates[i]
   held_out = split_articles([f["article"] for f, _ in ok], eval_frac, seed)
-  train, evals = [], []
+  train, eval_conv, evals = [], [], []
   for f, r in ok:
     sid = f"{f['pair_id']}_{r['task']}"
+    conv = synth.to_llava(sid, f["image"], [(r["question"], r["answer"])], synth.row_rng(seed, "image", sid))
     if f["article"] in held_out:
+      eval_conv.append(conv)
       evals.append({"question_id": sid, "image": f["image"], "question": r["question"], "answer": r["answer"],
                     "caption": f["caption"], "context": f["mentions"], "category": r["task"],
                     "article": f["article"]})
     else:
-      train.append(synth.to_llava(sid, f["image"], [(r["question"], r["answer"])],
-                                  synth.row_rng(seed, "image", sid)))
+      train.append(conv)
   rejects = [{k: r.get(k) for k in ("id", "reason", "detail", "endpoint", "raw")} for _, r in rows
              if r["status"] != "ok"]
   write_json(out_dir / "train.json", train)
+  write_json(out_dir / "eval.json", eval_conv)
   write_jsonl(out_dir / "eval.jsonl", evals)
   write_jsonl(out_dir / "rejects.jsonl", rejects)
   totals = {"generated ok": len(ok), "rejected": len(rejects),

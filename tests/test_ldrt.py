@@ -199,11 +199,22 @@ def test_ldrt_command_end_to_end_with_resume(tmp_path, capsys):
       assert conv[0]["value"].replace("<image>", "").strip() == "Describe the contents of this image in detail."
     else:
       assert "Why do the curves" in conv[0]["value"] and conv[1]["value"] == "Because dose matters."
+  # eval.json: the held-out rows as LLaVA conversations (the training configs' eval.paths)
+  eval_conv = json.loads((out / "eval.json").read_text())
+  assert [c["id"] for c in eval_conv] == [e["question_id"] for e in evals]
+  for c, e in zip(eval_conv, evals):
+    assert c["image"] == e["image"] and c["conversations"][1]["value"] == e["answer"]
   for e in evals:
     assert set(e) >= {"question_id", "image", "question", "answer", "caption", "context", "category"}
     assert e["category"] in ("detail", "complex") and "<image>" not in e["question"] and e["caption"]
   summary = capsys.readouterr().err
   assert "dropped: blurry" in summary and "train samples" in summary and "tokens out" in summary
+  # The LDRT training recipes read what this command writes (train and held-out conversations).
+  from configs import ldrt_llava15_lora, ldrt_llava16_lora
+  for recipe in (ldrt_llava15_lora, ldrt_llava16_lora):
+    c = recipe.get_config()
+    assert json.loads((out / Path(c.data.paths[0]).name).read_text()) == train
+    assert json.loads((out / Path(c.eval.paths[0]).name).read_text()) == eval_conv
 
 
 def test_bad_figure_file_is_named(tmp_path):
