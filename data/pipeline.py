@@ -94,14 +94,6 @@ class DataConfig:
       return 1
     return max(1, self.max_len // (self.geometry.image_tokens + 1))
 
-  # The geometry's values, read flat.
-  tiler = property(lambda self: self.geometry.tiler)
-  image_size = property(lambda self: self.geometry.image_size)
-  anyres_tile = property(lambda self: self.geometry.image_size)
-  patch_size = property(lambda self: self.geometry.patch_size)
-  image_tokens = property(lambda self: self.geometry.image_tokens)
-  max_tiles = property(lambda self: self.geometry.max_tiles)
-
   @classmethod
   def from_model(cls, model_config, **kw) -> "DataConfig":
     """Image geometry (ImageGeometry.of), placeholder counts and prompt format (template, image

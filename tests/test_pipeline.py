@@ -460,10 +460,12 @@ def test_to_global_places_the_batch_on_the_mesh(tmp_path, tok_dir):
 def test_config_from_model_matches_the_model():
   from vlm.config import preset
   c = DataConfig.from_model(preset("llama3_med"), paths=["x.json"], per_process_batch=2)
-  assert (c.image_size, c.image_tokens, c.tiler, c.template) == (1134, 729, "s2", "llama3")
+  g = c.geometry
+  assert (g.image_size, g.image_tokens, g.tiler, c.template) == (1134, 729, "s2", "llama3")
   assert c.image_token_id == 128256 and c.images_per_row() == 1
   assert c.buckets() == [512, 1024, 1536, 2048]
   assert DataConfig.from_model(preset("llama3_med"), mode="pack").images_per_row() == 2
   a = DataConfig.from_model(preset("llava16_vicuna_13b"))
-  assert (a.tiler, a.anyres_tile, a.patch_size, a.max_tiles, a.template) == (
+  g = a.geometry   # anyres: image_size is the side of each tile
+  assert (g.tiler, g.image_size, g.patch_size, g.max_tiles, a.template) == (
       "anyres", 336, 14, 5, "vicuna_v1")

@@ -93,7 +93,7 @@ def test_counts_and_lengths_are_what_training_sees(case):
   trained = sorted(int((b["segment_ids"] > 0).sum()) for b in batches)
   assert sorted(min(n, MAX_LEN) for n in rep.lengths) == trained
   # lengths are before the cut: the long answer is over max_len, and is kept (cut)
-  full = encode(rows[1], load(tok), "llama3", image_tokens=dcfg.image_tokens,
+  full = encode(rows[1], load(tok), "llama3", image_tokens=dcfg.geometry.image_tokens,
                 image_token_id=dcfg.image_token_id)
   assert len(full["input_ids"]) > MAX_LEN and len(full["input_ids"]) in rep.lengths
   assert rep.over_kept == 1 and len(rep.too_long) == 1 and not rep.failed()
