@@ -30,8 +30,9 @@ class Prompt:
 def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
   """uint8 [H, W, 3] -> (pixels for one image, (height, width, rows, cols) or None, placeholder
   count)."""
-  pixels, hw = model_pixels(img, ImageGeometry.of(config))
-  return pixels, hw, config.image_tokens(hw)
+  g = ImageGeometry.of(config)   # what the training pipeline ships and counts, too
+  pixels, hw = model_pixels(img, g)
+  return pixels, hw, g.tokens(img.shape[:2])
 
 
 def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[np.ndarray] = (),

@@ -23,7 +23,7 @@ from train import optimizer
 from train.source import source_config
 from train.trainable import partition, select
 from vlm.config import LoraConfig, Runtime, VLMConfig
-from vlm.model import DTYPES, VLM, abstract_params
+from vlm.model import VLM, abstract_params
 from vlm.sharding import AXES, DEFAULT_RULES, make_mesh, shardings as tree_shardings
 
 
@@ -121,7 +121,7 @@ def plan(config, mesh, total_steps: int) -> Plan:
   if impl not in RNG_WORDS:
     raise ValueError(f"train.prng_impl {impl!r} not in {sorted(RNG_WORDS)}")
   return Plan(src, cfg, VLM(cfg, train_runtime(config)), mask, abstract, shard, trainable_sh,
-              frozen_sh, DTYPES[fd] if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
+              frozen_sh, jnp.dtype(fd) if fd else None, tx, sched, opt_sh, state_sh, mesh, impl, rules)
 
 
 def abstract_state(p: Plan) -> tuple:

@@ -16,8 +16,6 @@ from vlm import families, tiler
 from vlm.config import Runtime, VLMConfig
 from vlm.connector import Connector
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def normalize_pixels(pixels, mean, std):
   """uint8 pixels are scaled and normalized here, on the accelerator (4x fewer bytes shipped);
