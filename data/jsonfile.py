@@ -1,9 +1,9 @@
 """JSON and JSON-lines files. Inputs are read so that a malformed one is a
 BadSample('malformed_json') naming the file and the line (a bare json.JSONDecodeError names neither
-the file nor, for JSON lines, the line of the file). Every command line reads its JSON inputs through here; the training
-sources (data/sources.py) index large files lazily and report the same way. Outputs are written
-whole through a temporary file (`write_json`, `write_jsonl`), or row by row to a resumable
-`JsonlStore`."""
+the file nor, for JSON lines, the line of the file). Every command line reads its JSON inputs
+through here; the training sources (data/sources.py) index large files lazily and report the same
+way. Outputs are written whole through a temporary file (`write_json`, `write_jsonl`), or row by
+row to a resumable `JsonlStore`."""
 from __future__ import annotations
 
 import json
