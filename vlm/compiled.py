@@ -27,7 +27,7 @@ class ProgramMemory:
     code = int(m.generated_code_size_in_bytes)
     summed = arg + out - alias + temp + code
     peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    return cls(arg, out, alias, temp, code, max(peak, summed))
+    return cls(arg, out, alias, temp, code, peak or summed)
 
 
 def device_bytes(device) -> Optional[int]:
