@@ -1,30 +1,16 @@
 """Where a run's weights come from: model.init resolved (a checkpoint dir, a training workdir, a HF
-dir, 'preset:NAME' or 'scratch'), the network and tokenizer stored there, and its weights read
-straight into the plan's shardings (each process reads its shards of a checkpoint; a HF dir is
-read on the host and placed; presets and scratch are initialized on the device), with the
-parameters the source lacks (new LoRA adapters) freshly initialized.
+dir, 'preset:NAME' or 'scratch') and the network and tokenizer stored there. The plan
+(train/plan.py) is derived from this; the weights are read into the plan by train/state.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-from typing import TYPE_CHECKING
-
-import jax
-import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from data.errors import UserError
 from data.tokenizer import load_tokenizer
 from vlm import checkpoint
 from vlm.config import VLMConfig, preset
-from vlm.model import init_params
-
-if TYPE_CHECKING:
-  from train.plan import Plan
-
-log = logging.getLogger(__name__)
 
 
 def resolve_init(init: str) -> str:
@@ -87,70 +73,3 @@ def source_config(config) -> VLMConfig:
     return preset(m.preset)
   raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "
                           "or 'scratch'")
-
-
-def place(x, sharding):
-  """A host array -> a global array (every process holds the same value)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
-
-
-def _check_source(p: Plan, stored: dict):
-  """A stored tree (arrays or their metadata) fits the configured network before it is read."""
-  want, have = flatten_dict(p.abstract), flatten_dict(stored)
-  extra = sorted(set(have) - set(want))
-  if extra:
-    hint = (" (a LoRA checkpoint: fold the adapters in with `python -m convert merge-lora` or set "
-            "model.lora)" if any(k[-1].startswith("lora_") for k in extra) else "")
-    raise ValueError(f"model.init has parameters the configured network lacks: "
-                     f"{['/'.join(k) for k in extra[:5]]}{hint}")
-  for k, v in have.items():
-    if tuple(v.shape) != tuple(want[k].shape):
-      raise ValueError(f"model.init: {'/'.join(k)} has shape {tuple(v.shape)}, the configured "
-                       f"network expects {tuple(want[k].shape)}")
-
-
-def _read_source(config, p: Plan, seed: int) -> dict:
-  init = resolve_init(config.model.init)
-  if init == "scratch" or init.startswith("preset:"):   # random init of the trained network
-    return jax.jit(lambda k: init_params(p.config, k), out_shardings=p.param_shardings)(
-        jax.random.key(seed))
-  sh = flatten_dict(p.param_shardings)
-  if checkpoint.is_checkpoint(init):   # sharded restore: each process reads its shards
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(os.path.join(os.path.abspath(init), "params"))
-    meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-    meta = getattr(meta, "tree", meta)
-    _check_source(p, meta)
-    target = unflatten_dict({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh[k])
-                             for k, m in flatten_dict(meta).items()})
-    return checkpoint.load(init, target=target)[1]
-  import convert  # noqa: F401  (an init may be a HF dir: registers its reader)
-  from vlm import from_pretrained
-  _, params = from_pretrained(init)
-  _check_source(p, params)
-  flat = flatten_dict(params)
-  return unflatten_dict({k: place(v, sh[k]) for k, v in flat.items()})
-
-
-def _add_missing(p: Plan, params: dict, seed: int) -> dict:
-  """Parameters the trained network has and the source lacks (new LoRA adapters) are freshly
-  initialized; the jitted init keeps only those, so XLA never builds the rest."""
-  have = flatten_dict(params)
-  missing = [k for k in flatten_dict(p.abstract) if k not in have]
-  if not missing:
-    return params
-  log.info("initializing %d new parameters (e.g. %s)", len(missing), "/".join(missing[0]))
-  sh = flatten_dict(p.param_shardings)
-
-  def fresh(key):
-    flat = flatten_dict(init_params(p.config, key))
-    return {"/".join(k): flat[k] for k in missing}
-  new = jax.jit(fresh, out_shardings={"/".join(k): sh[k] for k in missing})(
-      jax.random.key(seed + 1))
-  return unflatten_dict({**have, **{k: new["/".join(k)] for k in missing}})
-
-
-def read_params(config, p: Plan, seed: int) -> dict:
-  """Every parameter of the trained network on the mesh: model.init's, plus fresh new ones."""
-  return _add_missing(p, _read_source(config, p, seed), seed)
