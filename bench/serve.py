@@ -161,7 +161,6 @@ def main(argv=None):
   args = p.parse_args(argv)
   if bool(args.ckpt) != bool(args.hf) and not args.no_hf:
     p.error("give --ckpt and --hf together (or --no-hf)")
-  import convert  # noqa: F401  (HF dirs)
   from serve.generate import GenerationConfig, Generator
   from serve.prompt import build_prompt
   from serve.server import Background, create_app

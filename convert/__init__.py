@@ -1,8 +1,4 @@
+"""Other code bases' checkpoints in and out of this project: `python -m convert` (convert/cli.py).
 
-import os
-
-import vlm
-from convert import hf as _hf
-
-vlm.register_format("hf", lambda path: os.path.exists(os.path.join(path, "config.json")),
-                    _hf.load_dir)
+Reading a HF dir is the model package's own (vlm/hf.py, vlm.from_pretrained); convert/ writes HF
+dirs and reads and writes the other formats (LLaVA repo, open_clip, PEFT adapters, compositions)."""

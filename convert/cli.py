@@ -13,8 +13,9 @@ import sys
 import numpy as np
 
 from convert import hf, tensors, tokenizer
-from convert.hf import ConversionError
 from data.errors import cli_errors
+from vlm import hf as vlm_hf, tensorfile  # reading HF dirs and weight files
+from vlm.errors import ConversionError
 
 EPILOG = """examples:
   python -m convert import --from hf ~/llava-1.5-7b-hf --out ckpt/llava15 --dtype bfloat16
@@ -60,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
                    "LLaVA / LLaVA-Med code base (full, stage-1 projector, or LoRA output); "
                    "peft: a transformers + peft LoRA adapter dir (needs --base)")
   imp.add_argument("--out", required=True, help="checkpoint dir to write")
-  imp.add_argument("--dtype", choices=tuple(tensors.DTYPES),
+  imp.add_argument("--dtype", choices=tuple(tensorfile.DTYPES),
                    help="cast weights (default: keep the stored dtype); float32 values beyond "
                    "the target's range are an error")
   imp.add_argument("--base", help="llava: base weights for stage-1 / LoRA outputs (HF Llama dir "
@@ -91,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
   exp.add_argument("ckpt", help="checkpoint dir of this project")
   exp.add_argument("--to", dest="kind", required=True, choices=("hf", "llava", "peft"))
   exp.add_argument("--out", required=True, help="directory to write")
-  exp.add_argument("--dtype", choices=tuple(tensors.DTYPES), help="cast on export")
+  exp.add_argument("--dtype", choices=tuple(tensorfile.DTYPES), help="cast on export")
   exp.add_argument("--max-shard-size", default="5GB",
                    help="split weights into shards of at most this size (+ index json)")
   exp.add_argument("--lora", choices=("merge", "base"),
@@ -181,7 +182,7 @@ def _drop_lora(cfg, params):
 # --- commands ------------------------------------------------------------------------------------
 
 def cmd_import(a):
-  dt = tensors.dtype_of(a.dtype)
+  dt = tensorfile.dtype_of(a.dtype)
   if a.llm or a.preset:
     if a.kind or a.src:
       raise ConversionError("use either --from KIND SRC or --llm/--vision/--preset, not both")
@@ -197,11 +198,7 @@ def cmd_import(a):
   if not os.path.exists(a.src):
     raise ConversionError(f"no such file or directory: {a.src}")
   if a.kind == "hf":
-    cfg = hf.dir_config(a.src)
-    files = tensors.find_weights(a.src)
-    if not files:
-      raise ConversionError(f"no model.safetensors(.index.json) or pytorch_model.bin in {a.src}")
-    params = hf.import_weights(cfg, hf.dir_tensors(a.src, cfg, files), source=a.src, dtype=dt)
+    cfg, params = vlm_hf.load_dir(a.src, dtype=dt)
     _write_ckpt(a.out, cfg, params, a.src)
   elif a.kind == "open_clip":
     from convert import tower
@@ -210,7 +207,7 @@ def cmd_import(a):
       raise ConversionError(f"no open_clip_config.json in {a.src}")
     vcfg, vt = tower.load(a.src, select_layer=a.select_layer)
     cfg = VLMConfig(vision=vcfg)
-    params = hf.import_weights(cfg, vt, source=a.src, dtype=dt, components=("vision",))
+    params = vlm_hf.import_weights(cfg, vt, source=a.src, dtype=dt, components=("vision",))
     _write_ckpt(a.out, cfg, params)
     _log("note: a tower-only checkpoint (params/vision); use it as --vision in a composition")
   elif a.kind == "peft":
@@ -227,11 +224,15 @@ def cmd_export(a):
   if a.kind != "peft" and (a.names != "hf" or a.base):
     raise ConversionError("--names and --base apply to --to peft only")
   cfg, params, tok = _load_ckpt(a.ckpt)
-  dt = tensors.dtype_of(a.dtype)
+  dt = tensorfile.dtype_of(a.dtype)
   shard = tensors.parse_size(a.max_shard_size)
   if a.kind == "peft":
-    from convert import peft
-    files = peft.save(cfg, params, a.out, names=a.names, base=a.base, dtype=dt)
+    if a.names == "llava":
+      from convert import llava
+      files = llava.save_adapter(cfg, params, a.out, base=a.base, dtype=dt)
+    else:
+      from convert import peft
+      files = peft.save(cfg, params, a.out, base=a.base, dtype=dt)
     print(f"wrote {len(files)} files to {a.out}")
     return
   if cfg.lora.rank:

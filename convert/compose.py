@@ -14,8 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from convert import hf, llava, tensors, tower
+from convert import llava, tower
+from vlm import hf as vlm_hf, tensorfile  # reading HF dirs and weight files
 from vlm.config import VLMConfig, preset
+from vlm.errors import ConversionError
 
 
 def _diff(a, b, skip=()) -> list:
@@ -38,9 +40,9 @@ def connector_tensors(path) -> dict:
   """A stage-1 projector: LLaVA's mm_projector.bin, or safetensors with HF Llava names
   (multi_modal_projector.linear_N.*) -> {("connector", name): loader}."""
   def name(key):
-    canon = llava.canonical_name(key) or hf.canonical_name(key)
+    canon = llava.canonical_name(key) or vlm_hf.canonical_name(key)
     return canon if canon is not None and canon[0] == "connector" else None
-  return tensors.canonicalize(tensors.read_files([path]), name, source=path)
+  return tensorfile.canonicalize(tensorfile.read_files([path]), name, source=path)
 
 
 def compose(llm_dir: str, vision_dir: str, preset_name: str, *, connector: Optional[str] = None,
@@ -49,15 +51,15 @@ def compose(llm_dir: str, vision_dir: str, preset_name: str, *, connector: Optio
   try:
     p = preset(preset_name)
   except ValueError as e:
-    raise hf.ConversionError(str(e)) from None
+    raise ConversionError(str(e)) from None
   if p.vision is None:
-    raise hf.ConversionError(f"preset {preset_name!r} has no vision tower")
+    raise ConversionError(f"preset {preset_name!r} has no vision tower")
   if p.tiler.kind == "anyres":
-    raise hf.ConversionError(f"preset {preset_name!r}: composing anyres models is not supported "
-                             "(no image_newline source); import a LLaVA-1.6 checkpoint instead")
-  llm_cfg = hf.dir_config(llm_dir, prompt_format=False)   # the preset says the format
+    raise ConversionError(f"preset {preset_name!r}: composing anyres models is not supported "
+                          "(no image_newline source); import a LLaVA-1.6 checkpoint instead")
+  llm_cfg = vlm_hf.dir_config(llm_dir, prompt_format=False)   # the preset says the format
   if llm_cfg.vision is not None:
-    raise hf.ConversionError(f"--llm {llm_dir} is a VLM; expected a Llama / Mistral dir")
+    raise ConversionError(f"--llm {llm_dir} is a VLM; expected a Llama / Mistral dir")
   vcfg, vt = tower.load(vision_dir, select_layer=p.vision.select_layer, keep_cls=p.vision.keep_cls)
   d = _diff(llm_cfg.llm, p.llm, skip=("vocab_size",))
   if d:
@@ -72,21 +74,18 @@ def compose(llm_dir: str, vision_dir: str, preset_name: str, *, connector: Optio
     if scales != tiler.scales:
       log(f"S2 scales {tiler.scales} -> {scales} for a {vcfg.image_size}px tower")
     if scales[0] != vcfg.image_size or any(s % vcfg.image_size for s in scales):
-      raise hf.ConversionError(f"S2 scales {scales} must be multiples of the tower's "
-                               f"{vcfg.image_size}, starting with it")
+      raise ConversionError(f"S2 scales {scales} must be multiples of the tower's "
+                            f"{vcfg.image_size}, starting with it")
     tiler = dataclasses.replace(tiler, scales=scales)
   cfg = p.replace(llm=llm_cfg.llm, vision=vcfg, tiler=tiler, image_token_id=-1)
-  llm_files = tensors.find_weights(llm_dir)
-  if not llm_files:
-    raise hf.ConversionError(f"no model weights in --llm {llm_dir}")
-  srcs = dict(hf.dir_tensors(llm_dir, cfg, llm_files))
+  srcs = dict(vlm_hf.dir_tensors(llm_dir, cfg))
   srcs.update(vt)
   comps = ("llm", "vision")
   if connector:
     srcs.update(connector_tensors(connector))
     comps += ("connector",)
-  params = hf.import_weights(cfg, srcs, source=f"{llm_dir} + {vision_dir}", dtype=dtype,
-                             components=comps)
+  params = vlm_hf.import_weights(cfg, srcs, source=f"{llm_dir} + {vision_dir}", dtype=dtype,
+                                 components=comps)
   if not connector:
     params["connector"] = init_connector(cfg, seed)
     log(f"new {cfg.connector.kind} connector {cfg.feature_dim} -> {cfg.llm.hidden} (seed {seed})")

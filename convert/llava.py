@@ -27,11 +27,14 @@ from typing import Optional
 
 from convert import hf, peft, tensors, tokenizer, tower
 from data.jsonfile import load_json
+from vlm import hf as vlm_hf, tensorfile  # reading HF dirs and weight files
 from vlm.config import (CLIP_VIT_L_14_336, DFN5B_CLIP_VIT_H_14_378, TilerConfig,
                         VisionConfig, VLMConfig, ConnectorConfig)
+from vlm.errors import ConversionError
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
 TOWER_DIR = "vision_tower"  # the exported tower, as a HF CLIPVisionModel dir mm_vision_tower names
+LLAVA_TRAINABLES = "non_lora_trainables.bin"  # what a LoRA run trains besides the adapter
 _PROJ = re.compile(r"^model\.mm_projector\.(?:(\d+)\.)?(weight|bias)$")
 # Towers named by hub id in LLaVA configs whose shapes we know (their weights must be in the
 # checkpoint, or given with --vision).
@@ -48,10 +51,10 @@ def canonical_name(key: str) -> Optional[tuple]:
     i = int(m.group(1) or 0)
     return None if i % 2 else ("connector", f"linear_{i // 2 + 1}.{m.group(2)}")
   if key.startswith(TOWER):
-    return hf.canonical_name("vision_model." + key[len(TOWER):])
+    return vlm_hf.canonical_name("vision_model." + key[len(TOWER):])
   if key == "model.image_newline":
     return "top", "image_newline"
-  canon = hf.canonical_name(key)
+  canon = vlm_hf.canonical_name(key)
   return canon if canon is not None and canon[0] == "llm" else None
 
 
@@ -80,17 +83,17 @@ def is_llava_config(d: dict) -> bool:
 def to_vlm(d: dict, vision: VisionConfig, *, source: str = "config.json",
            tokens: Optional[set] = None) -> VLMConfig:
   """A LLaVA code-base config.json (+ the tower's own config) -> VLMConfig; `tokens`: the
-  tokenizer's token strings (hf.tokenizer_tokens), which tell Llama-2 / Llama-3 / Yi apart."""
+  tokenizer's token strings (vlm_hf.tokenizer_tokens), which tell Llama-2 / Llama-3 / Yi apart."""
   mt = d.get("model_type")
   if mt not in ("llava_llama", "llava_mistral", "llava"):
-    raise hf.ConversionError(f"unknown architecture model_type={mt!r} in {source} "
-                             "(llava_llama | llava_mistral)")
+    raise ConversionError(f"unknown architecture model_type={mt!r} in {source} "
+                          "(llava_llama | llava_mistral)")
   if d.get("mm_use_im_start_end"):
-    raise hf.ConversionError(f"{source}: mm_use_im_start_end=true checkpoints are not supported")
-  llm = hf.text_config(dict(d, model_type="mistral" if mt == "llava_mistral" else "llama"))
+    raise ConversionError(f"{source}: mm_use_im_start_end=true checkpoints are not supported")
+  llm = vlm_hf.text_config(dict(d, model_type="mistral" if mt == "llava_mistral" else "llama"))
   feature = d.get("mm_vision_select_feature", "patch")
   if feature not in ("patch", "cls_patch"):
-    raise hf.ConversionError(f"{source}: mm_vision_select_feature={feature!r} (patch | cls_patch)")
+    raise ConversionError(f"{source}: mm_vision_select_feature={feature!r} (patch | cls_patch)")
   vision = dataclasses.replace(vision, select_layer=int(d.get("mm_vision_select_layer", -2)),
                                keep_cls=feature == "cls_patch")
   kind = d.get("mm_projector_type", "linear")
@@ -98,34 +101,34 @@ def to_vlm(d: dict, vision: VisionConfig, *, source: str = "config.json",
   try:
     depth(kind)
   except ValueError:
-    raise hf.ConversionError(f"{source}: mm_projector_type={kind!r} (linear | mlpNx_gelu)"
-                             ) from None
+    raise ConversionError(f"{source}: mm_projector_type={kind!r} (linear | mlpNx_gelu)"
+                          ) from None
   aspect = str(d.get("image_aspect_ratio", "square"))
   mode = _ASPECT.get(aspect, "center_crop")
   n_scales = 1
   if d.get("s2"):
     scales = tuple(sorted(int(x) for x in str(d.get("s2_scales", "336,672,1008")).split(",")))
     if scales[0] != vision.image_size or any(s % scales[0] for s in scales):
-      raise hf.ConversionError(f"{source}: s2_scales {scales} must be multiples of the tower's "
-                               f"{vision.image_size}, starting with it")
+      raise ConversionError(f"{source}: s2_scales {scales} must be multiples of the tower's "
+                            f"{vision.image_size}, starting with it")
     tiler, n_scales = TilerConfig(kind="s2", scales=scales, resize_mode=mode), len(scales)
   elif aspect.startswith("anyres"):
     merge = d.get("mm_patch_merge_type", "flat")
     if merge != "spatial_unpad":
-      raise hf.ConversionError(f"{source}: anyres with mm_patch_merge_type={merge!r} is not "
-                               "supported (spatial_unpad)")
+      raise ConversionError(f"{source}: anyres with mm_patch_merge_type={merge!r} is not "
+                            "supported (spatial_unpad)")
     pins = tuple((int(h), int(w)) for w, h in d["image_grid_pinpoints"])
     tiler = TilerConfig(kind="anyres", grid_pinpoints=pins)
   else:
     tiler = TilerConfig(kind="single", resize_mode=mode)
   want = vision.width * n_scales
   if d.get("mm_hidden_size", want) != want:
-    raise hf.ConversionError(f"{source}: mm_hidden_size {d['mm_hidden_size']} != tower width "
-                             f"{vision.width} x {n_scales} scale(s)")
+    raise ConversionError(f"{source}: mm_hidden_size {d['mm_hidden_size']} != tower width "
+                          f"{vision.width} x {n_scales} scale(s)")
   # LlavaMistralForCausalLM (LLaVA-Med v1.5) trained in the code base's conv_mistral_instruct
   text = dict(d, model_type="mistral" if mt == "llava_mistral" else "llama")
-  template = hf.template_for(text, tokens, vlm=True, source=source)
-  fmt = hf.llava_next_format(template) if tiler.kind == "anyres" else {}
+  template = vlm_hf.template_for(text, tokens, vlm=True, source=source)
+  fmt = vlm_hf.llava_next_format(template) if tiler.kind == "anyres" else {}
   return VLMConfig(llm=llm, vision=vision, tiler=tiler, connector=ConnectorConfig(kind),
                    template=template,
                    image_token_id=int(d.get("image_token_index", -1)), **fmt)
@@ -178,8 +181,8 @@ def _tower(d: dict, src_dir: str, vision: Optional[str], source: str):
   key = os.path.basename(str(name).rstrip("/")).lower()
   if key in KNOWN_TOWERS:
     return KNOWN_TOWERS[key], {}
-  raise hf.ConversionError(f"{source}: cannot find the vision tower mm_vision_tower={name!r}; "
-                           "pass --vision DIR (a HF CLIP or open_clip dir)")
+  raise ConversionError(f"{source}: cannot find the vision tower mm_vision_tower={name!r}; "
+                        "pass --vision DIR (a HF CLIP or open_clip dir)")
 
 
 def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype=None):
@@ -191,44 +194,44 @@ def load(src, *, base: Optional[str] = None, vision: Optional[str] = None, dtype
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   d = _read_config(src_dir) or (_read_config(base) if base else None)
   if d is None:
-    raise hf.ConversionError(f"no LLaVA config.json (mm_* keys) in {src_dir}"
-                             + (f" or {base}" if base else ""))
+    raise ConversionError(f"no LLaVA config.json (mm_* keys) in {src_dir}"
+                          + (f" or {base}" if base else ""))
   groups = []  # [(files)] in overlay order
   if base:
-    files = tensors.find_weights(base)
+    files = tensorfile.find_weights(base)
     if not files:
-      raise hf.ConversionError(f"no model weights in --base {base}")
+      raise ConversionError(f"no model weights in --base {base}")
     groups.append(files)
   if os.path.isfile(src):
     groups.append([src])
   else:
     for stems in (("model", "pytorch_model"), ("mm_projector",), ("non_lora_trainables",),
                   ("adapter_model",)):
-      files = tensors.find_weights(src_dir, stems)
+      files = tensorfile.find_weights(src_dir, stems)
       if files:
         groups.append(files)
   if len(groups) == (1 if base else 0):
-    raise hf.ConversionError(f"no weights in {src} (model*, mm_projector, non_lora_trainables, "
-                             "adapter_model)")
+    raise ConversionError(f"no weights in {src} (model*, mm_projector, non_lora_trainables, "
+                          "adapter_model)")
   merged = {}
   for files in groups:
-    merged.update(tensors.canonicalize(tensors.read_files(files), canonical_name,
-                                       source=", ".join(files)))
+    merged.update(tensorfile.canonicalize(tensorfile.read_files(files), canonical_name,
+                                          source=", ".join(files)))
   vcfg, vt = _tower(d, src_dir, vision, src)
   if not any(k[0] == "vision" for k in merged) and not vt:
-    raise hf.ConversionError(f"no vision tower weights in {src} and mm_vision_tower="
-                             f"{d.get('mm_vision_tower')!r} is not a local dir: pass --vision DIR")
+    raise ConversionError(f"no vision tower weights in {src} and mm_vision_tower="
+                          f"{d.get('mm_vision_tower')!r} is not a local dir: pass --vision DIR")
   for k, t in vt.items():
     merged.setdefault(k, t)
   tok = next((p for p in (src_dir, base) if tokenizer.has_tokenizer(p)), None)
   cfg = to_vlm(d, vcfg, source=os.path.join(src_dir, "config.json"),
-               tokens=hf.tokenizer_tokens(tok) if tok else None)
+               tokens=vlm_hf.tokenizer_tokens(tok) if tok else None)
   if any(k[1].endswith((".lora_A.weight", ".lora_B.weight")) for k in merged):
     conf, where = peft.read_config(src_dir)  # LoRA weights need their adapter_config.json
     cfg = peft.adapt(cfg, conf, merged, source=where)
   if cfg.llm.tie_embeddings:
     merged.pop(("llm", "lm_head.weight"), None)
-  params = hf.import_weights(cfg, merged, source=src, dtype=dtype)
+  params = vlm_hf.import_weights(cfg, merged, source=src, dtype=dtype)
   return cfg, params, tok
 
 
@@ -238,7 +241,7 @@ def save(cfg: VLMConfig, params: dict, dst, *, max_shard_bytes: int, dtype=None)
   """Write the LLaVA code-base layout into dst, with the tower also as a HF CLIPVisionModel dir
   (dst/vision_tower, which mm_vision_tower names: the code base loads its tower from there)."""
   if cfg.vision is None:
-    raise hf.ConversionError("--to llava needs a vision model; use --to hf for a text-only LLM")
+    raise ConversionError("--to llava needs a vision model; use --to hf for a text-only LLM")
   dst = os.path.abspath(dst)
   files = tensors.write_weights(hf.iter_export(cfg, params, name_fn(cfg)), dst, dtype=dtype,
                                 max_shard_bytes=max_shard_bytes)
@@ -255,6 +258,40 @@ def save(cfg: VLMConfig, params: dict, dst, *, max_shard_bytes: int, dtype=None)
   with open(os.path.join(tdir, "preprocessor_config.json"), "w") as f:
     json.dump(hf.preprocessor_config(cfg.replace(tiler=TilerConfig())), f, indent=2)
   return files
+
+
+def save_adapter(cfg: VLMConfig, params: dict, dst, *, base: str = None, dtype=None) -> list:
+  """`--to peft --names llava`: what the LLaVA code base's LoRA training writes for
+  LlavaLlamaForCausalLM (over the `--to llava --lora base` export): the peft adapter with keys
+  under `model.layers.*`, the connector in non_lora_trainables.bin as `base_model.model.model.
+  mm_projector.*` (llava/model/builder.py reads that file, then the adapter), and config.json
+  when `base` is a LLaVA dir naming its tower."""
+  if cfg.lora.rank and cfg.vision is None:
+    raise ConversionError("--names llava needs a vision model (LLaVA's LlavaLlamaForCausalLM)")
+  files = peft.save(cfg, params, dst, base=base, dtype=dtype, names=name_fn(cfg))
+  import torch
+  key = peft.key_fn(name_fn(cfg))
+  out = {k: _to_torch(v if dtype is None else tensorfile.cast(v, dtype, k))
+         for k, v in hf.iter_export(cfg, peft.split(params)[1], key)}
+  if out:
+    torch.save(out, os.path.join(dst, LLAVA_TRAINABLES))
+    files.append(os.path.join(dst, LLAVA_TRAINABLES))
+  d = _read_config(base) if base and os.path.isdir(base) else None
+  if d is not None:  # llava/model/builder.py reads the LoRA dir's config.json
+    dname = str(dtype or _dtype_name(params))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+      json.dump(from_vlm(cfg, d["mm_vision_tower"], dname), f, indent=2)
+    files.append(os.path.join(dst, "config.json"))
+  return files
+
+
+def _to_torch(x):
+  import numpy as np
+  import torch
+  x = np.array(x)  # a writable copy, as torch wants
+  if x.dtype == tensorfile.DTYPES["bfloat16"]:
+    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(x)
 
 
 def _dtype_name(params) -> str:

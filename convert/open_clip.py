@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from convert.hf import ConversionError
 from vlm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionConfig
+from vlm.errors import ConversionError
 
 _SIMPLE = {
     "conv1.weight": "embeddings.patch_embedding.weight",

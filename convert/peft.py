@@ -14,10 +14,8 @@ save_pretrained writes them (`base_model.model.` + module path, no adapter name;
 modules_to_save module under its own path). names="hf": modules of the transformers model (the
 original HF base, or the `--to hf --lora base` export); the trained connector is a
 modules_to_save module (multi_modal_projector) and anyres' image_newline a plain key, so one
-`PeftModel.from_pretrained(base, dir)` gives our model. names="llava": what the LLaVA code base's
-LoRA training writes for LlavaLlamaForCausalLM (the `--to llava --lora base` export): adapter keys
-under `model.layers.*`, the connector in non_lora_trainables.bin as `base_model.model.model.
-mm_projector.*` (llava/model/builder.py reads that file, then the adapter).
+`PeftModel.from_pretrained(base, dir)` gives our model. names="llava" (convert/llava.py
+save_adapter, over this writer): what the LLaVA code base's LoRA training writes.
 """
 from __future__ import annotations
 
@@ -31,11 +29,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from convert import hf, tensors, tokenizer
+from vlm import hf as vlm_hf, tensorfile  # reading HF dirs and weight files
 from vlm.config import LoraConfig, VLMConfig
+from vlm.errors import ConversionError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_STEM = "adapter_model"
-LLAVA_TRAINABLES = "non_lora_trainables.bin"
 _LAYERS = {"llm": "layers.", "vision": "encoder.layers."}
 _LORA = re.compile(r"((?:encoder\.)?layers\.(\d+)\.(.+))\.lora_([AB])\.weight")
 # adapter_config.json options that change what the adapter computes beyond B @ A * scale
@@ -48,16 +47,16 @@ _BASE_REWRITING = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 def _check(d: dict, source: str):
   if d.get("peft_type", "LORA") != "LORA":
-    raise hf.ConversionError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA")
+    raise ConversionError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA")
   for opt in _REFUSED:
     if d.get(opt):
-      raise hf.ConversionError(f"{source}: {opt}={d[opt]!r} is not supported")
+      raise ConversionError(f"{source}: {opt}={d[opt]!r} is not supported")
   if d.get("bias", "none") != "none":
-    raise hf.ConversionError(f"{source}: bias={d['bias']!r} adapters are not supported (none)")
+    raise ConversionError(f"{source}: bias={d['bias']!r} adapters are not supported (none)")
   init = str(d.get("init_lora_weights", True)).lower()
   if init.startswith(_BASE_REWRITING):
-    raise hf.ConversionError(f"{source}: init_lora_weights={init!r} rewrites the base weights; "
-                             "save the adapter with path_initial_model_for_weight_conversion")
+    raise ConversionError(f"{source}: init_lora_weights={init!r} rewrites the base weights; "
+                          "save the adapter with path_initial_model_for_weight_conversion")
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -90,8 +89,8 @@ def _padded(t, rank: int, axis: int, factor: float):
     out[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
     return out
   dt = np.float32 if factor != 1.0 else getattr(t, "dtype", None)
-  return tensors.Lazy(getattr(t, "file", "<adapter>"), getattr(t, "key", "<adapter>"), shape, dt,
-                      read)
+  return tensorfile.Lazy(getattr(t, "file", "<adapter>"), getattr(t, "key", "<adapter>"), shape, dt,
+                         read)
 
 
 def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
@@ -101,28 +100,28 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
   r0, a0, rs = int(d["r"]), float(d["lora_alpha"]), bool(d.get("use_rslora"))
   scale = lambda r, a: a / (math.sqrt(r) if rs else r)  # peft LoraLayer.update_layer
   found = {}  # (comp, layer, proj) -> (canon prefix, rank, module scale)
-  by_hf = {comp: {v: k for k, v in t.items()} for comp, t in hf.projections(cfg).items()}
+  by_hf = {comp: {v: k for k, v in t.items()} for comp, t in vlm_hf.projections(cfg).items()}
   for (comp, name), t in list(tensors_.items()):
     if ".lora_" not in name:
       continue
     m = _LORA.fullmatch(name)
     if not m or comp not in by_hf or m.group(3) not in by_hf[comp] or (
         comp == "vision") != name.startswith("encoder."):
-      raise hf.ConversionError(f"{source}: LoRA on {getattr(t, 'key', name)} is not supported "
-                               "(LLM q,k,v,o,gate,up,down; tower q,k,v,o,fc1,fc2)")
+      raise ConversionError(f"{source}: LoRA on {getattr(t, 'key', name)} is not supported "
+                            "(LLM q,k,v,o,gate,up,down; tower q,k,v,o,fc1,fc2)")
     if m.group(4) == "B":
       continue
     module = _module(t, name)
     r = int(_pattern(d.get("rank_pattern"), module, r0))
     a = float(_pattern(d.get("alpha_pattern"), module, a0))
     if t.shape[0] != r:
-      raise hf.ConversionError(f"{getattr(t, 'key', name)}: rank {t.shape[0]} but "
-                               f"{source} gives r={r} for {module}")
+      raise ConversionError(f"{getattr(t, 'key', name)}: rank {t.shape[0]} but "
+                            f"{source} gives r={r} for {module}")
     if (comp, m.group(1) + ".lora_B.weight") not in tensors_:
-      raise hf.ConversionError(f"{source}: {getattr(t, 'key', name)} has no lora_B")
+      raise ConversionError(f"{source}: {getattr(t, 'key', name)} has no lora_B")
     found[(comp, int(m.group(2)), m.group(3))] = (m.group(1), r, scale(r, a))
   if not found:
-    raise hf.ConversionError(f"{source}: no lora_A weights found")
+    raise ConversionError(f"{source}: no lora_A weights found")
   rank = max(r for _, r, _ in found.values())
   alpha = a0 if rank == r0 and not rs else scale(r0, a0) * rank  # our scale = alpha / rank
   ours = alpha / rank
@@ -153,8 +152,8 @@ def adapt(cfg: VLMConfig, d: dict, tensors_: dict, *, source: str) -> VLMConfig:
 def read_config(src_dir: str) -> tuple:
   path = os.path.join(src_dir, ADAPTER_CONFIG)
   if not os.path.exists(path):
-    raise hf.ConversionError(f"no {ADAPTER_CONFIG} in {src_dir} (it gives the adapters' rank "
-                             "and alpha)")
+    raise ConversionError(f"no {ADAPTER_CONFIG} in {src_dir} (it gives the adapters' rank "
+                          "and alpha)")
   with open(path) as f:
     return json.load(f), path
 
@@ -163,21 +162,18 @@ def load(src, *, base=None, dtype=None):
   """A peft LoRA adapter dir + the HF dir it was trained on -> (VLMConfig, params, tokenizer dir).
   `base` defaults to the adapter's base_model_name_or_path when that is a local dir."""
   if not os.path.isdir(src):
-    raise hf.ConversionError(f"--from peft needs an adapter dir ({ADAPTER_CONFIG} + "
-                             f"{ADAPTER_STEM}.safetensors), not {src}")
+    raise ConversionError(f"--from peft needs an adapter dir ({ADAPTER_CONFIG} + "
+                          f"{ADAPTER_STEM}.safetensors), not {src}")
   d, conf = read_config(src)
   base = base or d.get("base_model_name_or_path")
   if not base or not os.path.isdir(base):
-    raise hf.ConversionError(f"--from peft needs --base HF_DIR (the model {src} was trained on)")
-  files = tensors.find_weights(src, (ADAPTER_STEM,))
+    raise ConversionError(f"--from peft needs --base HF_DIR (the model {src} was trained on)")
+  files = tensorfile.find_weights(src, (ADAPTER_STEM,))
   if not files:
-    raise hf.ConversionError(f"no {ADAPTER_STEM}.safetensors (or .bin) in {src}")
-  cfg = hf.dir_config(base)
-  base_files = tensors.find_weights(base)
-  if not base_files:
-    raise hf.ConversionError(f"no model.safetensors(.index.json) or pytorch_model.bin in {base}")
-  merged = hf.dir_tensors(base, cfg, base_files)
-  adapter = hf.lazy_tensors(files)
+    raise ConversionError(f"no {ADAPTER_STEM}.safetensors (or .bin) in {src}")
+  cfg = vlm_hf.dir_config(base)
+  merged = vlm_hf.dir_tensors(base, cfg)
+  adapter = vlm_hf.lazy_tensors(files)
   head, embed = ("llm", "lm_head.weight"), ("llm", "embed_tokens.weight")
   if cfg.llm.tie_embeddings and (head in adapter or embed in adapter):
     # a modules_to_save copy of one of the tied pair unties them (the other keeps the base's)
@@ -185,7 +181,7 @@ def load(src, *, base=None, dtype=None):
     merged[head] = merged[embed]
   merged.update(adapter)
   cfg = adapt(cfg, d, merged, source=conf)
-  params = hf.import_weights(cfg, merged, source=f"{src} over {base}", dtype=dtype)
+  params = vlm_hf.import_weights(cfg, merged, source=f"{src} over {base}", dtype=dtype)
   tok = next((p for p in (src, base) if tokenizer.has_tokenizer(p)), None)
   return cfg, params, tok
 
@@ -205,9 +201,9 @@ def _target_modules(cfg: VLMConfig, path, plain: bool):
   """A plain list of names for text-only models; else a regex over full module paths, so that
   `q_proj` does not also catch the CLIP tower's q_proj (peft fullmatches a string)."""
   if plain:
-    return sorted(hf.projections(cfg)["llm"][t].split(".")[-1] for t in cfg.lora.targets)
+    return sorted(vlm_hf.projections(cfg)["llm"][t].split(".")[-1] for t in cfg.lora.targets)
   alts = []
-  proj = hf.projections(cfg)
+  proj = vlm_hf.projections(cfg)
   for comp, targets, table in (("llm", cfg.lora.targets, proj["llm"]),
                                ("vision", cfg.lora.vision_targets, proj["vision"])):
     for t in targets:
@@ -216,31 +212,34 @@ def _target_modules(cfg: VLMConfig, path, plain: bool):
   return "|".join(f"(?:{a})" for a in alts)
 
 
-def _to_torch(x: np.ndarray):
-  import torch
-  x = np.array(x)  # a writable copy, as torch wants
-  if x.dtype == tensors.DTYPES["bfloat16"]:
-    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(x)
-
-
-def save(cfg: VLMConfig, params: dict, dst, *, names: str = "hf", base: str = None,
-         dtype=None) -> list:
-  """Write the adapter and the trained connector of `params` into dst; returns the files."""
-  if not cfg.lora.rank:
-    raise hf.ConversionError("this checkpoint has no LoRA adapters (lora.rank = 0)")
+def split(params: dict) -> tuple:
+  """(adapters, trained): the LoRA factors, and what a LoRA stage trains besides them (connector,
+  image_newline) that an adapter export carries."""
   flat = flatten_dict(params)
   adapters = unflatten_dict({k: v for k, v in flat.items() if k[-1] in ("lora_a", "lora_b")})
   trained = unflatten_dict({k: v for k, v in flat.items() if k[0] in ("connector", "image_newline")})
-  if names == "llava":
-    if cfg.vision is None:
-      raise hf.ConversionError("--names llava needs a vision model (LLaVA's LlavaLlamaForCausalLM)")
-    from convert import llava
-    path, save_modules = llava.name_fn(cfg), None
-  else:
+  return adapters, trained
+
+
+def key_fn(path):
+  """peft's key of a weight under module-path spelling `path` (component, canonical name)."""
+  return lambda comp, nm: "base_model.model." + path(comp, nm)
+
+
+def save(cfg: VLMConfig, params: dict, dst, *, base: str = None, dtype=None, names=None) -> list:
+  """Write the adapter and the trained connector of `params` into dst; returns the files.
+  `names` (component, canonical name) -> module path: default the transformers model's, the
+  connector a modules_to_save module; convert/llava.py passes LLaVA's (no modules_to_save: its
+  connector goes to non_lora_trainables.bin)."""
+  if not cfg.lora.rank:
+    raise ConversionError("this checkpoint has no LoRA adapters (lora.rank = 0)")
+  adapters, trained = split(params)
+  if names is None:
     path = _hf_modules(cfg)
     save_modules = ["multi_modal_projector"] if cfg.vision is not None else None
-  key = lambda comp, nm: "base_model.model." + path(comp, nm)
+  else:
+    path, save_modules = names, None
+  key = key_fn(path)
   os.makedirs(dst, exist_ok=True)
   pairs = hf.iter_export(cfg, adapters, key)
   if save_modules:
@@ -256,25 +255,4 @@ def save(cfg: VLMConfig, params: dict, dst, *, names: str = "hf", base: str = No
   with open(os.path.join(dst, ADAPTER_CONFIG), "w") as f:
     json.dump(conf, f, indent=2)
   files.append(os.path.join(dst, ADAPTER_CONFIG))
-  if names == "llava":
-    files += _llava_extras(cfg, params, trained, key, dst, base, dtype)
-  return files
-
-
-def _llava_extras(cfg, params, trained, key, dst, base, dtype) -> list:
-  """non_lora_trainables.bin (+ config.json when `base` is a LLaVA dir naming its tower)."""
-  import torch
-  from convert import llava
-  out = {k: _to_torch(v if dtype is None else tensors.cast(v, dtype, k))
-         for k, v in hf.iter_export(cfg, trained, key)}
-  files = []
-  if out:
-    torch.save(out, os.path.join(dst, LLAVA_TRAINABLES))
-    files.append(os.path.join(dst, LLAVA_TRAINABLES))
-  d = llava._read_config(base) if base and os.path.isdir(base) else None
-  if d is not None:  # llava/model/builder.py reads the LoRA dir's config.json
-    dname = str(dtype or llava._dtype_name(params))
-    with open(os.path.join(dst, "config.json"), "w") as f:
-      json.dump(llava.from_vlm(cfg, d["mm_vision_tower"], dname), f, indent=2)
-    files.append(os.path.join(dst, "config.json"))
   return files

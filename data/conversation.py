@@ -62,7 +62,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from data.errors import BadSample, UserError
-from vlm.config import LLAMA3_MED_SYSTEM  # noqa: F401  (the system prompt lives with its preset)
+# The system prompts live with the configs that record them (a preset, a LLaVA-NeXT import).
+from vlm.config import LLAMA3_MED_SYSTEM, LLAVA_NEXT_LLAMA3_SYSTEM  # noqa: F401
 
 TEMPLATES = ("llama3", "vicuna_v1", "mistral_instruct", "llava_mistral", "plain")
 IMAGE_POSITIONS = ("keep", "first", "first_next")
@@ -74,10 +75,6 @@ IMAGE = "<image>"
 IGNORE = -100  # label of a token the loss skips (PyTorch's cross-entropy ignore_index)
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
-# LLaVA-NeXT llava/train/train.py preprocess_llama3 (and conv_llava_llama_3): its llama3 models'.
-LLAVA_NEXT_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to "
-                            "understand the visual content that the user provides, and assist the "
-                            "user with a variety of tasks using natural language.")
 LLAMA3_BOS, LLAMA3_EOT, LLAMA3_EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 LLAMA3_SH, LLAMA3_EH = "<|start_header_id|>", "<|end_header_id|>"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}

@@ -7,20 +7,8 @@ import os
 import sys
 from typing import Optional
 
-
-class BadSample(ValueError):
-  """A sample that cannot be used. `reason` is a short stable key used for skip counters
-  (e.g. 'missing_image', 'corrupt_image', 'template_mismatch', 'too_long', 'path_escape')."""
-
-  def __init__(self, reason: str, message: str, *, sample_id=None, path: Optional[str] = None):
-    self.reason, self.message, self.sample_id, self.path = reason, message, sample_id, path
-    where = ", ".join(x for x in (str(path) if path else "",
-                                  f"sample {sample_id!r}" if sample_id is not None else "") if x)
-    super().__init__(f"[{reason}] {message}" + (f" ({where})" if where else ""))
-
-
-class UserError(ValueError):
-  """A mistake in the user's input, files or command line (not a bug): reported as one line."""
+# Their home is the lowest layer that raises them: vlm reads files a user names too.
+from vlm.errors import BadSample, UserError
 
 
 # What a command line reports as `error: ...` instead of a traceback. ConfigDict's override and

@@ -14,35 +14,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from data.errors import BadSample
+# One JSON document read with its one-line error: the model package reads config.json with it too.
+from vlm.jsonfile import load_json, loads, position as _where, read_text as _text  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def _text(path) -> str:
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise BadSample("malformed_json", f"not UTF-8 text ({e.reason} at byte {e.start})",
-                    path=os.fspath(path)) from None
-
-
-def _where(e: json.JSONDecodeError, line: int = 0) -> str:
-  return f"{e.msg} at line {line or e.lineno} column {e.colno}"
-
-
-def loads(text: str, path, line: int = 0) -> Any:
-  """json.loads naming `path` (and `line`, for one line of a JSON-lines file) on failure."""
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise BadSample("malformed_json", _where(e, line), path=os.fspath(path)) from None
-
-
-def load_json(path) -> Any:
-  """The JSON document in `path`."""
-  return loads(_text(path), path)
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:

@@ -233,7 +233,6 @@ class Generator:
     train.main workdir (serve.workdir.resolve). `dtype` is the compute dtype (and the KV cache's;
     a HF dir's weights are cast to it as they load); None: the Runtime default, float32.
     `overrides` go to vlm.from_pretrained."""
-    import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
     import vlm
     from serve import workdir
     path = workdir.resolve(path)

@@ -130,7 +130,7 @@ def test_bin_imports_like_safetensors(llama_dir, tmp_path):
 def test_export_refusals(llama_dir, tmp_path, capsys):
   import transformers as T
   from flax.traverse_util import flatten_dict, unflatten_dict
-  from convert import hf
+  from vlm import hf
   from tests import hf_models as H
   from vlm import checkpoint
   from vlm.config import LoraConfig, VLMConfig

@@ -11,6 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from convert import hf
+from vlm import hf as vlm_hf
 from vlm import families
 from vlm.config import LlamaConfig, LoraConfig, TilerConfig, VisionConfig, VLMConfig
 from vlm.families.module import Part
@@ -100,10 +101,11 @@ def test_a_toy_family_is_one_row(toy, tmp_path):
   exported = dict(hf.iter_export(toy, params, hf.hf_name(toy)))
   assert sorted(exported) == ["lm_head.weight", "model.embed_tokens.weight",
                               "model.layers.0.mix.weight"]
-  _same(hf.import_weights(toy, {hf.canonical_name(k): v for k, v in exported.items()}), params)
+  _same(vlm_hf.import_weights(toy, {vlm_hf.canonical_name(k): v for k, v in exported.items()}),
+        params)
   conf = hf.hf_config(toy)
   assert conf["architectures"] == ["ToyForCausalLM"]
-  assert hf.vlm_config(conf) == toy
+  assert vlm_hf.vlm_config(conf) == toy
 
 
 @pytest.mark.parametrize("part,name", sorted(TINY))
@@ -120,10 +122,11 @@ def test_every_family_maps_its_whole_tree_and_round_trips_its_hf_config(part, na
                          image_token_id=3, lora=lora),
                VLMConfig(llm=llm, vision=vision, image_token_id=3)):
     shapes = flatten_dict(abstract_params(vcfg, boxed=False))
-    assert sorted(r.path for r in hf.rules(vcfg)) == sorted(shapes)
+    assert sorted(r.path for r in vlm_hf.rules(vcfg)) == sorted(shapes)
   params = init_params(vcfg, jax.random.key(1))
   exported = dict(hf.iter_export(vcfg, params, hf.hf_name(vcfg)))
-  _same(hf.import_weights(vcfg, {hf.canonical_name(k): v for k, v in exported.items()}), params)
+  _same(vlm_hf.import_weights(vcfg, {vlm_hf.canonical_name(k): v for k, v in exported.items()}),
+        params)
 
 
 def test_every_registered_family_has_a_tiny_config():

@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers as T
 
-import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
 from serve import generate

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import transformers as T
 
-from convert import hf
+from vlm import hf
 from data.conversation import LLAVA_NEXT_LLAMA3_SYSTEM
 from tests import hf_models as H
 from tests import tiny_tokenizers

@@ -5,7 +5,6 @@ import pytest
 import torch
 import transformers as T
 
-import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
 
@@ -47,7 +46,7 @@ def test_logits_match_hf(case, tmp_path):
 def test_rope_llama3_inv_freq_matches_hf():
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
   from vlm.llama import rope_inv_freq
-  from convert.hf import text_config
+  from vlm.hf import text_config
   c = H.llama_config(rope=H.LLAMA3_ROPE, head_dim=64, hidden_size=128)
   want, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
   got = rope_inv_freq(text_config(c.to_dict()))

@@ -4,7 +4,6 @@ import numpy as np
 import torch
 import transformers as T
 
-import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
 

@@ -10,6 +10,7 @@ import transformers as T
 from flax.traverse_util import flatten_dict
 
 from convert import hf
+from vlm import hf as vlm_hf
 from tests import hf_models as H
 from train.trainable import combine, partition, select
 from vlm import lora
@@ -32,10 +33,10 @@ def _peft_model():
 
 
 def _ours(ref):
-  cfg = VLMConfig(llm=hf.text_config(ref.base_model.model.config.to_dict()),
+  cfg = VLMConfig(llm=vlm_hf.text_config(ref.base_model.model.config.to_dict()),
                   lora=LoraConfig(rank=4, alpha=8, targets=("q", "v", "o", "down")))
-  tensors = {hf.canonical_name(k): v.numpy() for k, v in ref.state_dict().items()}
-  return VLM(cfg), hf.import_weights(cfg, tensors, source="peft"), cfg
+  tensors = {vlm_hf.canonical_name(k): v.numpy() for k, v in ref.state_dict().items()}
+  return VLM(cfg), vlm_hf.import_weights(cfg, tensors, source="peft"), cfg
 
 
 def test_lora_logits_match_peft_and_merge():
@@ -73,7 +74,8 @@ def test_lora_gradients_match_peft_and_stay_in_trainable_set():
   # peft: only adapters require grad.
   out = ref(input_ids=torch.tensor(ids_np), labels=torch.tensor(ids_np))
   out.loss.backward()
-  want = {hf.canonical_name(n): p.grad.numpy() for n, p in ref.named_parameters() if p.requires_grad}
+  want = {vlm_hf.canonical_name(n): p.grad.numpy() for n, p in ref.named_parameters()
+          if p.requires_grad}
   assert want and all("lora_" in k[1] for k in want)
 
   trainable = select(params, [r"lora_"])

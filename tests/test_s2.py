@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
-from convert import hf
+from vlm import hf
 from tests import hf_models as H
 from vlm import tiler
 from vlm.config import LLAMA3_MED, TilerConfig, VLMConfig

@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers as T
 
-from convert import hf, open_clip
+from convert import open_clip
+from vlm import hf
 from tests import hf_models as H
 from vlm.config import VLMConfig
 from vlm.vision import VisionTower

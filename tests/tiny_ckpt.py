@@ -17,7 +17,6 @@ import tempfile
 
 import transformers as T
 
-import convert  # noqa: F401  (registers the HF reader with vlm.from_pretrained)
 import vlm
 from tests import hf_models as H
 from tests import tiny_tokenizers

@@ -9,7 +9,7 @@ import os
 
 from data.errors import UserError
 from data.tokenizer import load_tokenizer
-from vlm import checkpoint
+from vlm import checkpoint, hf
 from vlm.config import VLMConfig, preset
 
 
@@ -66,9 +66,8 @@ def source_config(config) -> VLMConfig:
     return preset(init.split(":", 1)[1])
   if checkpoint.is_checkpoint(init):
     return checkpoint.load_config(init)
-  if os.path.exists(os.path.join(init, "config.json")):
-    from convert import hf
-    return hf.dir_config(init)   # as `convert import --from hf` reads it, prompt format included
+  if hf.is_hf_dir(init):
+    return hf.dir_config(init)   # as vlm.from_pretrained reads it, prompt format included
   if m.get("preset"):   # the source is not here (e.g. a dry run): plan from the named shape
     return preset(m.preset)
   raise FileNotFoundError(f"model.init {m.init!r}: not a checkpoint dir, HF dir, 'preset:NAME' "

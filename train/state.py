@@ -64,8 +64,7 @@ def _read_source(config, p: Plan, seed: int) -> dict:
     target = unflatten_dict({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh[k])
                              for k, m in flatten_dict(meta).items()})
     return checkpoint.load(init, target=target)[1]
-  import convert  # noqa: F401  (an init may be a HF dir: registers its reader)
-  from vlm import from_pretrained
+  from vlm import from_pretrained   # a HF dir
   _, params = from_pretrained(init)
   _check_source(p, params)
   flat = flatten_dict(params)

@@ -11,52 +11,22 @@ import dataclasses
 import json
 from typing import Any, Optional
 
+from vlm import families
+# The parts' configs and constants live with their family (vlm/families); VLMConfig composes them.
+from vlm.families.clip import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,  # noqa: F401
+                               VISION_PROJECTIONS, VisionConfig)
+from vlm.families.llama import LLM_PROJECTIONS, LlamaConfig  # noqa: F401
+
 # Llama3-Med llama3med/data/template/llama3_template.py: `system = "You are a helpful language and
 # vision assistant. "`; the two string lines under it are separate statements, not part of it, so
 # its Llama3Template renders exactly this, trailing space included, before <|eot_id|>.
 LLAMA3_MED_SYSTEM = "You are a helpful language and vision assistant. "
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA-NeXT llava/train/train.py preprocess_llama3 (and conv_llava_llama_3): its llama3 models'.
+LLAVA_NEXT_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to "
+                            "understand the visual content that the user provides, and assist the "
+                            "user with a variety of tasks using natural language.")
 
 LLAVA16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  """CLIP ViT vision tower (HF CLIPVisionModel and open_clip VisionTransformer share this shape)."""
-  image_size: int = 336
-  patch_size: int = 14
-  width: int = 1024
-  layers: int = 24
-  heads: int = 16
-  mlp_dim: int = 4096
-  act: str = "quick_gelu"  # quick_gelu | gelu (exact erf)
-  norm_eps: float = 1e-5
-  # Index into HF's `hidden_states` tuple (0 = embeddings after ln_pre, L = last layer); negative
-  # counts from the end, so -2 is the penultimate layer's output, the LLaVA default.
-  select_layer: int = -2
-  keep_cls: bool = False
-  mean: tuple = OPENAI_CLIP_MEAN
-  std: tuple = OPENAI_CLIP_STD
-  proj_dim: Optional[int] = None  # open_clip/HF visual projection, kept only for round trips
-  family: str = "clip"  # its row in vlm/families (module + HF mapping)
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
-
-  @property
-  def tokens(self) -> int:
-    return self.grid ** 2 + (1 if self.keep_cls else 0)
-
-  @property
-  def layers_used(self) -> int:
-    """Number of transformer layers that must run to produce the selected hidden state."""
-    n = self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
-    if not 0 <= n <= self.layers:
-      raise ValueError(f"select_layer={self.select_layer} out of range for {self.layers} layers")
-    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,31 +53,6 @@ def anyres_max_tiles(pinpoints, tile: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
   kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Llama 2/3, Vicuna and Mistral decoders (HF LlamaForCausalLM / MistralForCausalLM)."""
-  vocab_size: int = 32000
-  hidden: int = 4096
-  layers: int = 32
-  heads: int = 32
-  kv_heads: int = 32
-  head_dim: int = 128
-  mlp_dim: int = 11008
-  norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) or None.
-  rope_scaling: Optional[tuple] = None
-  max_positions: int = 4096
-  tie_embeddings: bool = False
-  sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
-  family: str = "llama"  # its row in vlm/families (module + HF mapping)
-
-
-# The projections LoRA can target, in module order (vlm/llama.py, vlm/vision.py name them so).
-LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +145,7 @@ class VLMConfig:
     # config.json written before Runtime existed carries its fields; they are dropped (the loader
     # picks the runtime now, as it could override them before)
     d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
-    from vlm import families  # the part's family (absent: llama / clip) says its dataclass
-    for key, default in (("llm", "llama"), ("vision", "clip")):
+    for key, default in (("llm", "llama"), ("vision", "clip")):  # the part's family says its class
       if d.get(key) is not None:
         d[key] = _build(families.get(key, d[key].get("family", default)).config, d[key])
     for key, typ in {"tiler": TilerConfig, "connector": ConnectorConfig, "lora": LoraConfig}.items():

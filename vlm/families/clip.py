@@ -1,12 +1,58 @@
 """The CLIP family: ViT towers of HF CLIPVisionModel (and open_clip VisionTransformer, whose names
-convert/open_clip.py reduces to these). Config: vlm.config.VisionConfig; module:
+convert/open_clip.py reduces to these). Config: VisionConfig; module:
 vlm.vision.VisionTower."""
 from __future__ import annotations
 
-from vlm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_PROJECTIONS, VisionConfig
-from vlm.families import HF, Family, HFConfigError, WeightRule, linear
+import dataclasses
+from typing import Optional
 
-# LoRA target name (vlm.config.VISION_PROJECTIONS, in order) -> HF module path in a tower layer.
+from vlm.errors import ConversionError
+from vlm.families.family import HF, Family, WeightRule, linear
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The tower projections LoRA can target, in module order (vlm/vision.py names them so).
+VISION_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP ViT vision tower (HF CLIPVisionModel and open_clip VisionTransformer share this shape)."""
+  image_size: int = 336
+  patch_size: int = 14
+  width: int = 1024
+  layers: int = 24
+  heads: int = 16
+  mlp_dim: int = 4096
+  act: str = "quick_gelu"  # quick_gelu | gelu (exact erf)
+  norm_eps: float = 1e-5
+  # Index into HF's `hidden_states` tuple (0 = embeddings after ln_pre, L = last layer); negative
+  # counts from the end, so -2 is the penultimate layer's output, the LLaVA default.
+  select_layer: int = -2
+  keep_cls: bool = False
+  mean: tuple = OPENAI_CLIP_MEAN
+  std: tuple = OPENAI_CLIP_STD
+  proj_dim: Optional[int] = None  # open_clip/HF visual projection, kept only for round trips
+  family: str = "clip"  # its row in vlm/families (module + HF mapping)
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens(self) -> int:
+    return self.grid ** 2 + (1 if self.keep_cls else 0)
+
+  @property
+  def layers_used(self) -> int:
+    """Number of transformer layers that must run to produce the selected hidden state."""
+    n = self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
+    if not 0 <= n <= self.layers:
+      raise ValueError(f"select_layer={self.select_layer} out of range for {self.layers} layers")
+    return n
+
+
+# LoRA target name (VISION_PROJECTIONS, in order) -> HF module path in a tower layer.
 PROJECTIONS = dict(zip(VISION_PROJECTIONS, (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
     "mlp.fc1", "mlp.fc2")))
@@ -34,7 +80,7 @@ def read(d: dict) -> VisionConfig:
   them, and the image mean / std of a preprocessor_config.json)."""
   act = d.get("hidden_act", "quick_gelu")
   if act not in ("quick_gelu", "gelu"):
-    raise HFConfigError(f"vision activation {act!r} is not supported (quick_gelu | gelu)")
+    raise ConversionError(f"vision activation {act!r} is not supported (quick_gelu | gelu)")
   return VisionConfig(
       image_size=d["image_size"], patch_size=d["patch_size"], width=d["hidden_size"],
       layers=d["num_hidden_layers"], heads=d["num_attention_heads"], mlp_dim=d["intermediate_size"],

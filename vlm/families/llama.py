@@ -1,13 +1,37 @@
 """The Llama family: Llama 2/3, Vicuna, Mistral and Yi decoders (HF LlamaForCausalLM /
-MistralForCausalLM). Config: vlm.config.LlamaConfig; module: vlm.llama.Llama."""
+MistralForCausalLM). Config: LlamaConfig; module: vlm.llama.Llama."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
-from vlm.config import LLM_PROJECTIONS, LlamaConfig
-from vlm.families import HF, Family, HFConfigError, WeightRule, linear
+from vlm.errors import ConversionError
+from vlm.families.family import HF, Family, WeightRule, linear
 
-# LoRA target name (vlm.config.LLM_PROJECTIONS, in order) -> HF module path in a decoder layer.
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama 2/3, Vicuna and Mistral decoders (HF LlamaForCausalLM / MistralForCausalLM)."""
+  vocab_size: int = 32000
+  hidden: int = 4096
+  layers: int = 32
+  heads: int = 32
+  kv_heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) or None.
+  rope_scaling: Optional[tuple] = None
+  max_positions: int = 4096
+  tie_embeddings: bool = False
+  sliding_window: Optional[int] = None  # Mistral v0.1 only; v0.2+ has none
+  family: str = "llama"  # its row in vlm/families (module + HF mapping)
+
+
+# The decoder projections LoRA can target, in module order (vlm/llama.py names them so).
+LLM_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# LoRA target name (LLM_PROJECTIONS, in order) -> HF module path in a decoder layer.
 PROJECTIONS = dict(zip(LLM_PROJECTIONS, (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
@@ -40,7 +64,7 @@ def read(d: dict) -> LlamaConfig:
     scaling = ("llama3", float(rp["factor"]), float(rp["low_freq_factor"]),
                float(rp["high_freq_factor"]), int(rp["original_max_position_embeddings"]))
   elif kind not in ("default", None):
-    raise HFConfigError(f"rope type {kind!r} is not supported (default | llama3)")
+    raise ConversionError(f"rope type {kind!r} is not supported (default | llama3)")
   heads = d["num_attention_heads"]
   return LlamaConfig(
       vocab_size=d["vocab_size"], hidden=d["hidden_size"], layers=d["num_hidden_layers"],
@@ -82,7 +106,7 @@ def template(text: dict, tokens: Optional[set], vlm: bool, source: str) -> str:
     return "llava_mistral" if vlm else "mistral_instruct"
   tokens = tokens or set()
   if any(t in tokens for t in CHATML_TOKENS):
-    raise HFConfigError(f"{source}: a ChatML tokenizer ({CHATML_TOKENS[0]}): trained in "
+    raise ConversionError(f"{source}: a ChatML tokenizer ({CHATML_TOKENS[0]}): trained in "
                         "LLaVA's chatml_direct template (LLaVA-1.6-34B), which medvlm-jax does "
                         "not support")
   if (all(t in tokens for t in LLAMA3_TOKENS) or text.get("bos_token_id") == 128000
