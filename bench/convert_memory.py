@@ -111,7 +111,7 @@ def main(argv=None):
          str(a.shard_mb), "--write-only", hf_dir], check=True, capture_output=True,
         text=True).stdout.split()[-1])
     base, _ = peak_rss([sys.executable, "-c", "import jax, orbax.checkpoint, convert.cli, "
-                        "convert.hf, vlm.model, vlm.checkpoint; jax.devices()"])
+                        "vlm.hf, vlm.model, vlm.checkpoint; jax.devices()"])
     peak, secs = peak_rss([sys.executable, "-m", "convert", "import", "--from", "hf", hf_dir,
                            "--out", os.path.join(work, "ckpt")])
     out = {"checkpoint_gb": round(size / 1e9, 3), "dtype": a.dtype,

@@ -3,15 +3,17 @@
 A part's config names its row (`LlamaConfig.family`, `VisionConfig.family`; config.json written
 before the field loads as llama / clip). A row (`Family`) holds all that differs between families:
 
-  config   the part's config dataclass (plain data, saved in config.json under the part)
+  config   the part's config dataclass (plain data, saved in config.json under the part), defined
+           in the family's file: vlm.config composes them (config -> families, one way)
   module   its flax module, as "package.module:Class", imported on first use: this table and
            vlm.config stay free of jax (data workers import them)
   hf       its HF mapping (`HF`): per-layer weight-name rules with their kind, the HF config reader
-           and writer, the LoRA projection names; pure data and functions (no torch, no convert:
-           convert/hf.py applies them to any family)
+           and writer, the LoRA projection names; pure data and functions (no torch: vlm/hf.py
+           reads and convert/hf.py writes any family with them)
 
-Adding a family is one file here (its config dataclass, HF mapping and row) beside its module, and
-one row in LLM / VISION below: docs/adding_a_model_family.md.
+Adding a family is one file here (its config dataclass, HF mapping and row, built from the row
+types of family.py) beside its module, and one row in LLM / VISION below:
+docs/adding_a_model_family.md.
 """
 from __future__ import annotations
 

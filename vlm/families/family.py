@@ -40,7 +40,7 @@ class HF:
   # decoders: (HF text config, tokenizer token strings or None, trained as a VLM?, source) ->
   # our prompt template name (data/conversation.py)
   template: Optional[Callable] = None
-  tokens: tuple = ()  # vocabulary pieces `template` looks for (convert/hf.tokenizer_tokens)
+  tokens: tuple = ()  # vocabulary pieces `template` looks for (vlm/hf.py tokenizer_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
