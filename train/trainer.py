@@ -26,7 +26,7 @@ import numpy as np
 from data.errors import UserError
 from data.pipeline import make_iterator, open_sources, skip_summary
 from train import plan as plan_lib
-from train import record, source
+from train import preflight, record, source
 from train import state as state_lib
 from train.batches import Batches, HeldOut, data_config, fetch, total_steps
 from train.checkpoints import Checkpoints, Preempted, Preemption
@@ -208,6 +208,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
   model.init (random weights made on the device), and save=False writes no checkpoint and no final
   model and also returns the live "state", "frozen", "step_fn" (the jitted step as compiled for
   this run's batches) and "batch" (the last host batch)."""
+  preflight.check(config, paths=False)
   t0, workdir = time.time(), os.path.abspath(workdir)
   final = os.path.join(workdir, "final")
   done = record.finished(config, workdir) if save else None
@@ -227,9 +228,6 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
   steps = total_steps(config, dcfg)
   plan = plan_lib.plan(config, mesh, steps)
   accum = int(config.optim.grad_accum)
-  if dcfg.global_batch % accum:
-    raise UserError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
-                    f"{accum}")
 
   with Session(config, workdir, plan, dcfg, steps, save=save, t0=t0) as s:
     start = step = s.start
