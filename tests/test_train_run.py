@@ -278,6 +278,15 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypa
                                                                        range(1, 9)])
   a, b = params_of(os.path.join(base, "straight", "final")), params_of(os.path.join(w, "final"))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  # the completion record counts the whole stage over both resumes, as the straight run's does
+  # (the step's own token counts in metrics.jsonl are the reference); only the time differs
+  recs = [json.load(open(os.path.join(d, "summary.json"))) for d in (f"{base}/straight", w)]
+  rows = records(os.path.join(base, "straight"))
+  assert recs[0]["samples"] == 8 * 8 and recs[0]["tokens"] == sum(r["tokens"] for r in rows)
+  assert recs[0]["trained_tokens"] == sum(r["trained_tokens"] for r in rows)
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "final", "last")}
+  assert drop(recs[1]) == drop(recs[0]) and recs[1]["seconds"] > 0
+  assert recs[1]["last"]["loss"] == recs[0]["last"]["loss"]
 
 
 def test_abort_after_m_nonfinite_steps_in_a_row(root, monkeypatch, capsys):
@@ -396,7 +405,7 @@ def test_short_run_writes_no_final_unless_allowed(root):
   assert trainer.run(c, w)["step"] == 6
   rec = json.load(open(os.path.join(w, "summary.json")))
   assert (rec["complete"], rec["steps_planned"], rec["steps_done"]) == (False, 8, 6)
-  assert rec["samples"] == 0 and rec["data_files"] and len(rec["config_hash"]) == 16
+  assert rec["samples"] == 6 * 8 and rec["data_files"] and len(rec["config_hash"]) == 16
   assert trainer.run(c, w)["step"] is None   # the same config: stage complete, skipped
   c.train.allow_incomplete = False
   with pytest.raises(UserError, match=r"trained 6 of 8 planned steps"):
