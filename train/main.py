@@ -217,7 +217,8 @@ def run(config, workdir: str) -> list:
   from train import preflight, trainer
   workdir = os.path.abspath(workdir)
   config = resolved(config, workdir)
-  preflight.check(config, workdir, paths=False)   # every value, before anything is written
+  # every value (and path, unless a `prepare` step writes them) before anything is written
+  preflight.check(config, workdir, paths=not config.get("prepare"))
   if config.get("prepare"):
     module, fn = config.prepare.split(":")
     if jax.process_index() == 0:
@@ -253,7 +254,8 @@ def _main(argv):
   init_distributed()
   workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   from train import preflight
-  preflight.check(resolved(FLAGS.config, workdir), os.path.abspath(workdir), paths=False)
+  preflight.check(resolved(FLAGS.config, workdir), os.path.abspath(workdir),
+                  paths=not FLAGS.config.get("prepare"))
   from vlm import compile_cache
   cache = compile_cache.enable()
   logging.getLogger("train").info("compilation cache: %s", cache or "off")
