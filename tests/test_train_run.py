@@ -367,23 +367,25 @@ def _one_line_error(r) -> str:
 
 
 def test_all_bad_data_stops_at_once_in_one_line_and_writes_no_final(root, tmp_path, compile_cache):
-  """The demo command with a wrong data.image_root and train.steps (data repeated without end):
-  the old loop skipped forever and ignored SIGTERM; now the skip guard stops it before any weight
-  is read, with the skips per reason, exit status 2 and no final/."""
-  w = tmp_path / "demo"
+  """The demo command with a wrong data.image_root (a directory without the images) and
+  train.steps (data repeated without end): the old loop skipped forever and ignored SIGTERM; now
+  the skip guard stops it before any weight is read, with the skips per reason, exit status 2 and
+  no final/."""
+  w, empty = tmp_path / "demo", tmp_path / "empty"
   w.mkdir()
+  empty.mkdir()
   os.symlink(os.path.join(root, "data"), w / "data")   # the prepared demo data (prepare is a no-op)
   t = time.time()
   r = subprocess.run(
       [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
-       "--config.stage1.data.image_root=/nonexistent", "--config.stage1.train.steps=2"],
+       f"--config.stage1.data.image_root={empty}", "--config.stage1.train.steps=2"],
       cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True, timeout=240)
   took = time.time() - t
   assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
   last = _one_line_error(r)
   assert last.startswith("error: lenient mode gave up: the first 20 samples were all bad "
                          "(skipped: missing_image 20); first missing_image: [missing_image] "), last
-  assert "/nonexistent/images/" in last and "stage1_train.json, sample '" in last, last
+  assert f"{empty}/images/" in last and "stage1_train.json, sample '" in last, last
   assert "demo_stage1: stopped at step 0 of 2; 0 samples used, 20 skipped (missing_image 20)" in (
       r.stdout), r.stdout
   assert not os.path.exists(w / "stage1" / "final") and not os.path.exists(w / "stage2")
@@ -436,8 +438,8 @@ def _bad_inputs(root, tmp):
   data = os.path.join(root, "data", "stage1_train.json")
   return [
       ("strict", stage("stage1", root, init=init, **{"data.strict": True,
-                                                     "data.image_root": "/nonexistent"}),
-       r"error: \[missing_image\] cannot read image: FileNotFoundError; image /nonexistent/images/"
+                                                     "data.image_root": tmp}),
+       rf"error: \[missing_image\] cannot read image: FileNotFoundError; image {tmp}/images/"
        rf"\S+ \({data}, sample '[a-z]+-\d+-cap'\)"),
       ("no_init", stage("stage2", root, init=os.path.join(tmp, "runs", "stage1")),
        rf"error: model.init: directory not found \({tmp}/runs/stage1\); train the stage it starts"),
@@ -477,7 +479,7 @@ def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cac
   w.mkdir()
   os.symlink(os.path.join(root, "data"), w / "data")
   cmd = [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
-         "--config.stage1.data.image_root=/nonexistent", "--config.stage1.data.strict=True"]
+         f"--config.stage1.data.image_root={tmp_path}", "--config.stage1.data.strict=True"]
   r = subprocess.run(cmd, cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 2 and "error: [missing_image]" in _one_line_error(r)
