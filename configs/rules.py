@@ -96,7 +96,7 @@ class Kind(Rule):
     return self.words
 
 
-class Optional_(Rule):
+class Maybe(Rule):
   """None (the pipeline's or the model's default), or what `rule` allows."""
 
   def __init__(self, rule: Rule):
@@ -110,8 +110,8 @@ class Optional_(Rule):
     return f"None or {self.rule}"
 
 
-def optional(rule: Rule) -> Optional_:
-  return Optional_(rule)
+def optional(rule: Rule) -> Maybe:
+  return Maybe(rule)
 
 
 class SubsetOf(Rule):

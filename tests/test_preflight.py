@@ -109,6 +109,9 @@ def test_several_breaches_cross_field_and_path_rules(tmp_path, capsys):
     preflight.check(c, paths=False)
   assert "data.global_batch = 12: must be divisible by the mesh's data x fsdp devices (8)" in (
       e.value.lines)
+  with pytest.raises(preflight.ConfigError) as e:   # a workdir this run cannot write
+    preflight.check(c, str(ro / "w"), paths=False)
+  assert e.value.lines[0] == f"--workdir {ro}/w: not writable ({ro})"
 
 
 def test_zero_global_batch_is_refused_at_once_by_the_command(tmp_path):

@@ -170,14 +170,16 @@ def breaches(cfg, ctx: Context, prefix: str = "") -> list:
 
 
 def check(config, workdir: Optional[str] = None, *, paths: bool = True,
-          devices: Optional[int] = None) -> None:
-  """Every stage of `config` against RULES; ConfigError listing every breach. paths=False: all
-  but whether paths exist (before a config's `prepare` step wrote them). devices: how many the
-  run will have (default: this machine's, jax.device_count(); 0: not known, the mesh and
-  batch-split rules are not checked)."""
+          devices: Optional[int] = None, writes: bool = True) -> None:
+  """Every stage of `config` against RULES; ConfigError listing every breach. `workdir`: what
+  "{workdir}" stood for (a stage starting from an earlier stage's output is not held to its
+  existence), checked to be writable unless writes=False. paths=False: all but whether paths
+  exist (before a config's `prepare` step wrote them). devices: how many the run will have
+  (default: this machine's, jax.device_count(); 0: not known, the mesh and batch-split rules are
+  not checked)."""
   from configs.rules import Directory
   lines = []
-  if paths and workdir:
+  if writes and workdir:
     why = Directory(writable=True).breach(workdir, None)
     if why:
       lines.append(f"--workdir {workdir}: {why}")

@@ -279,11 +279,12 @@ def parser() -> argparse.ArgumentParser:
 def run(args, overrides: list) -> int:
   from train import preflight
   config, workdir = load_config(args.config, overrides, args.workdir)
-  preflight.check(config, workdir, paths=False, devices=0)   # the devices: the run's machine's
+  # the devices are the run's machine's, and validate writes nothing to the workdir
+  preflight.check(config, workdir, paths=False, devices=0, writes=False)
   if args.prepare and config.get("prepare"):
     module, fn = config.prepare.split(":")
     getattr(importlib.import_module(module), fn)(workdir)
-  preflight.check(config, workdir, devices=0)
+  preflight.check(config, workdir, devices=0, writes=False)
   chain = list(config.chain) if config.get("chain") else [None]
   if args.stage:
     unknown = [s for s in args.stage if s not in chain]
