@@ -85,7 +85,7 @@ def agree(batch: Optional[dict]) -> tuple:
     return batch, n
   from jax.experimental import multihost_utils
   mine = np.array([batch is not None, 0 if batch is None else batch["input_ids"].shape[1], *n],
-                  np.int64)
+                  np.int32)   # (a batch's counts fit; jax gathers 32-bit integers)
   every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
   if not every[:, 0].all():
     return None, counts(None)

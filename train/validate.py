@@ -86,7 +86,7 @@ class Report:
     return sum(n > self.max_len for n in self.lengths)
 
   def failed(self) -> bool:
-    return self.usable == 0 or self.stop is not None
+    return self.usable == 0 or self.stop is not None or (self.strict and bool(self.skipped))
 
 
 def scan(cfg, name: str, *, threads: int = 2, limit: Optional[int] = None,
