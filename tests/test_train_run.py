@@ -490,5 +490,9 @@ def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cac
                       str(tmp_path / "s2")], cwd=str(tmp_path), env=_env(compile_cache),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
-  assert _one_line_error(r).startswith(
-      "error: model.init: directory not found (runs/llama3_med_stage1)"), r.stderr
+  _one_line_error(r)   # every missing path of the recipe, one `error:` line each
+  lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error: ")]
+  assert lines[0].startswith("error: model.init: directory not found (runs/llama3_med_stage1)")
+  assert ("error: data.paths = ('data/llava_med/llava_med_instruct_60k_inline_mention.json', "
+          "'data/llama3_med/synth_20k.json'): file not found: "
+          "data/llava_med/llava_med_instruct_60k_inline_mention.json") in lines, r.stderr
