@@ -112,6 +112,11 @@ def test_several_breaches_cross_field_and_path_rules(tmp_path, capsys):
   with pytest.raises(preflight.ConfigError) as e:   # a workdir this run cannot write
     preflight.check(c, str(ro / "w"), paths=False)
   assert e.value.lines[0] == f"--workdir {ro}/w: not writable ({ro})"
+  chain = demo.get_config()
+  chain.chain = ("stage1", "stage3")
+  with pytest.raises(preflight.ConfigError) as e:
+    preflight.check(chain, paths=False)
+  assert e.value.lines == ["chain = ('stage1', 'stage3'): no config for the stage 'stage3'"]
 
 
 def test_zero_global_batch_is_refused_at_once_by_the_command(tmp_path):

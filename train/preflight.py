@@ -184,6 +184,10 @@ def check(config, workdir: Optional[str] = None, *, paths: bool = True,
     if why:
       lines.append(f"--workdir {workdir}: {why}")
   stages = list(config.chain) if config.get("chain") else [None]
+  missing = [s for s in stages if s is not None and s not in config]
+  if missing:
+    raise ConfigError(lines + [f"chain = {tuple(stages)!r}: no config for the stage {s!r}"
+                               for s in missing])
   networks = {}
   for stage in stages:
     cfg = config[stage] if stage else config
