@@ -48,5 +48,6 @@ def cli_errors(debug: Optional[bool] = None):
     found = find_user_error(e)
     if found is None or debug:
       raise
-    print(f"error: {describe(found)}", file=sys.stderr)
+    for line in getattr(found, "lines", None) or [describe(found)]:   # several: one a line
+      print(f"error: {line}", file=sys.stderr)
     sys.exit(2)

@@ -82,7 +82,7 @@ def _validate(tmp):
       "def get_config():\n"
       "  c = common.base()\n"
       "  c.model.init = 'preset:llama3_med'\n"
-      f"  c.data.update(paths=({str(tmp / 'bad.json')!r},), tokenizer_dir='unused')\n"
+      f"  c.data.update(paths=({str(tmp / 'bad.json')!r},), tokenizer_dir={str(tmp)!r})\n"
       "  return c\n")
   return main, ["--config", str(tmp / "cfg.py")], BAD_LIST
 

@@ -26,7 +26,8 @@ def cli(*args):
 def test_help_lists_the_config_fields_and_exits_0():
   r = cli("--help")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "--workdir" in r.stdout and "  optim.lr = 0.001" in r.stdout
+  assert "--workdir" in r.stdout and "  optim.lr = 0.001  (> 0)\n" in r.stdout   # and its range
+  assert "  data.global_batch = 128  (an integer >= 1; divisible by optim.grad_accum; " in r.stdout
   assert "  data.max_skipped_fraction = 0.01" in r.stdout
   assert "  train.allow_incomplete = False" in r.stdout
   r = cli("--config", "demo.py", "--help")

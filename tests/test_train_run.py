@@ -278,6 +278,15 @@ def test_resume_after_sigterm_and_sigkill_is_exact(root, compile_cache, monkeypa
                                                                        range(1, 9)])
   a, b = params_of(os.path.join(base, "straight", "final")), params_of(os.path.join(w, "final"))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  # the completion record counts the whole stage over both resumes, as the straight run's does
+  # (the step's own token counts in metrics.jsonl are the reference); only the time differs
+  recs = [json.load(open(os.path.join(d, "summary.json"))) for d in (f"{base}/straight", w)]
+  rows = records(os.path.join(base, "straight"))
+  assert recs[0]["samples"] == 8 * 8 and recs[0]["tokens"] == sum(r["tokens"] for r in rows)
+  assert recs[0]["trained_tokens"] == sum(r["trained_tokens"] for r in rows)
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "final", "last")}
+  assert drop(recs[1]) == drop(recs[0]) and recs[1]["seconds"] > 0
+  assert recs[1]["last"]["loss"] == recs[0]["last"]["loss"]
 
 
 def test_abort_after_m_nonfinite_steps_in_a_row(root, monkeypatch, capsys):
@@ -358,23 +367,25 @@ def _one_line_error(r) -> str:
 
 
 def test_all_bad_data_stops_at_once_in_one_line_and_writes_no_final(root, tmp_path, compile_cache):
-  """The demo command with a wrong data.image_root and train.steps (data repeated without end):
-  the old loop skipped forever and ignored SIGTERM; now the skip guard stops it before any weight
-  is read, with the skips per reason, exit status 2 and no final/."""
-  w = tmp_path / "demo"
+  """The demo command with a wrong data.image_root (a directory without the images) and
+  train.steps (data repeated without end): the old loop skipped forever and ignored SIGTERM; now
+  the skip guard stops it before any weight is read, with the skips per reason, exit status 2 and
+  no final/."""
+  w, empty = tmp_path / "demo", tmp_path / "empty"
   w.mkdir()
+  empty.mkdir()
   os.symlink(os.path.join(root, "data"), w / "data")   # the prepared demo data (prepare is a no-op)
   t = time.time()
   r = subprocess.run(
       [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
-       "--config.stage1.data.image_root=/nonexistent", "--config.stage1.train.steps=2"],
+       f"--config.stage1.data.image_root={empty}", "--config.stage1.train.steps=2"],
       cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True, timeout=240)
   took = time.time() - t
   assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
   last = _one_line_error(r)
   assert last.startswith("error: lenient mode gave up: the first 20 samples were all bad "
                          "(skipped: missing_image 20); first missing_image: [missing_image] "), last
-  assert "/nonexistent/images/" in last and "stage1_train.json, sample '" in last, last
+  assert f"{empty}/images/" in last and "stage1_train.json, sample '" in last, last
   assert "demo_stage1: stopped at step 0 of 2; 0 samples used, 20 skipped (missing_image 20)" in (
       r.stdout), r.stdout
   assert not os.path.exists(w / "stage1" / "final") and not os.path.exists(w / "stage2")
@@ -396,7 +407,7 @@ def test_short_run_writes_no_final_unless_allowed(root):
   assert trainer.run(c, w)["step"] == 6
   rec = json.load(open(os.path.join(w, "summary.json")))
   assert (rec["complete"], rec["steps_planned"], rec["steps_done"]) == (False, 8, 6)
-  assert rec["samples"] == 0 and rec["data_files"] and len(rec["config_hash"]) == 16
+  assert rec["samples"] == 6 * 8 and rec["data_files"] and len(rec["config_hash"]) == 16
   assert trainer.run(c, w)["step"] is None   # the same config: stage complete, skipped
   c.train.allow_incomplete = False
   with pytest.raises(UserError, match=r"trained 6 of 8 planned steps"):
@@ -427,8 +438,8 @@ def _bad_inputs(root, tmp):
   data = os.path.join(root, "data", "stage1_train.json")
   return [
       ("strict", stage("stage1", root, init=init, **{"data.strict": True,
-                                                     "data.image_root": "/nonexistent"}),
-       r"error: \[missing_image\] cannot read image: FileNotFoundError; image /nonexistent/images/"
+                                                     "data.image_root": tmp}),
+       rf"error: \[missing_image\] cannot read image: FileNotFoundError; image {tmp}/images/"
        rf"\S+ \({data}, sample '[a-z]+-\d+-cap'\)"),
       ("no_init", stage("stage2", root, init=os.path.join(tmp, "runs", "stage1")),
        rf"error: model.init: directory not found \({tmp}/runs/stage1\); train the stage it starts"),
@@ -468,7 +479,7 @@ def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cac
   w.mkdir()
   os.symlink(os.path.join(root, "data"), w / "data")
   cmd = [sys.executable, "-m", "train.main", "--config", "demo.py", "--workdir", str(w),
-         "--config.stage1.data.image_root=/nonexistent", "--config.stage1.data.strict=True"]
+         f"--config.stage1.data.image_root={tmp_path}", "--config.stage1.data.strict=True"]
   r = subprocess.run(cmd, cwd=ROOT, env=_env(compile_cache), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 2 and "error: [missing_image]" in _one_line_error(r)
@@ -479,5 +490,9 @@ def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cac
                       str(tmp_path / "s2")], cwd=str(tmp_path), env=_env(compile_cache),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
-  assert _one_line_error(r).startswith(
-      "error: model.init: directory not found (runs/llama3_med_stage1)"), r.stderr
+  _one_line_error(r)   # every missing path of the recipe, one `error:` line each
+  lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error: ")]
+  assert lines[0].startswith("error: model.init: directory not found (runs/llama3_med_stage1)")
+  assert ("error: data.paths = ('data/llava_med/llava_med_instruct_60k_inline_mention.json', "
+          "'data/llama3_med/synth_20k.json'): file not found: "
+          "data/llava_med/llava_med_instruct_60k_inline_mention.json") in lines, r.stderr

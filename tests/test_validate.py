@@ -161,3 +161,38 @@ def test_demo_config(tmp_path, capsys):
   for name in ("stage1 train", "stage1 eval", "stage2 train", "stage2 eval"):
     assert f"== {name}: " in out
   assert out.count(" 0 bad\n") == 4 and "exceed max_len" in out
+
+
+def test_says_where_the_skip_guard_would_stop_training(case, tmp_path, capsys):
+  """A file with 29% bad samples (20 of 70 images missing): lenient mode skips the odd one, not
+  that many. validate replays the bad samples in training's order through training's skip guard
+  and names the sample where the run would stop, as the training iterator itself does (the
+  oracle: make_iterator over the same data config raises there)."""
+  import re
+  from data.pipeline import SkipGuardError
+  d, _, _, tok = case
+  rows = [_row(i, image="img/missing.png" if i % 7 in (2, 5) else "img/ok.png") for i in range(70)]
+  (tmp_path / "bad.json").write_text(json.dumps(rows))
+  cfg = tmp_path / "bad.py"
+  cfg.write_text(CONFIG.format(root=str(d), tok=tok, caps=str(d / "caps.json"),
+                               train=str(tmp_path / "bad.json"), eval=str(d / "eval.json"),
+                               max_len=MAX_LEN))
+  over = ["--config.tune.data.max_skipped_fraction=0.25", "--config.tune.data.skip_check_after=8"]
+  argv = ["--config", str(cfg), "--workdir", str(tmp_path / "run"), "--stage", "tune"]
+  assert validate.main(argv + over) == 1
+  out = capsys.readouterr().out
+  assert "== tune train: 70 samples, 50 usable, 20 bad (lenient: too many for training's skip " \
+         "guard)" in out
+  said = re.search(r"^training would stop at sample (\d+): (lenient mode gave up: .*)$", out, re.M)
+
+  config, workdir = validate.load_config(str(cfg), over, str(tmp_path / "run"))
+  [(_, dcfg), _] = validate.data_sets(config, "tune", workdir)
+  with pytest.raises(SkipGuardError) as e:
+    for _ in make_iterator(dataclasses.replace(dcfg, read_threads=1)):
+      pass
+  read = int(re.search(r"(\d+) of (\d+) samples were bad", str(e.value)).group(2))
+  assert said and int(said.group(1)) == read and said.group(2) == str(e.value), out
+  assert 8 <= read < 70
+  # the guard's defaults (1% once 200 were read) never judge 70 samples read once
+  assert validate.main(argv) == 0
+  assert "training would stop" not in capsys.readouterr().out

@@ -1,10 +1,12 @@
 """The batches a run's steps take: the data config a run config asks for, the number of steps it
-plans, the grain iterator as the loop reads it (agreed on by every process, put on the mesh) and
-the periodic held-out pass over the eval data.
+plans, the grain iterator as the loop reads it (agreed on by every process, put on the mesh, with
+the run's running totals of samples, tokens and time in its saved state, so that a resumed run
+counts on from its checkpoint) and the periodic held-out pass over the eval data.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import jax
@@ -60,21 +62,34 @@ def samples_in(batch: dict) -> int:
   return int(batch["segment_ids"].max(axis=1).sum())
 
 
+TOTALS = ("samples", "tokens", "trained_tokens")
+
+
+def counts(batch: Optional[dict]) -> np.ndarray:
+  """TOTALS of a host batch: samples, real (non-padding) tokens and trained tokens, the tokens
+  counted as train/step.py counts them (segment ids > 0; labels after the first position that
+  are not IGNORE)."""
+  if batch is None:
+    return np.zeros(len(TOTALS), np.int64)
+  real = (batch["segment_ids"] > 0).sum() if "segment_ids" in batch else batch["labels"].size
+  return np.array([samples_in(batch), real, (batch["labels"][:, 1:] != IGNORE).sum()], np.int64)
+
+
 def agree(batch: Optional[dict]) -> tuple:
-  """(batch, samples in the global batch). Several processes step together: all stop when any
+  """(batch, TOTALS of the global batch). Several processes step together: all stop when any
   runs out of data (bad samples are skipped per process, so shards can end a batch apart), and in
   pad mode every process pads its rows to the longest bucket any of them drew, so the global
   batch has one shape."""
-  n = 0 if batch is None else samples_in(batch)
+  n = counts(batch)
   if jax.process_count() == 1:
     return batch, n
   from jax.experimental import multihost_utils
-  mine = np.array([batch is not None, 0 if batch is None else batch["input_ids"].shape[1], n],
-                  np.int32)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+  mine = np.array([batch is not None, 0 if batch is None else batch["input_ids"].shape[1], *n],
+                  np.int32)   # (a batch's counts fit; jax gathers 32-bit integers)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
   if not every[:, 0].all():
-    return None, 0
-  return _pad_to(batch, int(every[:, 1].max())), int(every[:, 2].sum())
+    return None, counts(None)
+  return _pad_to(batch, int(every[:, 1].max())), every[:, 2:].sum(axis=0)
 
 
 def fetch(tree):
@@ -85,7 +100,7 @@ def fetch(tree):
 
 
 def host_batch(batch: Optional[dict], text_only: bool) -> tuple:
-  """(the arrays the step takes, samples in the global batch), agreed on by every process (a
+  """(the arrays the step takes, TOTALS of the global batch), agreed on by every process (a
   text-only model gets no all-padding image slots)."""
   if batch is not None:
     batch = {k: v for k, v in batch.items() if k != "skipped" and not (
@@ -94,13 +109,20 @@ def host_batch(batch: Optional[dict], text_only: bool) -> tuple:
 
 
 class Batches:
-  """The iterator as the loop uses it: (host batch, the same on the mesh, iterator state after
-  it, samples in the global batch). The copy to the device starts as the batch is taken, while
-  the step before it runs."""
+  """The iterator as the loop uses it: (host batch, the same on the mesh, the state after it,
+  samples in the global batch). The copy to the device starts as the batch is taken, while the
+  step before it runs.
 
-  def __init__(self, iterator, text_only: bool, mesh):
+  The state (what a checkpoint saves and set_state restores) is the iterator's plus the run's
+  totals up to that batch: TOTALS over every batch taken since the run began, and the seconds it
+  ran (`t0`: when this process's run started; `before`: the seconds of the runs before it)."""
+
+  def __init__(self, iterator, text_only: bool, mesh, t0: Optional[float] = None):
     self.it, self.text_only, self.mesh = iterator, text_only, mesh
+    self.t0 = time.time() if t0 is None else t0
     self.skipped: dict = {}
+    self.totals = dict.fromkeys(TOTALS, 0)
+    self.before = 0.0
 
   def next(self) -> Optional[tuple]:
     batch = next(self.it, None)
@@ -109,8 +131,25 @@ class Batches:
     batch, n = host_batch(batch, self.text_only)
     if batch is None:
       return None
+    self.totals = {k: self.totals[k] + int(v) for k, v in zip(TOTALS, n)}
     placed = to_global(batch, self.mesh, batch_shardings(self.mesh, batch))
-    return batch, placed, self.it.get_state(), n
+    return batch, placed, self.get_state(), int(n[0])
+
+  def seconds(self) -> float:
+    """Seconds the run has taken so far, its earlier runs included."""
+    return self.before + time.time() - self.t0
+
+  def get_state(self) -> dict:
+    return {"iterator": self.it.get_state(),
+            "totals": {**self.totals, "seconds": round(self.seconds(), 3)}}
+
+  def set_state(self, state: dict) -> None:
+    if set(state) != {"iterator", "totals"}:   # a checkpoint from before the totals were saved
+      self.it.set_state(state)
+      return
+    self.it.set_state(state["iterator"])
+    self.totals = {k: int(state["totals"].get(k, 0)) for k in TOTALS}
+    self.before = float(state["totals"].get("seconds", 0.0))
 
 
 class HeldOut:

@@ -7,7 +7,8 @@ A bare `--config stage2.py` is looked up in configs/. A config with `chain` runs
 order, each in WORKDIR/<stage> (override a stage's field as --config.STAGE.FIELD), and "{workdir}"
 in any string field stands for WORKDIR. A stage that already wrote WORKDIR/<stage>/final and its
 completion record (same config, same data) is skipped; an interrupted one resumes from its newest
-checkpoint. `--help` lists the config's fields with their values.
+checkpoint. `--help` lists the config's fields with their values and allowed ranges; the whole
+config is checked against them (train/preflight.py) before any data or weights are read.
 
 Mistakes in the command line, the config or the data end in one line, `error: <what>`, and exit
 status 2 (--debug or MEDVLM_DEBUG=1: the full traceback). Multi-host: jax.distributed.initialize()
@@ -139,7 +140,11 @@ def usage(argv: list) -> str:
   flag_help = FLAGS.get_help() if "--helpfull" in argv else FLAGS.module_help(module)
   lines = [__doc__.strip(), "", flag_help, "",
            f"{title}; override any with --config.FIELD=VALUE:"]
-  lines += [f"  {name} = {value!r}" for name, value in _fields(config)]
+  from train.preflight import rule_of
+  for name, value in _fields(config):
+    rule = rule_of(config, name)
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    lines.append(f"  {name} = {value!r}" + (f"  ({rule})" if rule else ""))
   return "\n".join(lines)
 
 
@@ -199,13 +204,21 @@ def fill_workdir(config, workdir: str):
                                 for v in value)
 
 
+def resolved(config, workdir: str):
+  """A copy of `config` with its references resolved and "{workdir}" filled in."""
+  config = config.copy_and_resolve_references()
+  fill_workdir(config, os.path.abspath(workdir))
+  return config
+
+
 def run(config, workdir: str) -> list:
   """Run a config (one stage, or a chain of stages); returns each stage's result."""
   import jax
-  from train import trainer
+  from train import preflight, trainer
   workdir = os.path.abspath(workdir)
-  config = config.copy_and_resolve_references()
-  fill_workdir(config, workdir)
+  config = resolved(config, workdir)
+  # every value (and path, unless a `prepare` step writes them) before anything is written
+  preflight.check(config, workdir, paths=not config.get("prepare"))
   if config.get("prepare"):
     module, fn = config.prepare.split(":")
     if jax.process_index() == 0:
@@ -213,6 +226,7 @@ def run(config, workdir: str) -> list:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("prepare")
+  preflight.check(config, workdir)   # and the paths, once `prepare` wrote its files
   if not config.get("chain"):
     return [trainer.run(config, workdir)]
   results = []
@@ -238,10 +252,13 @@ def _main(argv):
   for name in ("train", "data"):
     logging.getLogger(name).setLevel(logging.INFO)
   init_distributed()
+  workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
+  from train import preflight
+  preflight.check(resolved(FLAGS.config, workdir), os.path.abspath(workdir),
+                  paths=not FLAGS.config.get("prepare"))
   from vlm import compile_cache
   cache = compile_cache.enable()
   logging.getLogger("train").info("compilation cache: %s", cache or "off")
-  workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   results = run(FLAGS.config, workdir)
   if any(r["preempted"] for r in results):
     sys.exit(143)   # 128 + SIGTERM: the run is not finished; rerun the command to resume

@@ -10,7 +10,9 @@ run would have.
 final/ means the planned steps ran: it is written with a completion record (train/record.py) that
 the next run checks before it skips the stage; a run the data cannot carry to its planned steps
 writes none and fails (IncompleteRun; train.allow_incomplete accepts it). Every run ends with a
-summary line: steps, samples used and skipped per reason, tokens, time, where the model is.
+summary line: steps, samples used and skipped per reason, tokens, time, where the model is. Its
+counts and time are the stage's, over every resume (they are saved with each checkpoint,
+train/batches.py), so a resumed run's record is an uninterrupted one's but for the time.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from data.errors import UserError
 from data.pipeline import make_iterator, open_sources, skip_summary
 from train import plan as plan_lib
-from train import record, source
+from train import preflight, record, source
 from train import state as state_lib
 from train.batches import Batches, HeldOut, data_config, fetch, total_steps
 from train.checkpoints import Checkpoints, Preempted, Preemption
@@ -63,12 +65,19 @@ class NoCheckpoints:
 
 class Summary:
   """The line every run ends with: steps, samples used and skipped per reason, tokens, time, and
-  where the model is."""
+  where the model is; the counts are those of the stage's batches up to the last step taken
+  (train/batches.py TOTALS: a resumed run's include the runs before it), the time that of this
+  run and those before it (`clock`: Batches.seconds)."""
 
-  def __init__(self, name: str, planned: int, start: int, t0: float):
-    self.name, self.planned, self.start, self.step, self.t0 = name, planned, start, start, t0
+  def __init__(self, name: str, planned: int, start: int, clock):
+    self.name, self.planned, self.start, self.step, self.clock = name, planned, start, start, clock
     self.samples = self.tokens = self.trained = 0
     self.skipped: dict = {}
+
+  def count(self, totals: dict):
+    """The totals up to the last step taken (a batch's state, Batches.get_state()['totals'])."""
+    self.samples, self.tokens, self.trained = (totals["samples"], totals["tokens"],
+                                               totals["trained_tokens"])
 
   def line(self, outcome: str, where: str) -> str:
     resumed = f" (resumed at {self.start})" if self.start else ""
@@ -76,7 +85,7 @@ class Summary:
     per = f" ({skip_summary(self.skipped)})" if skipped else ""
     return (f"{self.name}: {outcome} at step {self.step} of {self.planned}{resumed}; "
             f"{self.samples:,} samples used, {skipped:,} skipped{per}, {self.tokens:,} tokens "
-            f"({self.trained:,} trained), {fmt_time(time.time() - self.t0)}; {where}")
+            f"({self.trained:,} trained), {fmt_time(self.clock())}; {where}")
 
 
 class InFlight:
@@ -84,8 +93,8 @@ class InFlight:
   device, so the loop leaves the newest one queued while it takes the next batch; logging a step
   M non-finite steps in a row raises NonFiniteError(that step)."""
 
-  def __init__(self, logger: Logger, summary: Summary, max_nonfinite: int):
-    self.logger, self.summary, self.max_nonfinite = logger, summary, max_nonfinite
+  def __init__(self, logger: Logger, max_nonfinite: int):
+    self.logger, self.max_nonfinite = logger, max_nonfinite
     self.queue: list = []
     self.restart_clock()
 
@@ -106,8 +115,6 @@ class InFlight:
                 "step_time": now - self.t_last, "flops": flops, "skipped_samples": skipped,
                 "skipped_steps": int(m["skipped_steps"])}
       self.t_last = now
-      self.summary.tokens += values["tokens"]
-      self.summary.trained += values["trained_tokens"]
       if not bool(m["finite"]):
         self.logger.message(f"step {step}: non-finite loss or gradients, update skipped "
                             f"({int(m['nonfinite'])} in a row, {int(m['skipped_steps'])} in total)")
@@ -137,8 +144,8 @@ class Session:
                            peak=peak_flops(config.train.peak_tflops),
                            enabled=jax.process_index() == 0)
       opening.callback(self.logger.close)
-      self.summary = Summary(config.name, steps, self.start, t0)
-      self.batches = Batches(make_iterator(dcfg), plan.config.vision is None, plan.mesh)
+      self.batches = Batches(make_iterator(dcfg), plan.config.vision is None, plan.mesh, t0)
+      self.summary = Summary(config.name, steps, self.start, self.batches.seconds)
       opening.callback(self.batches.it.close)
       self.preempt = Preemption(config.checkpoint.sync_every)
       opening.pop_all()
@@ -208,6 +215,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
   model.init (random weights made on the device), and save=False writes no checkpoint and no final
   model and also returns the live "state", "frozen", "step_fn" (the jitted step as compiled for
   this run's batches) and "batch" (the last host batch)."""
+  preflight.check(config, paths=False)
   t0, workdir = time.time(), os.path.abspath(workdir)
   final = os.path.join(workdir, "final")
   done = record.finished(config, workdir) if save else None
@@ -227,19 +235,17 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
   steps = total_steps(config, dcfg)
   plan = plan_lib.plan(config, mesh, steps)
   accum = int(config.optim.grad_accum)
-  if dcfg.global_batch % accum:
-    raise UserError(f"data.global_batch {dcfg.global_batch} is not divisible by optim.grad_accum "
-                    f"{accum}")
 
   with Session(config, workdir, plan, dcfg, steps, save=save, t0=t0) as s:
     start = step = s.start
     st = frozen = step_fn = batch = data_state = held_out = None
-    metrics = InFlight(s.logger, s.summary, config.train.max_nonfinite)
+    metrics = InFlight(s.logger, config.train.max_nonfinite)
     preempted = False
     try:
       try:
         if start:
-          s.ckpts.restore_data(start, s.batches.it)
+          s.ckpts.restore_data(start, s.batches)
+          s.summary.count(s.batches.totals)
         with s.preempt.waiting():
           got = s.batches.next()   # bad data fails here, before any weight is read
         st, frozen = _load(config, plan, init, s.ckpts, start)
@@ -260,7 +266,7 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
         lrs = np.asarray(jax.jit(jax.vmap(plan.schedule))(np.arange(max(steps, 1))))
         metrics.restart_clock()
         while got is not None and step < steps:
-          batch, placed, state_after, n = got
+          batch, placed, state_after, _ = got
           if step_fn is None:
             step_fn = make_train_step(plan.model, plan.tx, mesh=mesh,
                                       state_shardings=plan.state_shardings,
@@ -270,7 +276,8 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
                                       rules=plan.rules)
           st, m = step_fn(st, frozen, placed)
           step, data_state = step + 1, state_after
-          s.summary.step, s.summary.samples = step, s.summary.samples + n
+          s.summary.step = step
+          s.summary.count(state_after["totals"])
           metrics.put(step, m, lr=float(lrs[step - 1]), flops=flops.step(*batch_shape(batch)),
                       skipped=s.batches.skipped)
           got = None
@@ -328,7 +335,8 @@ def run(config, workdir: str, *, init=None, save: bool = True) -> dict:
       record.write(workdir, record.make(
           config, steps_planned=steps, steps_done=step, complete=complete, final=final,
           samples=s.summary.samples, skipped=s.summary.skipped, tokens=s.summary.tokens,
-          seconds=round(time.time() - t0, 1), last=s.logger.last))
+          trained_tokens=s.summary.trained, seconds=round(s.batches.seconds(), 1),
+          last=s.logger.last))
     s.end("done" if complete else "incomplete (train.allow_incomplete)", f"model in {final}")
     return {"final": final, "step": step, "preempted": False}
 

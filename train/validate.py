@@ -10,11 +10,15 @@ pipeline's own per-sample code (data.pipeline.SampleProcessor: the JSON record, 
 inside the image root, decoded and resized, the template and loss mask, the max_len cut), so the
 report is exactly what training would skip (lenient mode) or stop at (strict): counts per reason
 with the first examples of each, the histogram of token lengths before the max_len cut, and how
-many samples exceed max_len.
+many samples exceed max_len. The bad samples are then replayed in the order training reads them
+(the seeded shuffle, every epoch it plans) through training's own skip guard
+(data.pipeline.SkipCounting: data.max_skipped_fraction, skip_check_after, max_leading_skips), so
+"training would stop at sample N" is said where, and why, the run would stop.
 
-Exit status: 0; 1 when strict mode (data.strict, or --strict) would stop training at a bad
-sample, or a data set has no usable sample; 2 for an error before any sample is read (a missing
-or malformed data file, a bad override), printed as one `error:` line.
+Exit status: 0; 1 when training would stop (strict mode, data.strict or --strict, at a bad sample;
+lenient mode at its skip guard) or a data set has no usable sample; 2 for an error before any
+sample is read (a config field out of its range, a missing or malformed data file, a bad
+override), printed as `error:` lines (one a breach).
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ class Report:
   examples: dict = dataclasses.field(default_factory=dict)   # reason -> [(index, message)]
   lengths: list = dataclasses.field(default_factory=list)    # usable samples, before the cut
   too_long: list = dataclasses.field(default_factory=list)   # lengths of those skipped as too long
+  bad: dict = dataclasses.field(default_factory=dict)        # index -> (reason, message)
+  stop: Optional[str] = None    # where and why training would stop on this data (stops_at)
 
   @property
   def samples(self) -> int:
@@ -80,7 +86,7 @@ class Report:
     return sum(n > self.max_len for n in self.lengths)
 
   def failed(self) -> bool:
-    return self.usable == 0 or (self.strict and bool(self.skipped))
+    return self.usable == 0 or self.stop is not None or (self.strict and bool(self.skipped))
 
 
 def scan(cfg, name: str, *, threads: int = 2, limit: Optional[int] = None,
@@ -103,6 +109,7 @@ def scan(cfg, name: str, *, threads: int = 2, limit: Optional[int] = None,
       rep.lengths.append(length)
       return
     files[path][1] += 1
+    rep.bad[i] = (reason, message)
     rep.skipped[reason] = rep.skipped.get(reason, 0) + 1
     shown = rep.examples.setdefault(reason, [])
     bisect.insort(shown, (i, message))   # the first in file order, whatever the thread order
@@ -112,6 +119,36 @@ def scan(cfg, name: str, *, threads: int = 2, limit: Optional[int] = None,
 
   run_pool(list(range(n)), proc.measure, done, concurrency=threads, description=name)
   return rep
+
+
+def stops_at(rep: Report, cfg, steps: int = 0) -> Optional[str]:
+  """Where training would stop on the data `rep` scanned: its bad samples replayed through the
+  training iterator's own skip accounting (data.pipeline.SkipCounting over shard_indices: the
+  seeded order and every epoch the run reads; `steps` > 0 with endless epochs: as many epochs as
+  that many global batches take) with the run's skip guard, or in strict mode one that stops at
+  the first bad sample. None when it would not stop."""
+  import grain.python as gp
+  from data.pipeline import SKIP, SkipCounting, SkipGuard, SkipGuardError, shard_indices
+  n = rep.samples
+  epoch = len(shard_indices(n, dataclasses.replace(cfg, num_epochs=1), None))
+  epochs = cfg.num_epochs
+  if epochs is None:   # train.steps: the data repeats until the steps are done
+    epochs = max(1, -(-steps * cfg.global_batch // max(rep.usable, 1)))
+  guard = (SkipGuard(0.0, 1, 0, epoch) if cfg.strict else SkipGuard.of(cfg, epoch))
+  marker = lambda i: ({SKIP: rep.bad[i][0], "message": rep.bad[i][1]} if i in rep.bad else {})
+  order = shard_indices(n, dataclasses.replace(cfg, num_epochs=epochs), None)
+  it = iter(SkipCounting(order.map(marker).to_iter_dataset(gp.ReadOptions(num_threads=0)), 0,
+                         guard))
+  try:
+    for _ in it:
+      pass
+  except SkipGuardError as e:
+    read = it.get_state()["guard"][0]
+    if cfg.strict:
+      return (f"training would stop at sample {read} (strict mode: "
+              f"{rep.bad[int(order[read - 1])][1]})")
+    return f"training would stop at sample {read}: {e}"
+  return None
 
 
 def histogram(lengths: list, max_len: int) -> list:
@@ -131,7 +168,9 @@ def histogram(lengths: list, max_len: int) -> list:
 
 def render(rep: Report) -> str:
   bad = sum(rep.skipped.values())
-  mode = "strict: training stops at the first" if rep.strict else "lenient: training skips them"
+  mode = ("strict: training stops at the first" if rep.strict else
+          "lenient: training skips them" if rep.stop is None else
+          "lenient: too many for training's skip guard")
   out = [f"== {rep.name}: {rep.samples} samples, {rep.usable} usable, {bad} bad"
          + (f" ({mode})" if bad else "")]
   if len(rep.files) > 1:
@@ -152,6 +191,8 @@ def render(rep: Report) -> str:
     too_long = rep.skipped.get("too_long", 0)
     out.append(f"{rep.over_kept + too_long} samples exceed max_len {rep.max_len}: "
                f"{rep.over_kept} cut to it, {too_long} skipped as too_long")
+  if rep.stop:
+    out.append(rep.stop)
   return "\n".join(out)
 
 
@@ -162,7 +203,7 @@ def load_config(spec: str, overrides: list, workdir: Optional[str] = None) -> tu
   would run them: "{workdir}" filled in, workdir default runs/<config.name>."""
   from absl import flags
   from ml_collections import config_flags
-  from train.main import fill_workdir, resolve_config_arg
+  from train.main import resolve_config_arg, resolved
   argv = ["train.validate", *resolve_config_arg(["--config", spec]), *overrides]
   if not os.path.isfile(argv[2].partition(":")[0]):
     raise UserError(f"config file not found: {spec} (looked in the current dir and configs/)")
@@ -183,9 +224,7 @@ def load_config(spec: str, overrides: list, workdir: Optional[str] = None) -> tu
   if extra:
     raise UserError(f"unexpected arguments: {extra}")
   workdir = os.path.abspath(workdir or os.path.join("runs", config.name))
-  config = config.copy_and_resolve_references()
-  fill_workdir(config, workdir)
-  return config, workdir
+  return resolved(config, workdir), workdir
 
 
 def _network(config, stage: Optional[str], workdir: str):
@@ -193,15 +232,13 @@ def _network(config, stage: Optional[str], workdir: str):
   train.trainer plans it, or, for a stage starting from an earlier stage of the same chain that
   has not been trained yet, that stage's network."""
   from train.plan import train_config
+  from train.preflight import earlier_stage
   from train.source import resolve_init, source_config
   from vlm import checkpoint
   cfg = config[stage] if stage else config
-  init = cfg.model.init
-  if stage and init and not checkpoint.is_checkpoint(resolve_init(init)):
-    for earlier in config.chain[:list(config.chain).index(stage)]:
-      d = os.path.join(workdir, earlier)
-      if os.path.abspath(init) in (d, os.path.join(d, "final")):
-        return train_config(cfg, _network(config, earlier, workdir))
+  earlier = earlier_stage(config, stage, workdir)
+  if earlier and not checkpoint.is_checkpoint(resolve_init(cfg.model.init)):
+    return train_config(cfg, _network(config, earlier, workdir))
   return train_config(cfg, source_config(cfg))
 
 
@@ -240,10 +277,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args, overrides: list) -> int:
+  from train import preflight
   config, workdir = load_config(args.config, overrides, args.workdir)
+  # the devices are the run's machine's, and validate writes nothing to the workdir
+  preflight.check(config, workdir, paths=False, devices=0, writes=False)
   if args.prepare and config.get("prepare"):
     module, fn = config.prepare.split(":")
     getattr(importlib.import_module(module), fn)(workdir)
+  preflight.check(config, workdir, devices=0, writes=False)
   chain = list(config.chain) if config.get("chain") else [None]
   if args.stage:
     unknown = [s for s in args.stage if s not in chain]
@@ -258,6 +299,9 @@ def run(args, overrides: list) -> int:
         dcfg = dataclasses.replace(dcfg, strict=True)
       rep = scan(dcfg, name, threads=args.threads or max(1, dcfg.read_threads), limit=args.limit,
                  examples=args.examples)
+      cfg = config[stage] if stage else config
+      if args.limit is None:   # where training stops is a question about the whole data
+        rep.stop = stops_at(rep, dcfg, 0 if name.endswith("eval") else cfg.train.steps)
       print(render(rep), flush=True)
       failed |= rep.failed()
   return 1 if failed else 0
