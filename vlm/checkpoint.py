@@ -22,6 +22,99 @@ def is_checkpoint(path) -> bool:
       os.path.join(path, "config.json"))
 
 
+class DamagedCheckpoint(ValueError):
+  """A checkpoint dir (or a training step) whose files cannot be read: commands report it as one
+  line saying what is missing and how to rebuild it."""
+
+
+def looks_like_checkpoint(path) -> bool:
+  """A dir of this project, whole or damaged: params/, or a config.json of ours (its "llm" /
+  "vision" keys; a HF config has a model_type instead)."""
+  if os.path.isdir(os.path.join(path, "params")):
+    return True
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      conf = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(conf, dict) and "model_type" not in conf and bool({"llm", "vision"} & set(conf))
+
+
+def unreadable(path) -> Optional[str]:
+  """What makes the orbax dir `path` unreadable (None when nothing does): a missing or malformed
+  metadata file, or an OCDBT value whose data file is gone or too short. Reads one byte of every
+  value, so a deleted or truncated data file is found without reading the arrays."""
+  import tensorstore as ts
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    return f"{path} is missing"
+  for name in ("_METADATA", "_CHECKPOINT_METADATA"):
+    meta = os.path.join(path, name)
+    if os.path.exists(meta):
+      try:
+        with open(meta, encoding="utf-8") as f:
+          json.load(f)
+      except ValueError as e:
+        return f"{meta} is malformed ({e})"
+  if not os.path.exists(os.path.join(path, "manifest.ocdbt")):
+    return None if os.path.exists(os.path.join(path, "_METADATA")) else f"{path}/_METADATA is missing"
+  try:
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/"}).result()
+    keys = kv.list().result()
+  except ValueError as e:
+    return f"the OCDBT index in {path} cannot be read ({_first_line(e)})"
+  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
+  for key, r in reads:
+    try:
+      got = r.result()
+    except ValueError as e:
+      return f"{_data_file(path, e)} is truncated (array piece {key.decode()} is cut off)"
+    if got.state != "value" or len(got.value) != 1:
+      return f"{_data_file(path)} is missing (array piece {key.decode()})"
+  return None
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _data_file(path: str, error: Optional[BaseException] = None) -> str:
+  """The data file a tensorstore read error points at (by the size it reports), else where the
+  data files are."""
+  import glob
+  import re
+  size = re.search(r"for value of size (\d+)", str(error or ""))
+  if size:
+    found = [f for f in glob.glob(os.path.join(path, "**", "d", "*"), recursive=True)
+             if os.path.getsize(f) == int(size.group(1))]
+    if len(found) == 1:
+      return found[0]
+  return f"a data file under {path}/ocdbt.process_*/d"
+
+
+def rebuild_hint(path) -> str:
+  """The command that writes model dir `path` again: a training run's final/ is rewritten by
+  rerunning its train.main command (it resumes from the newest checkpoint); anything else by the
+  convert command that made it."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.basename(os.path.abspath(path)) == "final" and any(
+      os.path.exists(os.path.join(parent, f)) for f in ("train_config.json", "checkpoints")):
+    return (f"delete {path} and rerun the python -m train.main command of {parent}: it resumes "
+            "from its newest checkpoint and writes the model again")
+  return ("write it again with the command that made it (python -m convert import ... / "
+          "python -m convert merge-lora ...)")
+
+
+def check(path):
+  """Raise DamagedCheckpoint when checkpoint dir `path` misses config.json or params/ or has an
+  unreadable params/."""
+  missing = [f for f in ("config.json", "params") if not os.path.exists(os.path.join(path, f))]
+  problem = (f"{path} has no {' and no '.join(missing)}" if missing else
+             unreadable(os.path.join(path, "params")))
+  if problem:
+    raise DamagedCheckpoint(f"damaged checkpoint: {problem}; {rebuild_hint(path)}")
+
+
 # orbax files are split into pieces of this size so a save never buffers a whole 8B tree.
 SAVE_FILE_BYTES = 16 * 2**20
 
@@ -85,6 +178,7 @@ def load_config(path) -> VLMConfig:
 def load(path, target=None):
   """(config, params). `target`: a tree of jax.ShapeDtypeStruct with shardings to restore sharded
   (each process reads only its shards); default restores to host numpy-backed arrays."""
+  check(path)
   cfg = load_config(path)
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
