@@ -7,7 +7,7 @@ import os
 
 from data.errors import UserError
 from data.jsonfile import load_json
-from vlm.checkpoint import is_checkpoint
+from vlm.checkpoint import is_checkpoint, looks_like_checkpoint
 
 
 def resolve(path) -> str:
@@ -21,7 +21,7 @@ def resolve(path) -> str:
   if not os.path.isdir(path):
     raise UserError(f"no such checkpoint dir or training workdir: {path}")
   final = os.path.join(path, "final")
-  if is_checkpoint(final):
+  if looks_like_checkpoint(final):   # a damaged one is said as such when it is loaded
     return final
   if any(os.path.exists(os.path.join(path, f)) for f in ("train_config.json", "checkpoints")):
     raise UserError(_unfinished(path, path, "the run"))

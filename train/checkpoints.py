@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data.errors import UserError
-from vlm.checkpoint import unreadable
+from vlm.damage import read_error, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,11 @@ class Checkpoints:
       args["data"] = gp.PyGrainCheckpointRestore(_IteratorState(target=iterator))
     try:
       out = self.mgr.restore(step, args=ocp.args.Composite(**args))
-    except ValueError as e:   # damage the byte check on opening cannot see (a corrupt value)
-      raise UserError(unreadable_message(self.directory, step, str(e).strip().splitlines()[0]) +
+    except Exception as e:   # noqa: BLE001 - damage the check on opening cannot see (a corrupt value)
+      bad = read_error(e)
+      if bad is None:
+        raise
+      raise UserError(unreadable_message(self.directory, step, bad) +
                       f"; move it aside (mv {self.directory}/{step} {self.directory}/{step}"
                       ".unreadable) and rerun to resume from the step before") from e
     return out["state"], step

@@ -30,7 +30,7 @@ def from_pretrained(path, *, dtype=None, **overrides):
   from vlm import checkpoint
   from vlm.config import RUNTIME_FIELDS, Runtime
   from vlm.model import VLM
-  if checkpoint.is_checkpoint(path):
+  if checkpoint.looks_like_checkpoint(path):   # load says what a damaged one misses
     cfg, params = checkpoint.load(path)
   else:
     read = next((r for ok, r in _FORMATS.values() if ok(path)), None)

@@ -15,16 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vlm.config import VLMConfig
+from vlm.damage import DamagedCheckpoint, read_error, rebuild_hint, unreadable
 
 
 def is_checkpoint(path) -> bool:
   return os.path.isdir(os.path.join(path, "params")) and os.path.exists(
       os.path.join(path, "config.json"))
-
-
-class DamagedCheckpoint(ValueError):
-  """A checkpoint dir (or a training step) whose files cannot be read: commands report it as one
-  line saying what is missing and how to rebuild it."""
 
 
 def looks_like_checkpoint(path) -> bool:
@@ -38,71 +34,6 @@ def looks_like_checkpoint(path) -> bool:
   except (OSError, ValueError):
     return False
   return isinstance(conf, dict) and "model_type" not in conf and bool({"llm", "vision"} & set(conf))
-
-
-def unreadable(path) -> Optional[str]:
-  """What makes the orbax dir `path` unreadable (None when nothing does): a missing or malformed
-  metadata file, or an OCDBT value whose data file is gone or too short. Reads one byte of every
-  value, so a deleted or truncated data file is found without reading the arrays."""
-  import tensorstore as ts
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    return f"{path} is missing"
-  for name in ("_METADATA", "_CHECKPOINT_METADATA"):
-    meta = os.path.join(path, name)
-    if os.path.exists(meta):
-      try:
-        with open(meta, encoding="utf-8") as f:
-          json.load(f)
-      except ValueError as e:
-        return f"{meta} is malformed ({e})"
-  if not os.path.exists(os.path.join(path, "manifest.ocdbt")):
-    return None if os.path.exists(os.path.join(path, "_METADATA")) else f"{path}/_METADATA is missing"
-  try:
-    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/"}).result()
-    keys = kv.list().result()
-  except ValueError as e:
-    return f"the OCDBT index in {path} cannot be read ({_first_line(e)})"
-  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
-  for key, r in reads:
-    try:
-      got = r.result()
-    except ValueError as e:
-      return f"{_data_file(path, e)} is truncated (array piece {key.decode()} is cut off)"
-    if got.state != "value" or len(got.value) != 1:
-      return f"{_data_file(path)} is missing (array piece {key.decode()})"
-  return None
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _data_file(path: str, error: Optional[BaseException] = None) -> str:
-  """The data file a tensorstore read error points at (by the size it reports), else where the
-  data files are."""
-  import glob
-  import re
-  size = re.search(r"for value of size (\d+)", str(error or ""))
-  if size:
-    found = [f for f in glob.glob(os.path.join(path, "**", "d", "*"), recursive=True)
-             if os.path.getsize(f) == int(size.group(1))]
-    if len(found) == 1:
-      return found[0]
-  return f"a data file under {path}/ocdbt.process_*/d"
-
-
-def rebuild_hint(path) -> str:
-  """The command that writes model dir `path` again: a training run's final/ is rewritten by
-  rerunning its train.main command (it resumes from the newest checkpoint); anything else by the
-  convert command that made it."""
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.basename(os.path.abspath(path)) == "final" and any(
-      os.path.exists(os.path.join(parent, f)) for f in ("train_config.json", "checkpoints")):
-    return (f"delete {path} and rerun the python -m train.main command of {parent}: it resumes "
-            "from its newest checkpoint and writes the model again")
-  return ("write it again with the command that made it (python -m convert import ... / "
-          "python -m convert merge-lora ...)")
 
 
 def check(path):
@@ -188,5 +119,12 @@ def load(path, target=None):
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
           tree)
-    params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    try:
+      params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    except Exception as e:  # noqa: BLE001 - re-raised unless tensorstore could not read a file
+      bad = read_error(e)
+      if bad is None:
+        raise
+      raise DamagedCheckpoint(f"damaged checkpoint: {path}/params cannot be read ({bad}); "
+                              f"{rebuild_hint(path)}") from e
   return cfg, params
