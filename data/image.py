@@ -85,7 +85,7 @@ def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None,
 
 def _no_reprs(text: str) -> str:
   """PIL names a file object by its repr (`<_io.BytesIO object at 0x...>`): say what it was."""
-  return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the image data", text)
+  return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
 
 
 def _unit_to_rgb(u: np.ndarray) -> np.ndarray:

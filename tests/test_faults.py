@@ -304,3 +304,113 @@ def test_ctrl_c_ends_any_command_with_one_line_and_130(capsys):
   with pytest.raises(KeyboardInterrupt):   # MEDVLM_DEBUG / --debug keep the traceback
     with cli_errors(debug=True):
       raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_chat_loads_or_waits_at_its_prompt(model_dir, monkeypatch, capsys):
+  """serve.chat through the central handling: Ctrl-C while the model loads, and at the prompt
+  (the real signal: tests/test_faults.py::test_ctrl_c_at_the_chat_prompt_by_signal, slow)."""
+  import vlm
+  from serve import chat
+
+  def interrupted(*a, **kw):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(vlm, "from_pretrained", interrupted)
+  with pytest.raises(SystemExit) as e:
+    chat.main(["--ckpt", model_dir, "hi"])
+  assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_chat_prompt_by_signal(tmp_path):
+  import signal
+  from tests.tiny_ckpt import shared_llava_checkpoint
+  proc = subprocess.Popen([sys.executable, "-m", "serve.chat", "--ckpt",
+                           shared_llava_checkpoint()], cwd=ROOT, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.read(4) == b">>> "   # loaded, waiting for a question
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130 and err.decode().strip() == "interrupted", err
+
+
+# --- point 5: the one line of each command ------------------------------------------------------
+
+def test_serve_refuses_a_busy_port_before_it_loads_anything(tmp_path, capsys):
+  import socket
+  from serve.__main__ import main
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(SystemExit) as e:   # --ckpt does not exist: the port is checked first
+      main(["--ckpt", str(tmp_path / "nowhere"), "--port", str(port)])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err == (f"error: cannot listen on 127.0.0.1:{port}: Address "
+                                       "already in use; stop what uses it or pass another --port")
+
+
+def test_chat_on_a_llava_code_base_dir_names_the_convert_command(tmp_path, capsys):
+  from serve import chat
+  d = tmp_path / "llava-med"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps({"model_type": "llava_mistral",
+                                             "mm_vision_tower": "openai/clip-vit-large"}))
+  with pytest.raises(SystemExit) as e:
+    chat.main(["--ckpt", str(d), "hi"])
+  assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+      f"error: {d} is a LLaVA code-base model (mm_* keys in config.json): convert it first: "
+      f"python -m convert import --from llava {d} --out DIR, then pass DIR")
+
+
+def test_show_sample_errors_name_the_folder_or_file(tmp_path, capsys):
+  from data.show_sample import main
+  from tests import tiny_tokenizers
+  sample = tmp_path / "s.json"
+  sample.write_text(json.dumps([{"id": "a", "conversations": [
+      {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+  tok = tiny_tokenizers.llama3_tokenizer(str(tmp_path / "t"))
+  no_image = tiny_tokenizers.llama3_tokenizer(str(tmp_path / "t2"), image_token=False)
+  cases = [
+      (str(tmp_path), f"error: {tmp_path} is not a tokenizer dir (none of tokenizer.json, "
+       "tokenizer_config.json, tokenizer.model, vocab.json); pass a HF tokenizer dir or a "
+       "checkpoint dir holding tokenizer/", []),
+      (str(tmp_path / "nope"), f"error: tokenizer dir not found: {tmp_path / 'nope'}", []),
+      (no_image, f"error: the tokenizer in {no_image} has no <image> token; add it as a special "
+       "token", []),
+      (tok, f"error: [too_long] no trained token left within max_len 3 ({sample}, sample 'a')",
+       ["--max-len", "3"]),
+  ]
+  for where, want, extra in cases:
+    with pytest.raises(SystemExit) as e:
+      main(["--tokenizer", where, "--template", "llama3", "--sample", str(sample), *extra])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == want
+
+
+def test_validate_says_a_folder_is_not_a_tokenizer_without_hub_words(tmp_path, capsys):
+  from train.validate import main
+  data = tmp_path / "d.json"
+  data.write_text(json.dumps([{"id": "a", "conversations": [
+      {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+  (tmp_path / "cfg.py").write_text(
+      "from configs import common\n"
+      "def get_config():\n"
+      "  c = common.base()\n"
+      "  c.model.init = 'preset:llama3_med'\n"
+      f"  c.data.update(paths=({str(data)!r},), tokenizer_dir={str(tmp_path)!r})\n"
+      "  return c\n")
+  with pytest.raises(SystemExit) as e:
+    main(["--config", str(tmp_path / "cfg.py")])
+  err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress bar
+  assert e.value.code == 2 and err == (
+      f"error: {tmp_path} is not a tokenizer dir (none of tokenizer.json, tokenizer_config.json, "
+      "tokenizer.model, vocab.json); pass a HF tokenizer dir or a checkpoint dir holding "
+      "tokenizer/"), err
+
+
+def test_an_undecodable_upload_is_named_without_python_reprs():
+  from data.errors import BadSample
+  from data.image import load_image
+  with pytest.raises(BadSample) as e:
+    load_image(b"\x89PNG not really")
+  assert str(e.value) == ("[corrupt_image] cannot decode image: UnidentifiedImageError: cannot "
+                          "identify image file")
