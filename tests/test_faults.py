@@ -3,6 +3,7 @@ file was deleted or cut short (set aside, the run resumes from the newest readab
 damaged model dir (what is missing, which command rebuilds it), a full / read-only / forbidden disk
 or too many open files at a writer, and Ctrl-C (exit 130). The checkpoints are real orbax OCDBT
 files, damaged the way a crash or a full disk leaves them."""
+import contextlib
 import errno
 import glob
 import io
@@ -236,16 +237,25 @@ def test_a_failing_writer_is_one_line_naming_the_path(command, code, tmp_path, m
       re.escape(r"\S+"), r"\S+"), err), err
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-  """A 256 KiB tmpfs, filled; skipped where mounting is not permitted."""
-  mnt = tmp_path / "full"
+@contextlib.contextmanager
+def _tmpfs(mnt, options: str):
+  """A tmpfs mounted at `mnt` with these options; the test is skipped where mounting is not
+  permitted (not root, a container without CAP_SYS_ADMIN)."""
   mnt.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                      capture_output=True)
   if r.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
   try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 256 KiB tmpfs, filled."""
+  with _tmpfs(tmp_path / "full", "size=256k") as mnt:
     with open(mnt / "filler", "wb", buffering=0) as f:
       try:
         while True:
@@ -253,8 +263,6 @@ def full_disk(tmp_path):
       except OSError:
         pass
     yield mnt
-  finally:
-    subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_a_real_full_disk_is_one_line_for_plain_and_orbax_writers(full_disk, tmp_path, capfd):
@@ -277,18 +285,10 @@ def test_a_real_full_disk_is_one_line_for_plain_and_orbax_writers(full_disk, tmp
 
 
 def test_a_read_only_output_dir_is_one_line(tmp_path, capfd):
-  mnt = tmp_path / "ro"
-  mnt.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                     capture_output=True)
-  if r.returncode:
-    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-  try:
+  with _tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
     main, argv = _report(tmp_path, mnt / "rep")
     with pytest.raises(SystemExit) as e:
       main(argv)
-  finally:
-    subprocess.run(["umount", str(mnt)], check=True)
   err = capfd.readouterr().err.strip()
   assert e.value.code == 2 and err == (f"error: read-only file system ({mnt}/rep): choose an "
                                        "output path on a writable disk"), err
