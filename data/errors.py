@@ -68,35 +68,37 @@ def describe(exc: BaseException) -> str:
   return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _open_file(tb) -> Optional[str]:
-  """The name of the innermost file object the failing frames held (a write() error carries no
-  file name)."""
-  names = None
+def _path_in_frames(tb) -> Optional[str]:
+  """The innermost file the failing frames held: a file object's name, or a `filename` / `path`
+  argument (a write() error, safetensors' I/O error carry no file name)."""
+  found = None
   while tb is not None:
-    for v in tb.tb_frame.f_locals.values():
-      name = getattr(v, "name", None) if isinstance(v, io.IOBase) else None
-      if isinstance(name, str):
-        names = name
+    for k, v in tb.tb_frame.f_locals.items():
+      if isinstance(v, io.IOBase) and isinstance(getattr(v, "name", None), str):
+        found = v.name
+      elif k in ("filename", "path") and isinstance(v, (str, os.PathLike)):
+        found = os.fspath(v)
     tb = tb.tb_next
-  return names
+  return found
 
 
 def os_failure(exc: BaseException) -> Optional[str]:
   """One line for a full / read-only / forbidden disk or too many open files anywhere in `exc`'s
-  chain, naming the path: OSError (its filename, else the file the failing code held open) or
-  tensorstore's ValueError (orbax writes through it: `[os_error_code='28']` and the file)."""
+  chain, naming the path: OSError (its filename, else the file the failing code held), or an
+  error that carries the OS error's code in its text: tensorstore's (orbax writes through it:
+  `[os_error_code='28']` and the file) and safetensors' (`(os error 28)`)."""
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     code, path = None, None
     if isinstance(exc, OSError) and exc.errno in OS_FAILURES:
-      code, path = exc.errno, exc.filename or exc.filename2 or _open_file(exc.__traceback__)
-    else:
-      m = re.search(r"os_error_code='(\d+)'", str(exc))
-      if m and int(m.group(1)) in OS_FAILURES:
-        code = int(m.group(1))
+      code, path = exc.errno, exc.filename or exc.filename2 or _path_in_frames(exc.__traceback__)
+    else:   # tensorstore: [os_error_code='28'] and the file; Rust (safetensors): (os error 28)
+      m = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(exc))
+      if m and int(m.group(1) or m.group(2)) in OS_FAILURES:
+        code = int(m.group(1) or m.group(2))
         paths = re.findall(r'"(/[^"]+)"', str(exc))
-        path = paths[-1] if paths else None
+        path = paths[-1] if paths else _path_in_frames(exc.__traceback__)
     if code is not None:
       what, todo = OS_FAILURES[code]
       return f"{what} ({path or 'path not reported'}): {todo}"

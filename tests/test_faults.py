@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -114,9 +115,9 @@ def _damaged(model_dir, tmp_path, how: str) -> str:
     os.truncate(f, 100)
   else:   # corrupt bytes in the middle of every data file: only decoding finds them
     for f in glob.glob(os.path.join(final, "params", "ocdbt.process_*", "d", "*")):
-      b = bytearray(open(f, "rb").read())
+      b = bytearray(pathlib.Path(f).read_bytes())
       b[64:-64] = bytes(x ^ 0x5A for x in b[64:-64])
-      open(f, "wb").write(bytes(b))
+      pathlib.Path(f).write_bytes(bytes(b))
   return final
 
 
@@ -282,6 +283,13 @@ def test_a_real_full_disk_is_one_line_for_plain_and_orbax_writers(full_disk, tmp
   assert e.value.code == 2 and len(err.splitlines()) == 1, err   # no orbax thread tracebacks
   assert re.fullmatch(rf"error: no space left on device \({full_disk}/params\S*/d/\w+\): free "
                       rf"space or write to another disk, {re.escape(RERUN)}", err), err
+  from safetensors.numpy import save_file   # convert export's writer: a Rust I/O error
+  with pytest.raises(SystemExit) as e:
+    with cli_errors(debug=False):
+      save_file(big, str(full_disk / "model.safetensors"))
+  assert e.value.code == 2 and capfd.readouterr().err.strip() == (
+      f"error: no space left on device ({full_disk}/model.safetensors): free space or write to "
+      f"another disk, {RERUN}")
 
 
 def test_a_read_only_output_dir_is_one_line(tmp_path, capfd):
