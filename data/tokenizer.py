@@ -19,6 +19,9 @@ def load_tokenizer(path: str):
   where = sub if os.path.isdir(sub) else path
   if not os.path.isdir(where):
     raise FileNotFoundError(f"tokenizer dir not found: {path}")
+  if where == path and os.path.isdir(os.path.join(path, "params")):   # a damaged checkpoint dir
+    from vlm.damage import rebuild_hint
+    raise FileNotFoundError(f"damaged checkpoint: {path} has no tokenizer; {rebuild_hint(path)}")
   if not any(os.path.exists(os.path.join(where, f)) for f in TOKENIZER_FILES):
     raise FileNotFoundError(f"{where} is not a tokenizer dir (none of {', '.join(TOKENIZER_FILES)}"
                             "); pass a HF tokenizer dir or a checkpoint dir holding tokenizer/")

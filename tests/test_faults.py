@@ -163,6 +163,11 @@ def test_serve_and_chat_on_a_final_without_params(model_dir, tmp_path, capfd):
     with pytest.raises(SystemExit) as e:
       chat.main(argv)
     assert e.value.code == 2 and capfd.readouterr().err.strip() == want, argv
+  shutil.copytree(model_dir + "/params", final + "/params")   # the tokenizer missing instead
+  shutil.rmtree(final + "/tokenizer")
+  with pytest.raises(SystemExit) as e:
+    chat.main(["--ckpt", final, "hi"])
+  assert e.value.code == 2 and capfd.readouterr().err.strip() == want.replace("params", "tokenizer")
 
 
 # --- OS errors at writers -----------------------------------------------------------------------
