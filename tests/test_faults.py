@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from data.errors import cli_errors
+from tests.test_train_run import params_of, records, root, stage  # noqa: F401 (root: a fixture)
 from train.checkpoints import Checkpoints
 from vlm import checkpoint
 from vlm.damage import DamagedCheckpoint
@@ -81,6 +82,35 @@ def test_no_readable_step_left_starts_from_zero_and_says_so(tmp_path, caplog):
       f"{d}/3.unreadable, no older checkpoint: starting from step 0"]
   assert ck.latest_step() is None
   ck.close()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(root, caplog):
+  """A data file of the newest step's OCDBT checkpoint cut short (as a full disk or a crash leaves
+  it): the rerun says so in one line, sets the step aside and resumes from the step before, to
+  the same model as the run that was never damaged."""
+  from train import trainer
+  c = stage("stage1", root, init=os.path.join(root, "init"), **{"eval.paths": ()})
+  w = os.path.join(root, "damaged")
+  trainer.run(c, w)
+  whole = params_of(os.path.join(w, "final"))
+  shutil.rmtree(os.path.join(w, "final"))
+  os.remove(os.path.join(w, "summary.json"))
+  ckpts = os.path.join(w, "checkpoints")
+  bad = max(glob.glob(os.path.join(ckpts, "8", "state", "ocdbt.process_*", "d", "*")),
+            key=os.path.getsize)
+  os.truncate(bad, os.path.getsize(bad) // 2)
+  with caplog.at_level(logging.WARNING, "train.checkpoints"):
+    assert trainer.run(c, w)["step"] == 8
+  [line] = [r.getMessage() for r in caplog.records if r.name == "train.checkpoints"]
+  assert re.fullmatch(rf"checkpoint of step 8 in {ckpts} cannot be read: {bad} is truncated "
+                      rf"\(array piece \S+ is cut off\); moved to {ckpts}/8\.unreadable, "
+                      r"resuming from step 4", line), line
+  assert [r["step"] for r in records(w)] == list(range(1, 9))   # steps 5-8 logged once
+  again = params_of(os.path.join(w, "final"))
+  assert whole.keys() == again.keys()
+  for k in whole:
+    np.testing.assert_array_equal(again[k], whole[k], err_msg=str(k))
 
 
 # --- damaged model dirs -------------------------------------------------------------------------
@@ -174,7 +204,8 @@ def test_serve_and_chat_on_a_final_without_params(model_dir, tmp_path, capfd):
 
 RERUN = "then rerun the command (training resumes from its newest checkpoint)"
 OS_LINES = {
-    errno.ENOSPC: f"no space left on device ({{path}}): free space or write to another disk, {RERUN}",
+    errno.ENOSPC: ("no space left on device ({path}): free space or write to another disk, "
+                   + RERUN),
     errno.EROFS: "read-only file system ({path}): choose an output path on a writable disk",
     errno.EACCES: "permission denied ({path}): fix its permissions or choose another path",
     errno.EMFILE: "too many open files ({path}): raise the limit (ulimit -n 65536) and rerun",

@@ -3,8 +3,8 @@ the synthetic demo data with a tiny VLM: both stages chained with checkpoints, m
 TensorBoard files and loadable final models; exact resume after SIGTERM and SIGKILL with each step
 logged once; the abort after M non-finite steps; all-bad data stopped at once, short runs and
 finished stages told apart by the completion record; user errors in one line; two CPU processes =
-one 8-device process (slow); the demo command (slow); a damaged newest checkpoint set aside
-and the run resumed from the step before to the same model (slow)."""
+one 8-device process (slow); the demo command (slow). A damaged newest checkpoint:
+tests/test_faults.py."""
 import json
 import os
 import shutil
@@ -483,33 +483,3 @@ def test_strict_and_missing_init_through_the_command(root, tmp_path, compile_cac
   assert _one_line_error(r).startswith(
       "error: model.init: directory not found (runs/llama3_med_stage1)"), r.stderr
 
-
-@pytest.mark.slow
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(root, caplog):
-  """A data file of the newest step's OCDBT checkpoint cut short (as a full disk or a crash leaves
-  it): the rerun says so in one line, sets the step aside and resumes from the step before, to
-  the same model as the run that was never damaged."""
-  import glob
-  import logging
-  import re
-  c = stage("stage1", root, init=os.path.join(root, "init"), **{"eval.paths": ()})
-  w = os.path.join(root, "damaged")
-  trainer.run(c, w)
-  whole = params_of(os.path.join(w, "final"))
-  shutil.rmtree(os.path.join(w, "final"))
-  os.remove(os.path.join(w, "summary.json"))
-  ckpts = os.path.join(w, "checkpoints")
-  bad = max(glob.glob(os.path.join(ckpts, "8", "state", "ocdbt.process_*", "d", "*")),
-            key=os.path.getsize)
-  os.truncate(bad, os.path.getsize(bad) // 2)
-  with caplog.at_level(logging.WARNING, "train.checkpoints"):
-    assert trainer.run(c, w)["step"] == 8
-  [line] = [r.getMessage() for r in caplog.records if r.name == "train.checkpoints"]
-  assert re.fullmatch(rf"checkpoint of step 8 in {ckpts} cannot be read: {bad} is truncated "
-                      rf"\(array piece \S+ is cut off\); moved to {ckpts}/8\.unreadable, "
-                      r"resuming from step 4", line), line
-  assert [r["step"] for r in records(w)] == list(range(1, 9))   # steps 5-8 logged once
-  again = params_of(os.path.join(w, "final"))
-  assert whole.keys() == again.keys()
-  for k in whole:
-    np.testing.assert_array_equal(again[k], whole[k], err_msg=str(k))

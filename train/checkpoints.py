@@ -94,7 +94,7 @@ class Checkpoints:
       args["data"] = gp.PyGrainCheckpointRestore(_IteratorState(target=iterator))
     try:
       out = self.mgr.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:   # noqa: BLE001 - damage the check on opening cannot see (a corrupt value)
+    except Exception as e:   # noqa: BLE001 - damage the opening check cannot see (corrupt)
       bad = read_error(e)
       if bad is None:
         raise
