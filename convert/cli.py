@@ -139,7 +139,7 @@ def _leaves(tree):
 
 def _load_ckpt(path):
   from vlm import checkpoint
-  if not checkpoint.is_checkpoint(path):
+  if not checkpoint.looks_like_checkpoint(path):   # a damaged one is said as such by load
     raise ConversionError(f"{path} is not a checkpoint of this project (config.json + params/)")
   cfg, params = checkpoint.load(path)
   params = _mutable(params)

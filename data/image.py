@@ -16,6 +16,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -76,9 +77,15 @@ def load_image(src: Source, *, root=None, frame: int = 0, sample_id=None,
     raise BadSample("too_large", str(e), sample_id=sample_id,
                     path=str(src) if path is not None else None) from None
   except Exception as e:  # any decoder failure: truncated, unknown format, bad DICOM, bomb, frame
-    raise BadSample("corrupt_image", f"cannot decode image: {e.__class__.__name__}: {e}"[:300],
+    raise BadSample("corrupt_image", f"cannot decode image: {e.__class__.__name__}: "
+                    f"{_no_reprs(str(e))}"[:300],
                     sample_id=sample_id, path=str(src) if path is not None else None) from None
   return img
+
+
+def _no_reprs(text: str) -> str:
+  """PIL names a file object by its repr (`<_io.BytesIO object at 0x...>`): say what it was."""
+  return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
 
 
 def _unit_to_rgb(u: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from data import conversation
-from data.errors import UserError, cli_errors
+from data.errors import BadSample, UserError, cli_errors
 from data.jsonfile import read_records
 
 
@@ -41,10 +41,11 @@ def pick(path: str, sample_id: Optional[str] = None, index: Optional[int] = None
   return rows[index]
 
 
-def image_token_id(tokenizer) -> int:
+def image_token_id(tokenizer, where: str) -> int:
   vocab = tokenizer.get_vocab()
   if conversation.IMAGE not in vocab:
-    raise UserError(f"tokenizer has no {conversation.IMAGE} token; add it as a special token")
+    raise UserError(f"the tokenizer in {where} has no {conversation.IMAGE} token; add it as a "
+                    "special token")
   return vocab[conversation.IMAGE]
 
 
@@ -100,13 +101,19 @@ def main(argv=None) -> int:
 
 
 def show(args) -> int:
-  from transformers import AutoTokenizer
+  from data.tokenizer import load_tokenizer
   sample = pick(args.sample, args.id, args.index)
-  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-  image_id = image_token_id(tokenizer)
-  out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
-                            image_token_id=image_id, system=args.system,
-                            image_position=args.image_position, max_len=args.max_len)
+  tokenizer = load_tokenizer(args.tokenizer)
+  image_id = image_token_id(tokenizer, args.tokenizer)
+  try:
+    out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
+                              image_token_id=image_id, system=args.system,
+                              image_position=args.image_position, max_len=args.max_len)
+  except BadSample as e:   # name the file (and the sample) the error is about
+    if e.path:
+      raise
+    raise BadSample(e.reason, e.message, path=args.sample,
+                    sample_id=sample.get("id") if e.sample_id is None else e.sample_id) from None
   if args.json:
     print(json.dumps({"input_ids": out["input_ids"].tolist(), "labels": out["labels"].tolist()}))
     return 0

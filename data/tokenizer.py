@@ -8,11 +8,23 @@ import os
 from data.jsonfile import malformed_json_in
 
 
+# A dir holding none of these is not a tokenizer (transformers would take its name for a hub id).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str):
   """The tokenizer of a checkpoint dir (CKPT/tokenizer) or of a HF model dir (the dir itself)."""
   from transformers import AutoTokenizer
   sub = os.path.join(path, "tokenizer")
   where = sub if os.path.isdir(sub) else path
+  if not os.path.isdir(where):
+    raise FileNotFoundError(f"tokenizer dir not found: {path}")
+  if where == path and os.path.isdir(os.path.join(path, "params")):   # a damaged checkpoint dir
+    from vlm.damage import rebuild_hint
+    raise FileNotFoundError(f"damaged checkpoint: {path} has no tokenizer; {rebuild_hint(path)}")
+  if not any(os.path.exists(os.path.join(where, f)) for f in TOKENIZER_FILES):
+    raise FileNotFoundError(f"{where} is not a tokenizer dir (none of {', '.join(TOKENIZER_FILES)}"
+                            "); pass a HF tokenizer dir or a checkpoint dir holding tokenizer/")
   try:
     return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
   except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on a broken file

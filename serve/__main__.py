@@ -70,6 +70,7 @@ def main(argv=None) -> None:
         raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_root is not None and not os.path.isdir(args.image_root):
       raise UserError(f"--image-root {args.image_root}: no such directory")
+    check_port(args.host, args.port)   # before the model loads (minutes for a large one)
     ckpt = workdir.resolve(args.ckpt)
     key = os.environ.get(args.api_key_env) or None if args.api_key_env else None
     limits = api.Limits(max_request_bytes=int(args.max_request_mb * 2**20),
@@ -79,6 +80,21 @@ def main(argv=None) -> None:
     compile_cache.enable()
     gen = Generator.from_checkpoint(ckpt, dtype=args.dtype)
     serve(gen, args, limits, key, sampling_config(args))
+
+
+def check_port(host: str, port: int) -> None:
+  """Bind (host, port) once, as uvicorn will, so a busy port or a bad address fails at once."""
+  import socket
+  try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      sock.bind(addr)
+  except socket.gaierror as e:
+    raise UserError(f"--host {host}: {e.strerror or e}") from None
+  except OSError as e:
+    raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses it or "
+                    "pass another --port") from None
 
 
 def serve(gen, args, limits, key, defaults) -> None:

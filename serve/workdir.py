@@ -7,7 +7,7 @@ import os
 
 from data.errors import UserError
 from data.jsonfile import load_json
-from vlm.checkpoint import is_checkpoint
+from vlm.checkpoint import is_checkpoint, looks_like_checkpoint
 
 
 def resolve(path) -> str:
@@ -17,11 +17,12 @@ def resolve(path) -> str:
   one no other stage starts from). Anything else is a UserError saying what the path holds."""
   path = os.fspath(path)
   if is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
+    _refuse_llava_layout(path)
     return path
   if not os.path.isdir(path):
     raise UserError(f"no such checkpoint dir or training workdir: {path}")
   final = os.path.join(path, "final")
-  if is_checkpoint(final):
+  if looks_like_checkpoint(final):   # a damaged one is said as such when it is loaded
     return final
   if any(os.path.exists(os.path.join(path, f)) for f in ("train_config.json", "checkpoints")):
     raise UserError(_unfinished(path, path, "the run"))
@@ -40,6 +41,18 @@ def resolve(path) -> str:
   raise UserError(f"{path} is neither a checkpoint of this project (config.json + params/), a HF "
                   "model dir (config.json + weights) nor a train.main workdir (final/, or "
                   "STAGE/final of a chained config)")
+
+
+def _refuse_llava_layout(path: str):
+  """A LLaVA code-base dir (config.json with mm_* keys) is read by `convert import` only."""
+  conf = os.path.join(path, "config.json")
+  if is_checkpoint(path) or not os.path.isfile(conf):
+    return
+  d = load_json(conf)
+  if isinstance(d, dict) and ("mm_vision_tower" in d or "mm_projector_type" in d):
+    raise UserError(f"{path} is a LLaVA code-base model (mm_* keys in config.json): convert it "
+                    f"first: python -m convert import --from llava {path} --out DIR, then pass "
+                    "DIR")
 
 
 def _unfinished(workdir: str, stage_dir: str, what: str) -> str:

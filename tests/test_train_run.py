@@ -3,7 +3,8 @@ the synthetic demo data with a tiny VLM: both stages chained with checkpoints, m
 TensorBoard files and loadable final models; exact resume after SIGTERM and SIGKILL with each step
 logged once; the abort after M non-finite steps; all-bad data stopped at once, short runs and
 finished stages told apart by the completion record; user errors in one line; two CPU processes =
-one 8-device process (slow); the demo command (slow)."""
+one 8-device process (slow); the demo command (slow). A damaged newest checkpoint:
+tests/test_faults.py."""
 import json
 import os
 import shutil

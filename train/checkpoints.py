@@ -10,10 +10,15 @@ SIGTERM / SIGINT set a flag; the loop saves the step it has reached and exits (a
 interrupts at once). A signal that arrives while the loop waits for data stops the wait itself
 (Preempted), so a slow or stuck iterator cannot hold a stop back. With several processes the flag
 is agreed on every `sync_every` steps, so all of them stop at the same step.
+
+Opening the directory verifies its steps, newest first: one whose files cannot be read (a data file
+deleted or cut short by a full disk or a crash) is moved aside to `<step>.unreadable`, said in one
+line, and the run resumes from the newest readable step (later saves can then reuse the number).
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -23,6 +28,9 @@ import grain.python as gp
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from data.errors import UserError
+from vlm.damage import read_error, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,11 @@ class Checkpoints:
   def __init__(self, directory: str, *, every: int, keep: int, use_async: bool = True):
     self.directory = os.path.abspath(directory)
     self.every = max(int(every), 1)
+    if jax.process_index() == 0:
+      set_aside_unreadable(self.directory)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("medvlm_checkpoints_verified")
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
                                         enable_async_checkpointing=use_async)
     self.mgr = ocp.CheckpointManager(
@@ -79,7 +92,15 @@ class Checkpoints:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
       args["data"] = gp.PyGrainCheckpointRestore(_IteratorState(target=iterator))
-    out = self.mgr.restore(step, args=ocp.args.Composite(**args))
+    try:
+      out = self.mgr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:   # noqa: BLE001 - damage the opening check cannot see (corrupt)
+      bad = read_error(e)
+      if bad is None:
+        raise
+      raise UserError(unreadable_message(self.directory, step, bad) +
+                      f"; move it aside (mv {self.directory}/{step} {self.directory}/{step}"
+                      ".unreadable) and rerun to resume from the step before") from e
     return out["state"], step
 
   def restore_data(self, step: int, iterator):
@@ -91,6 +112,46 @@ class Checkpoints:
   def close(self):
     self.mgr.wait_until_finished()
     self.mgr.close()
+
+
+def step_problem(step_dir: str):
+  """What makes the saved step `step_dir` unreadable, or None."""
+  problem = unreadable(os.path.join(step_dir, "state"))
+  if problem:
+    return problem
+  for name in sorted(glob.glob(os.path.join(step_dir, "data", "*.json"))):
+    try:
+      with open(name, encoding="utf-8") as f:
+        json.load(f)
+    except ValueError as e:
+      return f"{name} is malformed ({e})"
+  return None
+
+
+def unreadable_message(directory: str, step: int, problem: str) -> str:
+  return f"checkpoint of step {step} in {directory} cannot be read: {problem}"
+
+
+def set_aside_unreadable(directory: str):
+  """Move the newest steps that cannot be read aside (`<step>.unreadable`), each said in one line
+  with the step the run falls back to."""
+  if not os.path.isdir(directory):
+    return
+  steps = sorted((int(d) for d in os.listdir(directory)
+                  if d.isdigit() and os.path.isdir(os.path.join(directory, d))), reverse=True)
+  for i, step in enumerate(steps):
+    problem = step_problem(os.path.join(directory, str(step)))
+    if problem is None:
+      return
+    aside, n = os.path.join(directory, f"{step}.unreadable"), 1
+    while os.path.exists(aside):
+      n += 1
+      aside = os.path.join(directory, f"{step}.unreadable{n}")
+    os.rename(os.path.join(directory, str(step)), aside)
+    fallback = (f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else
+                "no older checkpoint: starting from step 0")
+    log.warning("%s; moved to %s, %s", unreadable_message(directory, step, problem), aside,
+                fallback)
 
 
 class Preempted(BaseException):

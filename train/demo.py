@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from data.errors import cli_errors
+
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>"]
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -91,6 +93,11 @@ def main(argv=None):
                                "stage 1 + stage 2 (LoRA), VQA evaluation, report, chat; CPU, minutes.")
   ap.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and logs go")
   args, rest = ap.parse_known_args(argv)
+  with cli_errors():   # a full disk or Ctrl-C between the steps: one line too
+    _run(args, rest)
+
+
+def _run(args, rest):
   t0 = time.time()
   from train import main as train_main
   try:  # absl's app.run ends with sys.exit, also on success

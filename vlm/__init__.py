@@ -18,7 +18,7 @@ def from_pretrained(path, *, dtype=None, **overrides):
   from vlm import checkpoint, hf
   from vlm.config import RUNTIME_FIELDS, Runtime
   from vlm.model import VLM
-  if checkpoint.is_checkpoint(path):
+  if checkpoint.looks_like_checkpoint(path):   # load says what a damaged one misses
     cfg, params = checkpoint.load(path)
   elif hf.is_hf_dir(path):
     cfg, params = hf.load_dir(path, dtype=dtype)

@@ -15,11 +15,35 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vlm.config import VLMConfig
+from vlm.damage import DamagedCheckpoint, read_error, rebuild_hint, unreadable
 
 
 def is_checkpoint(path) -> bool:
   return os.path.isdir(os.path.join(path, "params")) and os.path.exists(
       os.path.join(path, "config.json"))
+
+
+def looks_like_checkpoint(path) -> bool:
+  """A dir of this project, whole or damaged: params/, or a config.json of ours (its "llm" /
+  "vision" keys; a HF config has a model_type instead)."""
+  if os.path.isdir(os.path.join(path, "params")):
+    return True
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      conf = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(conf, dict) and "model_type" not in conf and bool({"llm", "vision"} & set(conf))
+
+
+def check(path):
+  """Raise DamagedCheckpoint when checkpoint dir `path` misses config.json or params/ or has an
+  unreadable params/."""
+  missing = [f for f in ("config.json", "params") if not os.path.exists(os.path.join(path, f))]
+  problem = (f"{path} has no {' and no '.join(missing)}" if missing else
+             unreadable(os.path.join(path, "params")))
+  if problem:
+    raise DamagedCheckpoint(f"damaged checkpoint: {problem}; {rebuild_hint(path)}")
 
 
 # orbax files are split into pieces of this size so a save never buffers a whole 8B tree.
@@ -85,6 +109,7 @@ def load_config(path) -> VLMConfig:
 def load(path, target=None):
   """(config, params). `target`: a tree of jax.ShapeDtypeStruct with shardings to restore sharded
   (each process reads only its shards); default restores to host numpy-backed arrays."""
+  check(path)
   cfg = load_config(path)
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
@@ -94,5 +119,12 @@ def load(path, target=None):
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
           tree)
-    params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    try:
+      params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    except Exception as e:  # noqa: BLE001 - re-raised unless tensorstore could not read a file
+      bad = read_error(e)
+      if bad is None:
+        raise
+      raise DamagedCheckpoint(f"damaged checkpoint: {path}/params cannot be read ({bad}); "
+                              f"{rebuild_hint(path)}") from e
   return cfg, params
