@@ -100,9 +100,9 @@ def main(argv=None) -> int:
 
 
 def show(args) -> int:
-  from transformers import AutoTokenizer
+  from data.tokenizer import load_tokenizer
   sample = pick(args.sample, args.id, args.index)
-  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+  tokenizer = load_tokenizer(args.tokenizer)
   image_id = image_token_id(tokenizer)
   out = conversation.encode(sample, tokenizer, args.template, image_tokens=args.image_tokens,
                             image_token_id=image_id, system=args.system,
