@@ -274,7 +274,10 @@ def _tokenize(pieces: list, tokenizer, specials: list, sid) -> list:
   ctx = lambda prev: next((s for s in specials if prev.endswith(s)), prev)
   texts = [t for c in chunks for k in range(len(c))
            for t in ([ctx(c[k - 1]), ctx(c[k - 1]) + c[k]] if k else c[:1] if len(c) > 1 else [])]
-  enc = iter(_encode_batch(tokenizer, texts + ["".join(c) for c in chunks]) if chunks else [])
+  texts += ["".join(c) for c in chunks]
+  unique = list(dict.fromkeys(texts))   # a first piece is often the second one's context too
+  ids_of = dict(zip(unique, _encode_batch(tokenizer, unique) if unique else []))
+  enc = iter([ids_of[t] for t in texts])
   per_chunk = []
   for c in chunks:
     got = [list(next(enc)) if len(c) > 1 else None]   # None: a one-piece chunk, its whole text
