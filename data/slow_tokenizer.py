@@ -3,6 +3,8 @@ tokenizer.model: SentencePiece's own ids, as LLaVA trains Llama-2 / Vicuna / Mis
 (`use_fast=False`)."""
 from __future__ import annotations
 
+import json
+import os
 import re
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
@@ -102,6 +104,22 @@ class SentencePieceTokenizer(SentencePieceBackend):
           continue
         ids += got
       out.append(ids)
+    return out
+
+  def save_pretrained(self, save_directory, *args, **kwargs):
+    """As transformers saves it, with the tokenizer_config.json a Llama tokenizer dir has: its
+    class (what the rules above are), `legacy` and BOS / EOS settings transformers 5 leaves out,
+    without the loading arguments it writes in."""
+    out = super().save_pretrained(save_directory, *args, **kwargs)
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+    for key in ("backend", "is_local", "local_files_only"):
+      config.pop(key, None)
+    config.update(tokenizer_class="LlamaTokenizer", legacy=self.legacy,
+                  add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
     return out
 
   def _unk_length(self) -> int:

@@ -4,6 +4,7 @@ use_fast=False trains on); transformers 5's converted fast tokenizer splits runs
 otherwise. The reference is sentencepiece itself, applied by the slow Llama tokenizer's rule:
 each text between special tokens is one SentencePiece input (legacy), or only the first one gets
 SentencePiece's dummy '▁' (legacy=False)."""
+import json
 import os
 import shutil
 
@@ -74,6 +75,14 @@ def test_tokenizer_model_dir_is_sentencepiece(tmp_path, sp_models, legacy):
   for text in texts:   # decoding is SentencePiece's (byte fallback, the dummy prefix)
     plain = [i for i in tok(text)["input_ids"] if i >= 3]
     assert tok.decode(plain, skip_special_tokens=True) == sp.decode(plain), text
+  tok.add_tokens(["<image>"], special_tokens=True)   # as an import adds it, then saves
+  tok.save_pretrained(tmp_path / "saved")
+  with open(tmp_path / "saved" / "tokenizer_config.json") as f:
+    config = json.load(f)
+  assert (config["tokenizer_class"], config["legacy"], config["add_bos_token"]) == \
+      ("LlamaTokenizer", legacy, True) and "backend" not in config
+  again = load_tokenizer(str(tmp_path / "saved"))
+  assert again.encode_batch(texts) == want and again.convert_tokens_to_ids("<image>") == 32000
 
 
 def test_generic_transformers_path_agrees(tmp_path, sp_models):
