@@ -75,14 +75,14 @@ def ensure_image_token(tok_dir: Optional[str], params: dict, cfg: VLMConfig, log
     log(f"no tokenizer: appending an {IMAGE_TOKEN} row at id {cfg.llm.vocab_size}")
     params, new = grow_embeddings(params, cfg, 1)
     return params, new.replace(image_token_id=cfg.llm.vocab_size)
-  from transformers import AutoTokenizer
-  tok = AutoTokenizer.from_pretrained(tok_dir)
+  from data.tokenizer import load_tokenizer
+  tok = load_tokenizer(tok_dir)
   if IMAGE_TOKEN not in tok.get_vocab():
     settings = _read_config(tok_dir)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)  # as LLaVA adds its tokens
     tok.save_pretrained(tok_dir)
     _restore_settings(tok_dir, settings, tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    _check_same_tokens(tok, AutoTokenizer.from_pretrained(tok_dir), tok_dir)
+    _check_same_tokens(tok, load_tokenizer(tok_dir), tok_dir)
     log(f"added {IMAGE_TOKEN} to the tokenizer as id {tok.convert_tokens_to_ids(IMAGE_TOKEN)}")
   tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
   if tid >= cfg.llm.vocab_size:

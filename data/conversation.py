@@ -1,15 +1,13 @@
 """Conversation templates and loss masks: LLaVA / LLaVA-Med JSON samples -> input_ids + labels.
 
-Each template renders a conversation as pieces (text, trained?). Every piece is tokenized on its
-own and the concatenation is checked against the tokenization of the whole rendered text, so a
-template/tokenizer disagreement is an error naming the sample (the silent "loss stuck at 0"
-failure of LLaVA-style preprocessing cannot happen). `<image>` is never tokenized: as in LLaVA's
-`tokenizer_image_token`, the text is split at each `<image>` and the image becomes a run of
-placeholder ids, so the result does not depend on whether the tokenizer knows `<image>`.
-
-A piece that follows a special token in the text (e.g. "USER: ..." after "</s>") is tokenized
-with that token in front, which is then dropped: SentencePiece-style tokenizers add a leading '▁'
-at the start of an input but not after a special token, and the whole text is the reference.
+Each template renders a conversation as pieces (text, trained?). The rendered text is tokenized
+as one input (split only where the reference tokenizes separately: at each image, and per message
+for Mistral's own format), and each piece gets the tokens that the text up to its end adds to the
+text before it; a piece that changes the tokens before it (a merge across a turn boundary) is an
+error naming the sample, so the silent "loss stuck at 0" failure of LLaVA-style preprocessing
+cannot happen. `<image>` is never tokenized: as in LLaVA's `tokenizer_image_token`, the text is
+split at each `<image>` and the image becomes a run of placeholder ids, so the result does not
+depend on whether the tokenizer knows `<image>`.
 
 Templates (labels are -100 except on the trained pieces; BOS is an id, never text):
   llama3            <|begin_of_text|>
@@ -106,7 +104,6 @@ class _Spec:
     specials.discard(IMAGE)
     self.specials = sorted(specials, key=len, reverse=True)
     self.special_re = re.compile("|".join(map(re.escape, self.specials))) if specials else None
-    self.anchor_ids = {s: vocab[s] for s in self.specials if s in vocab}
 
 
 _SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -240,18 +237,24 @@ def _pieces(template: str, pairs: list, spec: _Spec, system: Optional[str]) -> l
 # --- tokenization --------------------------------------------------------------------------------
 
 def _encode_batch(tokenizer, texts: list) -> list:
-  """Ids of each text without BOS/EOS; straight through the Rust tokenizer when there is one."""
+  """Ids of each text without BOS/EOS; straight through the Rust tokenizer when there is one,
+  in one SentencePiece call for data.slow_tokenizer's."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is not None:
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+  if hasattr(tokenizer, "encode_batch"):
+    return tokenizer.encode_batch(texts)
   return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _tokenize(pieces: list, tokenizer, spec: _Spec, sid) -> list:
-  """-> items [kind, ids, trained], kind 'image' (ids None) or 'text'. Raises
-  BadSample('template_mismatch') unless the pieces of each chunk (text between images and fresh
-  pieces) tokenize exactly like the chunk's whole text."""
-  items, chunks, texts, anchors = [], [[]], [], []
+def _tokenize(pieces: list, tokenizer, specials: list, sid) -> list:
+  """-> items [kind, ids, trained], kind 'image' (ids None) or 'text'. A chunk (the text between
+  images and fresh pieces) is one tokenizer input, the reference. A later piece's ids are what it
+  adds to its context, the two tokenized as one text (SentencePiece gives a piece alone a leading
+  '▁' it does not have inside the text); linear in the length, not quadratic. Raises
+  BadSample('template_mismatch') when a piece changes the tokens before it or the pieces do not
+  add up to the chunk's tokens (a merge across a boundary): no label straddles two turns."""
+  items, chunks = [], [[]]
   for text, trained, fresh in pieces:
     if fresh and chunks[-1]:
       chunks.append([])
@@ -260,35 +263,47 @@ def _tokenize(pieces: list, tokenizer, spec: _Spec, sid) -> list:
         items.append(["image", None, False])
         chunks.append([])
       if part:
-        prev = chunks[-1][-1] if chunks[-1] else ""
-        anchor = next((s for s in spec.specials if prev.endswith(s)), "") if prev else ""
-        items.append(["text", len(texts), trained])
         chunks[-1].append(part)
-        texts.append(anchor + part)
-        anchors.append(anchor)
-  wholes = ["".join(c) for c in chunks if c]
-  enc = _encode_batch(tokenizer, texts + wholes) if texts else []
-  piece_ids = []
-  for ids, anchor in zip(enc[:len(texts)], anchors):
-    if anchor:
-      if not ids or ids[0] != spec.anchor_ids.get(anchor):
-        raise _bad("template_mismatch", f"{anchor!r} is not a single token", sid)
-      ids = ids[1:]
-    piece_ids.append(list(ids))
-  k = 0
-  for c, whole in zip([c for c in chunks if c], enc[len(texts):]):
-    got = [t for p in piece_ids[k:k + len(c)] for t in p]
-    whole = list(whole)
-    if got != whole:
-      i = next((i for i, (a, b) in enumerate(zip(got, whole)) if a != b), min(len(got), len(whole)))
-      show = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(i - 3, 0):i + 4])
-      raise _bad("template_mismatch", f"per-turn tokens differ from the whole text's at token {i} "
-                 f"of {''.join(c)[:50]!r}...: pieces {show(got)} vs whole {show(whole)}", sid)
-    k += len(c)
+        items.append(["text", None, trained])
+  chunks = [c for c in chunks if c]
+  # each later piece is tokenized behind its context: the special token the piece before ends
+  # with, else that whole piece
+  ctx = lambda prev: next((s for s in specials if prev.endswith(s)), prev)
+  texts = [t for c in chunks for k in range(len(c))
+           for t in ([ctx(c[k - 1]), ctx(c[k - 1]) + c[k]] if k else c[:1] if len(c) > 1 else [])]
+  texts += ["".join(c) for c in chunks]
+  unique = list(dict.fromkeys(texts))   # a first piece is often the second one's context too
+  ids_of = dict(zip(unique, _encode_batch(tokenizer, unique) if unique else []))
+  enc = iter([ids_of[t] for t in texts])
+  per_chunk = []
+  for c in chunks:
+    got = [list(next(enc)) if len(c) > 1 else None]   # None: a one-piece chunk, its whole text
+    for k in range(1, len(c)):
+      before, pair = list(next(enc)), list(next(enc))
+      if pair[:len(before)] != before:
+        raise _mismatch(tokenizer, sid, f"{c[k][:30]!r} changes the tokens of {c[k - 1][-30:]!r}",
+                        before, pair)
+      got.append(pair[len(before):])
+    per_chunk.append(got)
+  for c, got in zip(chunks, per_chunk):
+    whole = list(next(enc))
+    if got == [None]:
+      got[0] = whole
+    flat = [t for ids in got for t in ids]
+    if flat != whole:
+      raise _mismatch(tokenizer, sid, f"per-turn tokens differ from those of {''.join(c)[:50]!r}",
+                      flat, whole)
+  texts = iter(ids for got in per_chunk for ids in got)
   for it in items:
     if it[0] == "text":
-      it[1] = piece_ids[it[1]]
+      it[1] = next(texts)
   return items
+
+
+def _mismatch(tokenizer, sid, what: str, a: list, b: list):
+  i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  show = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(i - 3, 0):i + 4])
+  return _bad("template_mismatch", f"{what} at token {i}: {show(a)} vs {show(b)}", sid)
 
 
 def _counts(image_tokens: ImageTokens, n: int, sid) -> list:
@@ -335,7 +350,7 @@ def encode(sample: dict, tokenizer, template: str, *, image_tokens: ImageTokens,
       raise _bad("malformed", "plain template needs one image and exactly one caption turn", sid)
   _check_system(system, spec, sid)
   system = _render_text(system, False, template, position) if system else system
-  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, sid)
+  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec.specials, sid)
   ids, labels, image_end = _assemble(items, spec, image_tokens, image_token_id, sid)
   return _cut({"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)},
               max_len, image_end, sid)
@@ -395,6 +410,6 @@ def render_prompt(question: str, tokenizer, template: str, *, image_tokens: Imag
            for q, a in zip(questions, answers)]
   if template == "plain" and (history or IMAGE not in pairs[0][0]):
     raise _bad("malformed", "plain template needs an image and takes one turn", "prompt")
-  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec, "prompt")
+  items = _tokenize(_pieces(template, pairs, spec, system), tokenizer, spec.specials, "prompt")
   ids, _, _ = _assemble(items, spec, image_tokens, image_token_id, "prompt")
   return np.asarray(ids, np.int32)

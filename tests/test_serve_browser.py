@@ -2,7 +2,8 @@
 selenium; nothing downloaded): upload a DICOM, see its rendered preview, ask, get the streamed
 answer the Generator gives, ask again with the conversation kept, stop a long answer. A screenshot
 of the page lands in $SERVE_SCREENSHOT (default: the test's tmp dir), one of the stopped answer
-beside it."""
+beside it. The page at desktop width and as a 390 px phone: a failed upload, a long word, an error
+bubble, the API-key header (screenshots *_desktop.png, *_phone.png, *_key_*.png beside it)."""
 import os
 import shutil
 
@@ -105,3 +106,138 @@ def test_chat_page_upload_stream_multi_turn_and_stop(browser, tmp_path):
   assert browser.find_element(By.ID, "send").is_enabled()
   assert not browser.find_element(By.ID, "stop").is_enabled()
   browser.save_screenshot(shot.replace(".png", "_stopped.png"))
+
+
+# --- the page at desktop and phone width ----------------------------------------------------------
+
+PHONE = dict(width=390, height=844, deviceScaleFactor=2, mobile=True)   # an iPhone 12-14 screen
+LAYOUT = """
+  // What breaks the layout: sideways scrolling, an element outside the viewport, a word cut in
+  // two although it fits a line.
+  const W = innerWidth, bad = [];
+  if (document.scrollingElement.scrollWidth > W)
+    bad.push("page scrolls sideways: " + document.scrollingElement.scrollWidth + " > " + W);
+  const name = (el) => el.id || el.className || el.tagName;
+  for (const el of document.querySelectorAll(
+      "header, #model, main > section, #file, #preview, .note, #question, #send, #stop, #reset, "
+      + ".msg, .msg .text, .msg .status")) {
+    const r = el.getBoundingClientRect();
+    if (r.width && (r.left < -0.5 || r.right > W + 0.5))
+      bad.push(name(el) + " spans " + Math.round(r.left) + ".." + Math.round(r.right) + " of " + W);
+  }
+  for (const el of document.querySelectorAll(".note, #model, .msg .text, .msg .status")) {
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walker.nextNode());) {
+      for (const m of node.data.matchAll(/\\S+/g)) {
+        if (m[0].length > 25) continue;   // a word longer than a line must break
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].filter((q) => q.width)
+                             .map((q) => Math.round(q.top)));
+        if (tops.size > 1) bad.push(name(el) + ": '" + m[0] + "' broken across lines");
+      }
+    }
+  }
+  return bad;"""
+
+
+@pytest.fixture(params=["desktop", "phone"])
+def screen(request, browser):
+  """The browser at 1280 px wide, or emulating a 390 px phone."""
+  if request.param == "phone":
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
+  yield request.param
+  browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def open_page(browser, url):
+  from selenium.webdriver.common.by import By
+  browser.get(url + "/")
+  wait(browser, lambda d: d.find_element(By.ID, "model").text != "connecting...")
+  return browser.find_element(By.ID, "model")
+
+
+def rgb(css: str) -> tuple:
+  return tuple(int(float(v)) for v in css[css.index("(") + 1:css.index(")")].split(",")[:3])
+
+
+def test_page_failed_upload_long_words_and_errors(browser, screen, tmp_path):
+  """A failed upload clears the image that was pending (neither the next question nor New chat
+  takes the previous one) and says so; a 300-letter word wraps; the refused question's bubble is
+  red, not grey; nothing leaves the viewport, the page never scrolls sideways and no note breaks
+  inside a word."""
+  from selenium.webdriver.common.by import By
+  srv = shared_server()
+  assert open_page(browser, srv.url).text == MODEL
+  assert browser.execute_script("return innerWidth") == (390 if screen == "phone" else 1280)
+  browser.find_element(By.ID, "file").send_keys(DICOM)
+  wait(browser, lambda d: d.execute_script("return chat.pending !== null"))
+  answer = ask(browser, "What is shown?", 2)
+  wait(browser, lambda d: answer.get_attribute("data-state") == "done")
+  note = browser.find_element(By.ID, "image-note")
+  assert note.text == "The image is in the conversation (New chat starts over with it)."
+  assert browser.execute_script(LAYOUT) == []
+
+  browser.find_element(By.ID, "file").send_keys(os.path.join(srv.image_root, "slide.png"))
+  wait(browser, lambda d: "goes with your next question" in note.text)
+  bad = tmp_path / "scan.png"
+  bad.write_bytes(b"these are not the pixels of a scan\n" * 20)
+  browser.find_element(By.ID, "file").send_keys(str(bad))
+  wait(browser, lambda d: "error" in note.get_attribute("class"))
+  assert note.text.startswith("scan.png: ") and note.text.endswith(
+      "No image goes with your next question; choose another file.")
+  state = browser.execute_script("""return [chat.pending, chat.image, $('file').value,
+                                            $('preview').hasAttribute('src')]""")
+  assert state == [None, None, "", False]
+  browser.find_element(By.ID, "reset").click()   # New chat: no image either
+
+  browser.execute_script("""window.sent = []; const plain = window.fetch;
+    window.fetch = (url, init) => { if (url === '/v1/chat/completions') sent.push(init.body);
+                                    return plain(url, init); };""")
+  word = "pneumonoultramicroscopicsilicovolcanoconiosis" * 7
+  answer = ask(browser, f"Is {word} visible? New chat starts over.", 1000)   # over LIMITS
+  wait(browser, lambda d: answer.get_attribute("data-state") == "error")
+  import json
+  body = json.loads(browser.execute_script("return sent[0]"))
+  assert [[c["type"] for c in m["content"]] for m in body["messages"]] == [["text"]]
+  assert not browser.find_elements(By.CSS_SELECTOR, ".msg.user img")
+  assert "max_tokens 1000 is more than this server allows" in answer.text
+
+  style = browser.execute_script("""const s = getComputedStyle(arguments[0]);
+    return [s.backgroundColor, s.color, s.borderTopColor];""", answer)
+  (br, bg, bb), (r, g, b), (lr, lg, lb) = (rgb(c) for c in style)
+  assert br > bg and br > bb, style        # a red tint, not the grey of an answer
+  assert r > 120 and r > 2 * g and r > 2 * b, style
+  assert lr > lg and lr > lb, style
+  assert browser.execute_script(LAYOUT) == []
+  shot = os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "chat_page.png"))
+  browser.save_screenshot(shot.replace(".png", f"_{screen}.png"))
+
+
+def test_page_header_follows_the_api_key(browser, screen, tmp_path):
+  """With a server that wants a key, the header says the key is missing (in red) and opens the
+  key field; typing the key shows the model; a wrong key says so again."""
+  from selenium.webdriver.common.by import By
+  from serve import api
+  from serve.server import create_app
+  from tests.serve_fixture import Running
+  srv = shared_server()
+  keyed = Running(create_app(srv.gen, model_name=MODEL, api_key="s3cret",
+                             limits=api.Limits(**LIMITS)))
+  try:
+    header = open_page(browser, keyed.url)
+    assert "missing or wrong API key" in header.text and "error" in header.get_attribute("class")
+    key = browser.find_element(By.ID, "api-key")
+    assert key.is_displayed()
+    key.send_keys("s3cret")
+    wait(browser, lambda d: header.text == MODEL, timeout=10)
+    assert "error" not in header.get_attribute("class")
+    assert browser.execute_script(LAYOUT) == []
+    key.send_keys("x")
+    wait(browser, lambda d: "missing or wrong API key" in header.text, timeout=10)
+    assert browser.execute_script(LAYOUT) == []
+    shot = os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "chat_page.png"))
+    browser.save_screenshot(shot.replace(".png", f"_key_{screen}.png"))
+  finally:
+    keyed.close()

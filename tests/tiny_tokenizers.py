@@ -138,5 +138,6 @@ def mistral_tokenizer(tmp_path, *, legacy: bool = True, **settings) -> str:
 
 
 def load(path: str):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(path)
+  """As the project loads a tokenizer dir (data.tokenizer.load_tokenizer)."""
+  from data.tokenizer import load_tokenizer
+  return load_tokenizer(path)
