@@ -143,7 +143,7 @@ def measure_hf(hf_dir: str, ckpt: str, args, log) -> dict:
     hf.run(rows(L.workload(max(args.clients) * 2, 99, ["-"], images=False)),
            clients=max(args.clients))
     for name, kind, value, n, _ in scenarios(args):
-      if name.endswith("text-only"):
+      if name.endswith("text-only") or kind == "rate" or value not in args.hf_clients:
         continue
       r = rows(L.workload(n, _seed(name), ["-"], images=False))
       results[name] = (hf.run(r, clients=value) if kind == "clients"
@@ -187,11 +187,13 @@ def main(argv=None):
   p.add_argument("--baseline-rev", default="c182632",
                  help="git revision whose server is the arrival-batching baseline")
   p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
-  p.add_argument("--rates", type=float, nargs="+", default=[2, 8, 32],
+  p.add_argument("--rates", type=float, nargs="+", default=[1, 4, 16],
                  help="Poisson arrival rates, requests/s")
-  p.add_argument("--per-client", type=int, default=2, help="closed loop: requests per client")
+  p.add_argument("--per-client", type=int, default=1, help="closed loop: requests per client")
   p.add_argument("--min-requests", type=int, default=8)
-  p.add_argument("--poisson-requests", type=int, default=32)
+  p.add_argument("--poisson-requests", type=int, default=24)
+  p.add_argument("--hf-clients", type=int, nargs="+", default=[1, 8, 32],
+                 help="the closed loops transformers runs (it is the slowest side on a CPU)")
   p.add_argument("--vqa-questions", type=int, default=1000)
   p.add_argument("--vqa-new-tokens", type=int, default=32)
   p.add_argument("--engine-args", default="", help="extra flags for this tree's server")
@@ -205,6 +207,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.clients, args.rates, args.per_client, args.min_requests = [1, 4], [4], 2, 4
+    args.hf_clients = [4]
     args.poisson_requests, args.vqa_questions = 8, 40
   sys.path.insert(0, ROOT)
   from tests.tiny_ckpt import llava_checkpoint

@@ -82,7 +82,8 @@ class ChatRequest:
   include_usage: bool
   default_max_tokens: bool = False   # max_tokens not given: to_prompt fits it to the context
   n: int = 1
-  user: Optional[str] = None         # user / safety_identifier: logged with the request id
+  tags: dict = dataclasses.field(default_factory=dict)   # user, safety_identifier,
+                                                        # prompt_cache_key: logged
 
   def choice_sampling(self, index: int) -> Sampling:
     """Choice `index`'s sampling: seed + index, so choice 0 of n equals the n=1 request."""
@@ -139,12 +140,12 @@ def _logit_bias(name, x):
   if not isinstance(x, dict) or len(x) > MAX_LOGIT_BIAS:
     raise _bad(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids -> bias",
                name)
-  out = {}
   for k, v in x.items():
     if not (isinstance(k, str) and k.isdigit()):
       raise _bad(f"logit_bias: {k!r:.30} is not a token id", name)
-    out[int(k)] = _number(float, -100, 100)(f"logit_bias[{k}]", v)
-  return tuple(sorted(out.items()))
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+      raise _bad(f"logit_bias[{k}] must be a number in [-100, 100], got {v!r:.30}", name)
+  return {int(k): float(v) for k, v in x.items()}
 
 
 def _stream_options(name, x):
@@ -199,9 +200,9 @@ TABLE = {
     "frequency_penalty": _number(float, -2.0, 2.0),
     "logit_bias": _logit_bias,
     "ignore_eos": _flag,                    # vLLM: stop tokens do not end the answer
-    "user": _string,                        # logged with the request id
-    "safety_identifier": _string,           # logged with the request id
-    "prompt_cache_key": _string,            # a cache hint; this server reuses prefixes anyway
+    "user": _string,                        # the three: logged with the request id; no
+    "safety_identifier": _string,           # effect on the answer (none at OpenAI either;
+    "prompt_cache_key": _string,            # prefixes are reused here without a key)
     "response_format": _only({"type": "text"}, why="answers are plain text (no JSON mode or "
                              "schema-constrained decoding)"),
     "modalities": _only(["text"], why="the answers are text only"),
@@ -334,7 +335,7 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
       ignore_eos=p.get("ignore_eos", False),
       presence_penalty=p.get("presence_penalty", 0.0),
       frequency_penalty=p.get("frequency_penalty", 0.0),
-      logit_bias=p.get("logit_bias", ()),
+      logit_bias=tuple(sorted(p.get("logit_bias", {}).items())),
       logprobs=p.get("logprobs", False),
       top_logprobs=p.get("top_logprobs", 0))
   return ChatRequest(system="\n".join(system) if system else None, history=history,
@@ -342,7 +343,8 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
                      max_tokens=max_tokens, stream=p.get("stream", False),
                      include_usage=p.get("stream_options", False),
                      default_max_tokens=asked is None, n=p.get("n", 1),
-                     user=p.get("user", p.get("safety_identifier")))
+                     tags={k: p[k] for k in ("user", "safety_identifier", "prompt_cache_key")
+                           if k in p})
 
 
 def load_image_url(url: str, limits: Limits):
