@@ -44,24 +44,13 @@ class ApiError(Exception):
                       "code": self.code}}
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """The parameters one batch shares (requests with equal Sampling can run together)."""
-  temperature: float
-  top_p: float
-  top_k: int
-  seed: int
-  stop: tuple
-  ignore_eos: bool = False   # vLLM's extension: run to max_tokens (benchmarks)
-
-
 @dataclasses.dataclass
 class ChatRequest:
   system: Optional[str]
   history: list          # [(question, answer)] with <image> markers in the questions
   question: str
   images: list           # data: URIs or paths, in marker order
-  sampling: Sampling
+  sampling: object       # serve.sampling.SamplingParams (max_tokens: the field below)
   max_tokens: int
   stream: bool
   include_usage: bool
@@ -129,7 +118,7 @@ def _text(content: Any, where: str, *, images: Optional[list]) -> str:
 
 
 def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
-  """A decoded JSON body -> ChatRequest; `defaults` is the server's GenerationConfig."""
+  """A decoded JSON body -> ChatRequest; `defaults` is the server's SamplingParams."""
   if not isinstance(body, dict):
     raise _bad("the request body must be a JSON object")
   messages = body.get("messages")
@@ -163,7 +152,7 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
 
   asked = body.get("max_completion_tokens", body.get("max_tokens"))
   max_tokens = _number({"max_tokens": asked}, "max_tokens", int, 1, None,
-                       min(defaults.max_new_tokens, limits.max_tokens))
+                       min(defaults.max_tokens, limits.max_tokens))
   if max_tokens > limits.max_tokens:
     raise _bad(f"max_tokens {max_tokens} is more than this server allows ({limits.max_tokens})",
                "max_tokens", "max_tokens_too_large")
@@ -172,13 +161,13 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
   if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
       or not all(isinstance(s, str) and s for s in stop)):
     raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS}", "stop")
-  sampling = Sampling(
+  sampling = defaults.replace(
       temperature=_number(body, "temperature", float, 0.0, 2.0, defaults.temperature),
       top_p=_number(body, "top_p", float, 0.0, 1.0, defaults.top_p, lo_open=True),
       top_k=_number(body, "top_k", int, 0, None, defaults.top_k),
       seed=_number(body, "seed", int, -2**63, 2**63 - 1, defaults.seed),
-      stop=tuple(dict.fromkeys(list(defaults.stop_strings) + stop)),
-      ignore_eos=_flag(body, "ignore_eos"))
+      stop=tuple(dict.fromkeys(list(defaults.stop) + stop)),
+      stop_token_ids=() if _flag(body, "ignore_eos") else defaults.stop_token_ids)
   options = body.get("stream_options") or {}
   return ChatRequest(system="\n".join(system) if system else None, history=history,
                      question=turns[-1][1], images=images, sampling=sampling,

@@ -1,4 +1,5 @@
-"""The HTTP server: an OpenAI-compatible API and the web chat page, over one Batcher.
+"""The HTTP server: an OpenAI-compatible API and the web chat page, over one serving engine
+(serve/engine.py: continuous batching, each request with its own sampling parameters).
 
   POST /v1/chat/completions   text + image_url parts, stream (server-sent events), temperature,
                               top_p, max_tokens (max_completion_tokens), stop, seed; vLLM's
@@ -7,7 +8,7 @@
   GET  /                      the chat page (serve/page.html)
   POST /preview               image bytes -> the PNG the page shows (DICOM rendered as the model
                               sees it)
-  GET  /health                queue and batch counters
+  GET  /health                queue and engine counters
 
 With an API key in the environment every route but / and /health wants `Authorization: Bearer
 KEY`. Request bodies, image pixels, images per request and max_tokens are bounded (api.Limits);
@@ -31,8 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from serve import api
-from serve.batcher import Batcher, Job, QueueFull
-from serve.generate import GenerationConfig, Generator
+from serve.engine import Engine, Event, QueueFull, Request, RequestError
+from serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -40,20 +41,18 @@ PREVIEW_SIDE = 512
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this x the limit, then cut
 
 
-def create_app(generator: Generator, *, model_name: str, limits: api.Limits = api.Limits(),
-               defaults: GenerationConfig = GenerationConfig(), system: Optional[str] = None,
-               api_key: Optional[str] = None, max_batch: int = 32, max_queue: int = 64,
-               window: float = 0.01, pad_batches: bool = False) -> FastAPI:
-  """`defaults`: sampling of requests that do not say; `system`: the system prompt of requests
+def create_app(engine: Engine, *, model_name: str, limits: api.Limits = api.Limits(),
+               defaults: SamplingParams = SamplingParams(), system: Optional[str] = None,
+               api_key: Optional[str] = None) -> FastAPI:
+  """`engine`: compiled (warmup) or not, its loop not started (the app starts and closes it);
+  `defaults`: sampling of requests that do not say; `system`: the system prompt of requests
   without one (None: the template's); `api_key`: what clients must send (None: nothing), read
   from the environment by the caller."""
-  state = {}
 
   async def lifespan(app):
-    state["batcher"] = Batcher(generator, max_batch=max_batch, max_queue=max_queue,
-                               window=window, pad=pad_batches)
+    engine.start()
     yield
-    state["batcher"].close()
+    engine.close()
 
   app = FastAPI(title="medvlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None,
                 openapi_url=None)
@@ -106,8 +105,8 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
 
   @app.get("/health")
   async def health():
-    b = state["batcher"]
-    return {"status": "ok", "model": model_name, "waiting": b.waiting(), **b.stats}
+    return {"status": "ok", "model": model_name, "waiting": engine.waiting(),
+            "running": engine.running(), "slots": engine.layout.slots, **engine.stats}
 
   @app.get("/v1/models")
   async def models(request: Request):
@@ -137,32 +136,37 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
                          code="model_not_found")
     req = api.parse(body, defaults, limits)
     req.system = system if req.system is None else req.system
-    prompt = await run_in_threadpool(api.to_prompt, req, generator.config, generator.tokenizer,
+    prompt = await run_in_threadpool(api.to_prompt, req, engine.config, engine.tokenizer,
                                      limits)
-    job = Job(prompt, req.sampling, req.max_tokens, req.stream, asyncio.get_running_loop())
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    job = Request(prompt, req.sampling.replace(max_tokens=req.max_tokens),
+                  lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
     try:
-      state["batcher"].submit(job)
+      engine.submit(job)
+    except RequestError as e:
+      raise api.ApiError(400, str(e), param=e.param) from None
     except QueueFull as e:
       raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model_name}
     if req.stream:
-      return StreamingResponse(_events(job, meta, len(prompt.ids), req.include_usage),
+      return StreamingResponse(_events(job, events, meta, req.include_usage),
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
       while True:
-        kind, value = await job.events.get()
-        if kind == "done":
+        event = await events.get()
+        if event.done is not None:
           break
-        if kind == "error":
-          raise api.ApiError(500, value, type="server_error")
+        if event.error is not None:
+          raise api.ApiError(500, event.error, type="server_error")
     finally:
-      job.cancelled = True   # a client that left stops waiting in the queue
+      job.cancel()   # a client that left stops waiting in the queue / frees its slot
+    gen = event.done
     return {**meta, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                         "finish_reason": value.finish_reason, "logprobs": None}],
-            "usage": _usage(len(prompt.ids), value)}
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "finish_reason": _finish(gen), "logprobs": None}],
+            "usage": _usage(gen)}
 
   return app
 
@@ -194,14 +198,19 @@ class Background:
     self.thread.join(10)
 
 
-def _usage(prompt_tokens: int, gen) -> dict:
-  """completion_tokens: the answer's tokens (a stop token not counted)."""
+def _finish(gen) -> str:
+  return "stop" if gen.finish_reason == "cancelled" else gen.finish_reason
+
+
+def _usage(gen) -> dict:
+  """completion_tokens: the answer's tokens, exactly those returned (a stop token or string not
+  counted)."""
   n = int(len(gen.tokens))
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-          "total_tokens": prompt_tokens + n}
+  return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
+          "total_tokens": gen.prompt_tokens + n}
 
 
-async def _events(job: Job, meta: dict, prompt_tokens: int, include_usage: bool):
+async def _events(job: Request, events: asyncio.Queue, meta: dict, include_usage: bool):
   """Server-sent events in OpenAI's chunk format; the generator's cancellation (the client
   went away) cancels the row."""
   def chunk(delta: dict, finish=None, **extra) -> str:
@@ -213,22 +222,23 @@ async def _events(job: Job, meta: dict, prompt_tokens: int, include_usage: bool)
   try:
     yield chunk({"role": "assistant", "content": ""})
     while True:
-      kind, value = await job.events.get()
-      if kind == "delta":
-        yield chunk({"content": value})
-      elif kind == "done":
-        yield chunk({}, value.finish_reason)
+      event: Event = await events.get()
+      if event.error is not None:
+        body = api.ApiError(500, event.error, type='server_error').body()
+        yield f"data: {json.dumps(body)}\n\n"
+        break
+      if event.text:
+        yield chunk({"content": event.text})
+      if event.done is not None:
+        yield chunk({}, _finish(event.done))
         if include_usage:
           body = {**meta, "object": "chat.completion.chunk", "choices": [],
-                  "usage": _usage(prompt_tokens, value)}
+                  "usage": _usage(event.done)}
           yield f"data: {json.dumps(body)}\n\n"
-        break
-      else:
-        yield f"data: {json.dumps(api.ApiError(500, value, type='server_error').body())}\n\n"
         break
     yield "data: [DONE]\n\n"
   finally:
-    job.cancelled = True
+    job.cancel()
 
 
 def _preview_png(raw: bytes, limits: api.Limits) -> bytes:
