@@ -17,7 +17,6 @@ import binascii
 import dataclasses
 import json
 import os
-import secrets
 from typing import Any, Optional
 
 from data.conversation import IMAGE
@@ -54,29 +53,13 @@ class ApiError(Exception):
                       "code": self.code}}
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How one choice's tokens are drawn (the engine's per-row sampling parameters)."""
-  temperature: float
-  top_p: float
-  top_k: int
-  seed: int
-  stop: tuple
-  ignore_eos: bool = False          # vLLM's extension: run to max_tokens (benchmarks)
-  presence_penalty: float = 0.0
-  frequency_penalty: float = 0.0
-  logit_bias: tuple = ()            # ((token id, bias), ...) sorted by id
-  logprobs: bool = False
-  top_logprobs: int = 0
-
-
 @dataclasses.dataclass
 class ChatRequest:
   system: Optional[str]
   history: list          # [(question, answer)] with <image> markers in the questions
   question: str
   images: list           # data: URIs or paths, in marker order
-  sampling: Sampling
+  sampling: object       # serve.sampling.SamplingParams (max_tokens: the field below)
   max_tokens: int
   stream: bool
   include_usage: bool
@@ -85,18 +68,16 @@ class ChatRequest:
   tags: dict = dataclasses.field(default_factory=dict)   # user, safety_identifier,
                                                         # prompt_cache_key: logged
 
-  def choice_sampling(self, index: int) -> Sampling:
-    """Choice `index`'s sampling: seed + index, so choice 0 of n equals the n=1 request."""
-    return dataclasses.replace(self.sampling, seed=(self.sampling.seed + index) % 2**SEED_BITS)
+  def choice_sampling(self, index: int):
+    """Choice `index`'s SamplingParams (max_tokens set): seed + index, so choice 0 of n is the
+    n=1 answer; without a seed each choice draws a fresh one."""
+    seed = self.sampling.seed
+    return self.sampling.replace(max_tokens=self.max_tokens,
+                                 seed=None if seed is None else (seed + index) % 2**SEED_BITS)
 
 
 def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
   return ApiError(400, message, param=param, code=code)
-
-
-def fresh_seed() -> int:
-  """A request without `seed` samples with its own (OpenAI: no seed, no reproducibility)."""
-  return secrets.randbits(SEED_BITS)
 
 
 # --- the parameter table ---------------------------------------------------------------------------
@@ -300,7 +281,7 @@ def _messages(messages) -> tuple:
 
 
 def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
-  """A decoded JSON body -> ChatRequest; `defaults` is the server's GenerationConfig."""
+  """A decoded JSON body -> ChatRequest; `defaults` is the server's SamplingParams."""
   if not isinstance(body, dict):
     raise _bad("the request body must be a JSON object")
   p = _params(body)
@@ -318,7 +299,7 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
                                                                    p.get("max_tokens")):
     raise _bad("max_tokens and max_completion_tokens differ; send one", "max_tokens")
   asked = p.get("max_completion_tokens", p.get("max_tokens"))
-  max_tokens = min(defaults.max_new_tokens, limits.max_tokens) if asked is None else asked
+  max_tokens = min(defaults.max_tokens, limits.max_tokens) if asked is None else asked
   if max_tokens > limits.max_tokens:
     raise _bad(f"max_tokens {max_tokens} is more than this server allows ({limits.max_tokens})",
                "max_tokens", "max_tokens_too_large")
@@ -326,16 +307,16 @@ def parse(body: Any, defaults, limits: Limits) -> ChatRequest:
     raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
   if "stream_options" in p and not p.get("stream"):
     raise _bad("stream_options is only allowed with stream: true", "stream_options")
-  sampling = Sampling(
+  sampling = defaults.replace(
       temperature=p.get("temperature", defaults.temperature),
       top_p=p.get("top_p", defaults.top_p),
       top_k=max(0, p.get("top_k", defaults.top_k)),
-      seed=p["seed"] % 2**SEED_BITS if "seed" in p else fresh_seed(),
-      stop=tuple(dict.fromkeys(list(defaults.stop_strings) + p.get("stop", []))),
-      ignore_eos=p.get("ignore_eos", False),
+      seed=p["seed"] % 2**SEED_BITS if "seed" in p else defaults.seed,  # None: fresh per request
+      stop=tuple(dict.fromkeys(list(defaults.stop) + p.get("stop", []))),
+      stop_token_ids=() if p.get("ignore_eos") else defaults.stop_token_ids,
       presence_penalty=p.get("presence_penalty", 0.0),
       frequency_penalty=p.get("frequency_penalty", 0.0),
-      logit_bias=tuple(sorted(p.get("logit_bias", {}).items())),
+      logit_bias=p.get("logit_bias", {}),
       logprobs=p.get("logprobs", False),
       top_logprobs=p.get("top_logprobs", 0))
   return ChatRequest(system="\n".join(system) if system else None, history=history,
@@ -382,7 +363,7 @@ def to_prompt(req: ChatRequest, config, tokenizer, limits: Limits):
   if req.images and config.vision is None:
     raise _bad("this model is text-only; it cannot take images", "messages", "no_vision")
   vocab = config.llm.vocab_size
-  if any(t >= vocab for t, _ in req.sampling.logit_bias):
+  if any(t >= vocab for t in req.sampling.logit_bias):
     raise _bad(f"logit_bias: token ids must be below the vocabulary size {vocab}", "logit_bias")
   images = [load_image_url(u, limits) for u in req.images]
   try:

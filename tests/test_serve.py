@@ -90,7 +90,8 @@ def test_answers_equal_the_generators(srv):
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == MODEL
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": want.text}, name
+    assert choice["message"]["content"] == want.text, name
+    assert choice["message"]["role"] == "assistant" and choice["logprobs"] is None
     assert choice["finish_reason"] == want.finish_reason
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": len(want.tokens),
                              "total_tokens": n_prompt + len(want.tokens)}
@@ -207,7 +208,8 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(srv)
       ([user(Q)], {"max_tokens": 0}, 400, None, "max_tokens"),
       ([user(Q)], {"temperature": 3}, 400, None, "temperature"),
       ([user(Q)], {"top_p": 0}, 400, None, "top_p"),
-      ([user(Q)], {"n": 2}, 400, None, "n=1"),
+      ([user(Q)], {"n": 9}, 400, None, "n must be in [1, 8]"),
+      ([user(Q)], {"tools": []}, 400, None, "tools is not supported"),
       ([user(Q)], {"stop": [""]}, 400, None, "stop"),
       ([user(Q)], {"stream": "yes"}, 400, None, "stream must be true or false"),
       ([], {}, 400, None, "non-empty list"),
