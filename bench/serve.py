@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import io
 import json
@@ -115,21 +116,19 @@ def _seed(scenario: str) -> int:
   return zlib.crc32(scenario.replace(" text-only", "").encode())
 
 
-def measure_server(url: str, args, uris: list, log) -> dict:
+def measure_server(url: str, args, uris: list, log, results: dict) -> None:
   """Each scenario run `--passes` times, measured the last time. What a server compiles as new
   shapes arrive (the arrival batcher: per batch size, prompt and cache length) lands in the
   persistent compilation cache, which a second pass (or an earlier run) has filled."""
-  results = {}
   for name, kind, value, n, images in scenarios(args):
     reqs = L.workload(n, _seed(name), uris, images=images)
     for _ in range(args.passes):
       results[name] = (L.closed_loop(url, MODEL, reqs, value) if kind == "clients"
                        else L.open_loop(url, MODEL, reqs, value, seed=_seed(name)))
     log(name, results[name])
-  return results
 
 
-def measure_hf(hf_dir: str, ckpt: str, args, log) -> dict:
+def measure_hf(hf_dir: str, ckpt: str, args, log, results: dict) -> None:
   from bench.serve_hf import HFContinuous
   from serve.prompt import build_prompt
   from data.tokenizer import load_tokenizer
@@ -138,7 +137,6 @@ def measure_hf(hf_dir: str, ckpt: str, args, log) -> dict:
   rows = lambda reqs: [(build_prompt(config, tok, r.question, []).ids, r.max_tokens)
                        for r in reqs]
   hf = HFContinuous(hf_dir, slots=max(args.clients), context=CONTEXT)
-  results = {}
   try:
     hf.run(rows(L.workload(max(args.clients) * 2, 99, ["-"], images=False)),
            clients=max(args.clients))
@@ -151,7 +149,6 @@ def measure_hf(hf_dir: str, ckpt: str, args, log) -> dict:
       log(name, results[name])
   finally:
     hf.close()
-  return results
 
 
 def vqa_files(tmp: str, n: int) -> tuple:
@@ -221,7 +218,17 @@ def main(argv=None):
     print(f"[{time.strftime('%H:%M:%S')}]", *[json.dumps(w) if isinstance(w, dict) else w
                                               for w in what], file=sys.stderr, flush=True)
 
-  results, vqa = {}, {}
+  results, vqa, failed = {}, {}, []
+
+  @contextlib.contextmanager
+  def attempt(what):
+    """A system that fails is reported as failed; the others still run."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - recorded in the report
+      log(f"{what} FAILED: {type(e).__name__}: {e}")
+      failed.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+
   try:
     ckpt = llava_checkpoint(tmp, context=CONTEXT)
     uris = [_png_uri(k) for k in range(8)]
@@ -233,28 +240,35 @@ def main(argv=None):
       if system not in args.systems:
         continue
       log(f"{system}: starting the server")
-      srv = Server(tree, ckpt, os.path.join(tmp, f"{system}.log"), extra.split())
-      try:
-        results[system] = measure_server(srv.url, args, uris, lambda n, r: log(system, n, r))
-      finally:
-        srv.close()
+      with attempt(system):
+        srv = Server(tree, ckpt, os.path.join(tmp, f"{system}.log"), extra.split())
+        try:
+          measure_server(srv.url, args, uris, lambda n, r: log(system, n, r),
+                         results.setdefault(system, {}))
+        finally:
+          srv.close()
     if "hf" in args.systems:
-      hf_dir = os.path.join(tmp, "hf")
-      subprocess.run([sys.executable, "-m", "convert", "export", ckpt, "--to", "hf", "--out",
-                      hf_dir], cwd=ROOT, check=True, capture_output=True)
-      results["hf (text-only)"] = measure_hf(hf_dir, ckpt, args, lambda n, r: log("hf", n, r))
+      with attempt("hf"):
+        hf_dir = os.path.join(tmp, "hf")
+        subprocess.run([sys.executable, "-m", "convert", "export", ckpt, "--to", "hf", "--out",
+                        hf_dir], cwd=ROOT, check=True, capture_output=True)
+        measure_hf(hf_dir, ckpt, args, lambda n, r: log("hf", n, r),
+                   results.setdefault("hf (text-only)", {}))
     if "vqa" in args.systems:
       test_json, root = vqa_files(tmp, args.vqa_questions)
       for system, tree in (("engine", ROOT), ("arrival", base)):
-        vqa[system] = time_vqa(tree, ckpt, test_json, root, os.path.join(tmp, f"{system}.jsonl"),
-                               args)
-        log("vqa", system, f"{vqa[system]:.1f} s")
+        with attempt(f"vqa {system}"):
+          vqa[system] = time_vqa(tree, ckpt, test_json, root,
+                                 os.path.join(tmp, f"{system}.jsonl"), args)
+          log("vqa", system, f"{vqa[system]:.1f} s")
   finally:
     if args.keep:
       log(f"kept {tmp}")
     else:
       shutil.rmtree(tmp, ignore_errors=True)
   print(report(args, results, vqa, started))
+  for f in failed:
+    print(f"- FAILED {f}")
 
 
 def _fmt(r: dict) -> str:
@@ -308,3 +322,6 @@ def argv_is_cli() -> bool:
 
 if __name__ == "__main__":
   main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)   # past the report: do not wait on the HTTP clients' and engines' idle threads
