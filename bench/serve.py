@@ -162,7 +162,8 @@ def main(argv=None):
   if bool(args.ckpt) != bool(args.hf) and not args.no_hf:
     p.error("give --ckpt and --hf together (or --no-hf)")
   import convert  # noqa: F401  (HF dirs)
-  from serve.generate import GenerationConfig, Generator
+  from serve.generate import Generator
+  from serve.sampling import SamplingParams
   from serve.prompt import build_prompt
   from serve.server import Background, create_app
   tmp = tempfile.mkdtemp(prefix="bench_serve_")
@@ -171,15 +172,11 @@ def main(argv=None):
   images = [_image(s) for s in range(8)]
   uris = [_data_uri(im) for im in images]
   prompts = [build_prompt(gen.config, gen.tokenizer, QUESTION, [im]) for im in images]
-  # Compile every batch bucket the server may meet, so no compile lands in a measurement.
-  gc = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
-  rows = 1
-  while rows <= args.max_batch:
-    gen.generate([prompts[i % len(prompts)] for i in range(rows)], gc)
-    rows = rows * 2 if rows < 8 else rows + 8
-  srv = Background(create_app(gen, model_name="bench", max_batch=args.max_batch,
-                              max_queue=max(args.clients) * 2,
-                              defaults=GenerationConfig(max_new_tokens=args.new_tokens)))
+  # The engine compiles every program it runs at start: no compile lands in a measurement.
+  engine = gen.engine(gen.context_layout(args.max_batch), max_queue=max(args.clients) * 2)
+  engine.warmup()
+  srv = Background(create_app(engine, model_name="bench",
+                              defaults=SamplingParams(max_tokens=args.new_tokens)))
   hf = None if args.no_hf else HFLoop(hf_dir, prompts, gen.config)
   results = []
   try:

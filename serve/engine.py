@@ -98,6 +98,7 @@ class Request:
                on_event: Optional[Callable[[Event], None]] = None):
     self.prompt, self.params, self.on_event = prompt, params, on_event or (lambda e: None)
     self.cancelled, self.result, self.error = False, None, None
+    self.t_first = self.t_done = None   # time.perf_counter() of the first token and of the end
 
   def cancel(self) -> None:
     self.cancelled = True
@@ -147,7 +148,9 @@ class Engine:
     self.model, self.config, self.params, self.tokenizer = model, model.config, params, tokenizer
     self.layout, self.max_queue = layout, max_queue
     self.prog = P.programs(model.config, model.runtime, mesh, rules, layout)
-    self.stats = collections.Counter()
+    self.stats = collections.Counter(dict.fromkeys(
+        ("requests", "finished", "cancelled", "rejected", "steps", "slot_steps", "prefill_tokens",
+         "cached_tokens", "image_encodes"), 0))
     self._cond = threading.Condition()
     self._waiting: collections.deque = collections.deque()
     self._thread, self._closed = None, False
@@ -425,6 +428,8 @@ class Engine:
       self.held[s] = np.append(self.held[s], np.int32(t))
       self.used[s] = now
       live.n += 1
+      if live.n == 1:
+        live.req.t_first = time.perf_counter()
       if t in live.stops:
         self._finish(live, "stop")
         continue
@@ -451,7 +456,7 @@ class Engine:
     n = len(live.text.tokens)
     gen = Generation(np.asarray(live.text.tokens, np.int32), live.text.text, reason,
                      live.logprobs[:n] if live.p.logprobs else None, len(live.ids), live.cached)
-    live.req.result = gen
+    live.req.result, live.req.t_done = gen, time.perf_counter()
     if self.prefilling is live:
       self.prefilling = None
     self.owner[live.slot] = None

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from serve import api
-from serve.engine import Engine, Event, QueueFull, Request, RequestError
+from serve import engine as E
 from serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ PREVIEW_SIDE = 512
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this x the limit, then cut
 
 
-def create_app(engine: Engine, *, model_name: str, limits: api.Limits = api.Limits(),
+def create_app(engine: E.Engine, *, model_name: str, limits: api.Limits = api.Limits(),
                defaults: SamplingParams = SamplingParams(), system: Optional[str] = None,
                api_key: Optional[str] = None) -> FastAPI:
   """`engine`: compiled (warmup) or not, its loop not started (the app starts and closes it);
@@ -139,13 +139,13 @@ def create_app(engine: Engine, *, model_name: str, limits: api.Limits = api.Limi
     prompt = await run_in_threadpool(api.to_prompt, req, engine.config, engine.tokenizer,
                                      limits)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    job = Request(prompt, req.sampling.replace(max_tokens=req.max_tokens),
+    job = E.Request(prompt, req.sampling.replace(max_tokens=req.max_tokens),
                   lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
     try:
       engine.submit(job)
-    except RequestError as e:
+    except E.RequestError as e:
       raise api.ApiError(400, str(e), param=e.param) from None
-    except QueueFull as e:
+    except E.QueueFull as e:
       raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model_name}
@@ -210,9 +210,9 @@ def _usage(gen) -> dict:
           "total_tokens": gen.prompt_tokens + n}
 
 
-async def _events(job: Request, events: asyncio.Queue, meta: dict, include_usage: bool):
-  """Server-sent events in OpenAI's chunk format; the generator's cancellation (the client
-  went away) cancels the row."""
+async def _events(job: E.Request, events: asyncio.Queue, meta: dict, include_usage: bool):
+  """Server-sent events in OpenAI's chunk format; closing this generator (the client went away)
+  cancels the request: its slot is free at the engine's next step."""
   def chunk(delta: dict, finish=None, **extra) -> str:
     body = {**meta, "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
@@ -222,7 +222,7 @@ async def _events(job: Request, events: asyncio.Queue, meta: dict, include_usage
   try:
     yield chunk({"role": "assistant", "content": ""})
     while True:
-      event: Event = await events.get()
+      event: E.Event = await events.get()
       if event.error is not None:
         body = api.ApiError(500, event.error, type='server_error').body()
         yield f"data: {json.dumps(body)}\n\n"

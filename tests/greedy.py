@@ -19,9 +19,14 @@ def loaded(ckpt):
   return model, params, load_tokenizer(ckpt)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward(model, params_id):
-  return jax.jit(lambda p, x, px, sizes: model.apply({"params": p}, x, px, image_sizes=sizes))
+_FORWARD: dict = {}
+
+
+def _forward(model):
+  if id(model) not in _FORWARD:
+    _FORWARD[id(model)] = (model, jax.jit(lambda p, x, px, sizes: model.apply(
+        {"params": p}, x, px, image_sizes=sizes)))
+  return _FORWARD[id(model)][1]
 
 
 def greedy_tokens(model, params, prompt, n: int, stops=()) -> list:
@@ -32,7 +37,7 @@ def greedy_tokens(model, params, prompt, n: int, stops=()) -> list:
   ids[0, :m] = prompt.ids
   px = None if prompt.pixels is None else prompt.pixels[None]
   sizes = None if prompt.image_sizes is None else prompt.image_sizes[None]
-  f, out = _forward(model, id(params)), []
+  f, out = _forward(model), []
   for i in range(n):
     t = int(np.argmax(np.asarray(f(params, ids, px, sizes))[0, m + i - 1]))
     if t in stops:
