@@ -289,7 +289,7 @@ class Engine:
           more = False
         else:
           self.submit(nxt)
-      if not self._step() and not more:
+      if not self.step() and not more:
         return
 
   def _serve(self) -> None:
@@ -299,15 +299,17 @@ class Engine:
           self._cond.wait()
         if self._closed:
           return
-      self._step()
+      self.step()
 
   # --- the loop ---------------------------------------------------------------------------------
 
   def _busy(self) -> bool:
     return any(o is not None for o in self.owner)
 
-  def _step(self) -> bool:
-    """One prefill chunk (or image encode) and one generate step -> whether work remains."""
+  def step(self) -> bool:
+    """One tick of the loop: cancelled requests reaped, the oldest waiting one admitted to a
+    free slot, one prefill chunk (or image encode), one generate step -> whether work remains.
+    start() and run() call it; a test may drive it to control arrivals."""
     try:
       self._reap()
       self._admit()

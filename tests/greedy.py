@@ -31,9 +31,10 @@ def _forward(model):
 
 def greedy_tokens(model, params, prompt, n: int, stops=()) -> list:
   """Token ids (stop token excluded). The unfilled tail comes after the read position, so causal
-  attention never sees it; one program per prompt shape."""
+  attention never sees it; every prompt padded to the model's context: one program (with images
+  or without) serves every prompt."""
   m, pad = len(prompt.ids), 0 if model.config.image_token_id != 0 else 1
-  ids = np.full((1, m + n), pad, np.int32)
+  ids = np.full((1, max(m + n, model.config.llm.max_positions)), pad, np.int32)
   ids[0, :m] = prompt.ids
   px = None if prompt.pixels is None else prompt.pixels[None]
   sizes = None if prompt.image_sizes is None else prompt.image_sizes[None]
