@@ -310,6 +310,7 @@ class Engine:
     """One tick of the loop: cancelled requests reaped, the oldest waiting one admitted to a
     free slot, one prefill chunk (or image encode), one generate step -> whether work remains.
     start() and run() call it; a test may drive it to control arrivals."""
+    self._ensure_state()
     try:
       self._reap()
       self._admit()
