@@ -98,6 +98,7 @@ class Request:
                on_event: Optional[Callable[[Event], None]] = None):
     self.prompt, self.params, self.on_event = prompt, params, on_event or (lambda e: None)
     self.cancelled, self.result, self.error = False, None, None
+    self.t_first = self.t_done = None   # time.perf_counter() of the first token and of the end
 
   def cancel(self) -> None:
     self.cancelled = True
@@ -147,7 +148,9 @@ class Engine:
     self.model, self.config, self.params, self.tokenizer = model, model.config, params, tokenizer
     self.layout, self.max_queue = layout, max_queue
     self.prog = P.programs(model.config, model.runtime, mesh, rules, layout)
-    self.stats = collections.Counter()
+    self.stats = collections.Counter(dict.fromkeys(
+        ("requests", "finished", "cancelled", "rejected", "steps", "slot_steps", "prefill_tokens",
+         "cached_tokens", "image_encodes"), 0))
     self._cond = threading.Condition()
     self._waiting: collections.deque = collections.deque()
     self._thread, self._closed = None, False
@@ -286,7 +289,7 @@ class Engine:
           more = False
         else:
           self.submit(nxt)
-      if not self._step() and not more:
+      if not self.step() and not more:
         return
 
   def _serve(self) -> None:
@@ -296,15 +299,18 @@ class Engine:
           self._cond.wait()
         if self._closed:
           return
-      self._step()
+      self.step()
 
   # --- the loop ---------------------------------------------------------------------------------
 
   def _busy(self) -> bool:
     return any(o is not None for o in self.owner)
 
-  def _step(self) -> bool:
-    """One prefill chunk (or image encode) and one generate step -> whether work remains."""
+  def step(self) -> bool:
+    """One tick of the loop: cancelled requests reaped, the oldest waiting one admitted to a
+    free slot, one prefill chunk (or image encode), one generate step -> whether work remains.
+    start() and run() call it; a test may drive it to control arrivals."""
+    self._ensure_state()
     try:
       self._reap()
       self._admit()
@@ -425,6 +431,8 @@ class Engine:
       self.held[s] = np.append(self.held[s], np.int32(t))
       self.used[s] = now
       live.n += 1
+      if live.n == 1:
+        live.req.t_first = time.perf_counter()
       if t in live.stops:
         self._finish(live, "stop")
         continue
@@ -451,7 +459,7 @@ class Engine:
     n = len(live.text.tokens)
     gen = Generation(np.asarray(live.text.tokens, np.int32), live.text.text, reason,
                      live.logprobs[:n] if live.p.logprobs else None, len(live.ids), live.cached)
-    live.req.result = gen
+    live.req.result, live.req.t_done = gen, time.perf_counter()
     if self.prefilling is live:
       self.prefilling = None
     self.owner[live.slot] = None

@@ -15,6 +15,7 @@ and every block's activations.
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -140,6 +141,8 @@ class Generator:
     self.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)
     self.length_step = length_step
     self._engines: dict = {}
+    self.timings: dict = {}   # of the last generate(): prefill_s (until every row had its first
+                              # token, compiles included), decode_s (the rest), the layout
     self.cache_dtype = jnp.dtype(cache_dtype or model.runtime.dtype)
     if mesh is not None:
       params = sharding.shard(params, sharding.param_shardings(self.config, mesh, self.rules,
@@ -203,7 +206,12 @@ class Generator:
       reqs.append(Request(p, s, on))
     for r in reqs:
       eng.check(r)   # every request checked before any runs
+    t0 = time.perf_counter()
     eng.run(reqs)
+    first = max((r.t_first for r in reqs if r.t_first), default=t0)
+    self.timings = {"prefill_s": first - t0,
+                    "decode_s": max(r.t_done or first for r in reqs) - first,
+                    "slots": eng.layout.slots, "cache_len": eng.layout.cache_len}
     failed = next((r.error for r in reqs if r.error), None)
     if failed:
       raise RuntimeError(failed)

@@ -35,8 +35,7 @@ from starlette.exceptions import HTTPException
 
 from serve import api
 from serve import openai_shapes as shapes
-from serve.engine import Engine, QueueFull, RequestError
-from serve.engine import Request as EngineRequest
+from serve import engine as E
 from serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ PREVIEW_SIDE = 512
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this x the limit, then cut
 
 
-def create_app(engine: Engine, *, model_name: str, limits: api.Limits = api.Limits(),
+def create_app(engine: E.Engine, *, model_name: str, limits: api.Limits = api.Limits(),
                defaults: SamplingParams = SamplingParams(), system: Optional[str] = None,
                api_key: Optional[str] = None) -> FastAPI:
   """`engine`: compiled (warmup) or not, its loop not started (the app starts and closes it);
@@ -148,16 +147,16 @@ def create_app(engine: Engine, *, model_name: str, limits: api.Limits = api.Limi
     if req.tags:
       log.info("%s %s", meta["id"], " ".join(f"{k}={v}" for k, v in req.tags.items()))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    jobs = [EngineRequest(prompt, req.choice_sampling(i),  # n choices: n rows of the engine
+    jobs = [E.Request(prompt, req.choice_sampling(i),  # n choices: n rows of the engine
                           lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
             for i in range(req.n)]
     try:
       for job in jobs:
         engine.submit(job)
-    except RequestError as e:
+    except E.RequestError as e:
       _cancel(jobs)
       raise api.ApiError(400, str(e), param=e.param) from None
-    except QueueFull as e:
+    except E.QueueFull as e:
       _cancel(jobs)
       raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
     if req.stream:

@@ -19,20 +19,26 @@ def loaded(ckpt):
   return model, params, load_tokenizer(ckpt)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward(model, params_id):
-  return jax.jit(lambda p, x, px, sizes: model.apply({"params": p}, x, px, image_sizes=sizes))
+_FORWARD: dict = {}
+
+
+def _forward(model):
+  if id(model) not in _FORWARD:
+    _FORWARD[id(model)] = (model, jax.jit(lambda p, x, px, sizes: model.apply(
+        {"params": p}, x, px, image_sizes=sizes)))
+  return _FORWARD[id(model)][1]
 
 
 def greedy_tokens(model, params, prompt, n: int, stops=()) -> list:
   """Token ids (stop token excluded). The unfilled tail comes after the read position, so causal
-  attention never sees it; one program per prompt shape."""
+  attention never sees it; every prompt padded to the model's context: one program (with images
+  or without) serves every prompt."""
   m, pad = len(prompt.ids), 0 if model.config.image_token_id != 0 else 1
-  ids = np.full((1, m + n), pad, np.int32)
+  ids = np.full((1, max(m + n, model.config.llm.max_positions)), pad, np.int32)
   ids[0, :m] = prompt.ids
   px = None if prompt.pixels is None else prompt.pixels[None]
   sizes = None if prompt.image_sizes is None else prompt.image_sizes[None]
-  f, out = _forward(model, id(params)), []
+  f, out = _forward(model), []
   for i in range(n):
     t = int(np.argmax(np.asarray(f(params, ids, px, sizes))[0, m + i - 1]))
     if t in stops:
