@@ -17,7 +17,8 @@ Systems, each a `python -m serve` process on loopback (HTTP + SSE, like a user's
             weights exported by `python -m convert export --to hf`, text-only rows, in process
 Each server is warmed with one pass of the largest closed loop before it is measured.
 
-  python -m bench.serve                 # everything, on the tiny model (CPU, ~15-25 minutes)
+  python -m bench.serve                 # everything, on the tiny model (CPU, ~20 minutes)
+  python -m bench.serve --ckpt CKPT --clients 1 8 32 128 --hf-clients 1 32 128   # a real model
   python -m bench.serve --quick         # a smoke run: few requests, one scenario of each kind
 """
 from __future__ import annotations
@@ -136,7 +137,7 @@ def measure_hf(hf_dir: str, ckpt: str, args, log, results: dict) -> None:
   config, tok = load_config(ckpt), load_tokenizer(ckpt)
   rows = lambda reqs: [(build_prompt(config, tok, r.question, []).ids, r.max_tokens)
                        for r in reqs]
-  hf = HFContinuous(hf_dir, slots=max(args.clients), context=CONTEXT)
+  hf = HFContinuous(hf_dir, slots=max(args.hf_clients), context=config.llm.max_positions)
   try:
     hf.run(rows(L.workload(max(args.clients) * 2, 99, ["-"], images=False)),
            clients=max(args.clients))
@@ -181,6 +182,8 @@ def time_vqa(tree: str, ckpt: str, test_json: str, root: str, out: str, args) ->
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", help="a checkpoint of this project (default: the tiny test Llava "
+                 f"with a {CONTEXT}-token context, built here); transformers runs its export")
   p.add_argument("--baseline-rev", default="c182632",
                  help="git revision whose server is the arrival-batching baseline")
   p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -230,7 +233,7 @@ def main(argv=None):
       failed.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
 
   try:
-    ckpt = llava_checkpoint(tmp, context=CONTEXT)
+    ckpt = args.ckpt or llava_checkpoint(tmp, context=CONTEXT)
     uris = [_png_uri(k) for k in range(8)]
     base = None
     if {"arrival", "vqa"} & set(args.systems):

@@ -15,18 +15,22 @@ from bench.serve_load import Timing, poisson_arrivals, summary
 
 class HFContinuous:
   """The Llava's language model as a LlamaForCausalLM (the weights of a `convert export --to hf`
-  dir), under one started ContinuousBatchingManager sized for `slots` rows."""
+  dir; bfloat16 on a GPU, float32 on the CPU), under one started ContinuousBatchingManager
+  sized for `slots` rows."""
 
   def __init__(self, hf_dir: str, *, slots: int = 64, context: int = 1024):
     import torch
     import transformers as T
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     torch.set_grad_enabled(False)
-    llava = T.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
-    lm = T.AutoModelForCausalLM.from_config(llava.config.text_config, dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    llava = T.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype)
+    lm = T.AutoModelForCausalLM.from_config(llava.config.text_config, dtype=dtype)
     lm.model.load_state_dict(llava.model.language_model.state_dict())
     lm.lm_head.load_state_dict(llava.lm_head.state_dict())
-    self.model = lm.eval()
+    del llava
+    self.model = lm.to("cuda" if cuda else "cpu").eval()
     gc = T.GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=256)
     # Sized explicitly: left to itself the manager sizes its KV cache from the host's free memory.
     block = 64
