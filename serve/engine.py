@@ -353,9 +353,17 @@ class Engine:
         break
     return n
 
+  def _claim(self, slot: int, live: _Live) -> tuple:
+    """How much `live` wants `slot`: a slot most of whose tokens start `live`'s prompt (its
+    conversation so far), the more the better; else the least recently used (a system prompt
+    in common does not take another conversation's slot)."""
+    reuse = self._reuse(slot, live)
+    mine = reuse > 0 and 2 * reuse > len(self.held[slot])
+    return mine, reuse if mine else 0, -self.used[slot]
+
   def _admit(self) -> None:
-    """The oldest waiting request into the free slot that holds most of its prompt (else the
-    least recently used one), once no other request is prefilling."""
+    """The oldest waiting request into the free slot it claims most (`_claim`), once no other
+    request is prefilling."""
     if self.prefilling is not None:
       return
     with self._cond:
@@ -365,7 +373,7 @@ class Engine:
       if not free:
         return
       live = self._waiting.popleft()
-    slot = max(free, key=lambda s: (self._reuse(s, live), -self.used[s]))
+    slot = max(free, key=lambda s: self._claim(s, live))
     reuse = min(self._reuse(slot, live), len(live.ids) - 1)
     live.slot, live.pos, live.cached = slot, reuse, reuse
     self.owner[slot], self.prefilling = live, live

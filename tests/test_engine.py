@@ -134,3 +134,45 @@ def test_a_follow_up_turn_reuses_the_slot(gen):
   fresh.run([req])
   np.testing.assert_array_equal(req.result.tokens, second.tokens)
   assert fresh.stats["image_encodes"] == 1 and fresh.stats["prefill_tokens"] == len(p2.ids)
+
+
+def test_warmup_compiles_every_program_and_checks_the_kv_cache(gen, monkeypatch):
+  """#23.6: start-up compiles what the engine runs and checks the largest program against the
+  device's memory (skipped, and said so, on the CPU); a setting that does not fit is one line.
+  `programs.lowered` gives the same programs from abstract params (compile-for-target)."""
+  import jax
+  from data.errors import UserError
+  from serve import programs
+  from vlm import compiled
+  engine = gen.engine(gen.context_layout(4))
+  said = []
+  mem = engine.warmup(log=said.append)
+  names = {"generate", "insert", "encode"} | {f"prefill/{t}" for t in engine.layout.chunks}
+  assert set(mem) == names and all(m.peak > 0 for m in mem.values())
+  assert any("memory check skipped (the cpu backend" in m for m in said), said
+  monkeypatch.setattr(compiled, "device_bytes", lambda device: 1000)
+  with pytest.raises(UserError, match=r"--kv-cache: 4 slots x 128 tokens do not fit: the \S+ "
+                     r"program needs .* GiB per device .* has 0.00 GiB; lower --kv-cache"):
+    engine.warmup()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), gen.params)
+  lowered = programs.lowered(gen.config, gen.model.runtime, engine.layout, abstract,
+                             rules=gen.rules)
+  assert set(lowered) == names
+
+
+def test_kv_cache_flag(gen):
+  import argparse
+  from data.errors import UserError
+  from serve.generate import layout_from_args
+  per_token = 2 * 2 * 2 * 8 * 4      # k and v, 2 layers, 2 kv heads of 8, float32
+  lay = lambda kv, slots=4: layout_from_args(argparse.Namespace(slots=slots, kv_cache=kv),
+                                             gen.config, gen.cache_dtype)
+  assert lay("1000").cache_len == 1000 // 4 - 1
+  assert lay(f"{per_token * 400 / 2**10}KiB").cache_len == 99
+  assert lay(None).cache_len == gen.config.llm.max_positions
+  for bad, words in (("12", "leaves 2 tokens per slot"), ("lots", "give tokens"),
+                     ("1.5", "whole number"), ("3 parsecs", "give tokens")):
+    with pytest.raises(UserError, match=words):
+      lay(bad)
+  with pytest.raises(UserError, match="--slots must be at least 1"):
+    lay("1000", 0)
