@@ -145,7 +145,8 @@ def create_app(engine: E.Engine, *, model_name: str, limits: api.Limits = api.Li
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model_name}
     if req.tags:
-      log.info("%s %s", meta["id"], " ".join(f"{k}={v}" for k, v in req.tags.items()))
+      log.info("%s %s", meta["id"], " ".join(   # escaped: a client cannot forge log lines
+          f"{k}={v.encode('unicode_escape').decode()}" for k, v in req.tags.items()))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     jobs = [E.Request(prompt, req.choice_sampling(i),  # n choices: n rows of the engine
                           lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
