@@ -45,8 +45,10 @@ class TextState:
       covered = min(covered, len(self.tokens))
     elif final:
       covered = len(self.tokens)
-    else:
-      covered = sum(e <= self.emitted for e in self.ends)
+    else:   # the leading tokens whose text is all sent
+      covered = self.released
+      while covered < len(self.ends) and self.ends[covered] <= self.emitted:
+        covered += 1
     new = max(0, covered - self.released)
     self.released += new
     if final:

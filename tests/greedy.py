@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import vlm
@@ -23,9 +24,17 @@ _FORWARD: dict = {}
 
 
 def _forward(model):
+  """logits of ids [1, T] whose first m are the prompt: image features go to the prompt's
+  placeholders only (a generated image-token id is a plain token, as in HF's generate, whose
+  pixels reach the prefill alone)."""
+  def logits(mod, x, px, sizes, m):
+    h = mod.embed(x, px, sizes)
+    h = jnp.where((jnp.arange(x.shape[1]) < m)[None, :, None], h, mod.llm.embed(x))
+    return mod.llm(h, jnp.arange(x.shape[1])[None])
+
   if id(model) not in _FORWARD:
-    _FORWARD[id(model)] = (model, jax.jit(lambda p, x, px, sizes: model.apply(
-        {"params": p}, x, px, image_sizes=sizes)))
+    _FORWARD[id(model)] = (model, jax.jit(lambda p, x, px, sizes, m: model.apply(
+        {"params": p}, x, px, sizes, m, method=logits)))
   return _FORWARD[id(model)][1]
 
 
@@ -40,7 +49,7 @@ def greedy_tokens(model, params, prompt, n: int, stops=()) -> list:
   sizes = None if prompt.image_sizes is None else prompt.image_sizes[None]
   f, out = _forward(model), []
   for i in range(n):
-    t = int(np.argmax(np.asarray(f(params, ids, px, sizes))[0, m + i - 1]))
+    t = int(np.argmax(np.asarray(f(params, ids, px, sizes, m))[0, m + i - 1]))
     if t in stops:
       break
     out.append(t)
