@@ -45,7 +45,7 @@ def test_summary_figures():
   assert max(ttft) >= s["ttft_p99_ms"] and max(itl) >= s["itl_p99_ms"]
 
 
-@pytest.mark.slow  # ~3 min on 2 cores: the engine server starts (compiles) and serves 28 requests
+@pytest.mark.slow  # 1-3 min on 2 cores: the engine server starts (compiles), serves 28 requests
 def test_bench_serve_quick_run():
   out = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--systems", "engine"],
                        capture_output=True, text=True, check=True).stdout
