@@ -71,7 +71,8 @@ def _random_params(config):
 def run_jax(args) -> dict:
   import jax
   from vlm.config import LlamaConfig, Runtime, VLMConfig
-  from serve.generate import GenerationConfig, Generator
+  from serve.generate import Generator
+  from serve.sampling import SamplingParams
   from vlm.model import VLM
   from serve.prompt import Prompt
   s = args.shape
@@ -84,11 +85,11 @@ def run_jax(args) -> dict:
   layout = {"auto": None, "scan": True, "unstacked": False}[args.layout]
   gen = Generator(VLM(config, Runtime(dtype=dtype)), params, scan_layers=layout)
   prompts = [Prompt(row) for row in _prompt(args)]
-  gc = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
-  gen.generate(prompts, gc, batch_size=args.batch)  # compile
+  gc = SamplingParams(max_tokens=args.new_tokens, stop_token_ids=())
+  gen.generate(prompts, gc, slots=args.batch)  # compile
   runs = []
   for _ in range(args.repeats):
-    out = gen.generate(prompts, gc, batch_size=args.batch)
+    out = gen.generate(prompts, gc, slots=args.batch)
     assert all(len(o.tokens) == args.new_tokens for o in out)
     runs.append(dict(gen.timings))
   best = min(runs, key=lambda t: t["prefill_s"] + t["decode_s"])

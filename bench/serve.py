@@ -1,219 +1,330 @@
-"""Serving throughput: requests/s and tokens/s at 1, 8 and 32 concurrent clients, `python -m serve`
-(HTTP, batching by arrival, Generator) side by side with the HF transformers `generate` loop.
+"""Serving benchmark (issue 23): the continuous-batching engine vs the arrival batching it replaced
+vs transformers' own continuous batching, on one mixed workload, plus `evaluation.vqa run` over
+1,000 questions against the same baseline.
 
-Each of C clients sends its requests one after another (a closed loop): an image + a question,
-greedy, `ignore_eos` so every answer is exactly --new-tokens long. Ours is the real server (uvicorn
-on loopback, the app of serve/server.py); the clients are threads speaking HTTP. The HF side is
-what a plain PyTorch service does with the same model and prompts: one `generate` call per request
-(one at a time, whatever C is), and, as its best case, C requests in one left-padded `generate`
-call (static batching: every request of a batch waits for the batch).
+Workload (bench/serve_load.py): questions of 4..160 words, every other one with an image,
+max_tokens uniform in 8..256, greedy with `ignore_eos` (every answer is exactly max_tokens long,
+so every system does the same work). Scenarios: closed loops of 1/8/32/64 clients and open loops
+of Poisson arrivals at several rates; per scenario req/s, output tok/s, time to first token and
+inter-token latency (gaps between streamed chunks) p50/p99, as the streaming client sees them.
 
-  python -m bench.serve                   # the tiny test Llava on CPU (tests/tiny_ckpt.py)
-  python -m bench.serve --ckpt CKPT --hf HF_DIR --new-tokens 128   # a real model (GPU)
+Systems, each a `python -m serve` process on loopback (HTTP + SSE, like a user's):
+  engine    this tree's server (the continuous-batching engine)
+  arrival   the server of --baseline-rev (default c182632, the commit before the engine), run
+            from a `git archive` of that revision in a temporary folder: no legacy code is kept
+            in this tree
+  hf        transformers' ContinuousBatchingManager (what `generate_batch` runs) on the same
+            weights exported by `python -m convert export --to hf`, text-only rows, in process
+Each server is warmed with one pass of the largest closed loop before it is measured.
+
+  python -m bench.serve                 # everything, on the tiny model (CPU, ~20 minutes)
+  python -m bench.serve --ckpt CKPT --clients 1 8 32 128 --hf-clients 1 32 128   # a real model
+  python -m bench.serve --quick         # a smoke run: few requests, one scenario of each kind
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import base64
+import contextlib
 import datetime
+import io
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
+import zlib
 
 import numpy as np
 
 from bench.env import device, versions
+from bench import serve_load as L
 
-QUESTION = "What is shown in the image?"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "bench"
+CONTEXT = 1024
 
 
-def _image(seed: int) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-
-
-def _data_uri(img: np.ndarray) -> str:
-  import base64
-  import io
-
+def _png_uri(seed: int) -> str:
   from PIL import Image
   buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format="PNG")
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8)).save(
+      buf, format="PNG")
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-# --- ours: the server ----------------------------------------------------------------------------
-
-def _post(url: str, body: dict) -> dict:
-  req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json"})
-  opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-  with opener.open(req, timeout=600) as r:
-    return json.loads(r.read())
-
-
-def run_server(url: str, clients: int, per_client: int, new_tokens: int, uris: list) -> dict:
-  """C closed-loop clients, each sending `per_client` requests; the clock runs from the common
-  start to the last answer."""
-  start, latencies, tokens = threading.Barrier(clients + 1), [], []
-  lock = threading.Lock()
-
-  def client(k):
-    start.wait()
-    for i in range(per_client):
-      body = {"model": "bench", "temperature": 0, "max_tokens": new_tokens, "ignore_eos": True,
-              "messages": [{"role": "user", "content": [
-                  {"type": "image_url", "image_url": {"url": uris[(k + i) % len(uris)]}},
-                  {"type": "text", "text": QUESTION}]}]}
-      t = time.perf_counter()
-      out = _post(url, body)
-      with lock:
-        latencies.append(time.perf_counter() - t)
-        tokens.append(out["usage"]["completion_tokens"])
-
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    futures = [pool.submit(client, k) for k in range(clients)]
-    start.wait()
-    t0 = time.perf_counter()
-    for f in futures:
-      f.result()
-    elapsed = time.perf_counter() - t0
-  assert all(n == new_tokens for n in tokens), tokens
-  return {"req_s": len(tokens) / elapsed, "tok_s": sum(tokens) / elapsed,
-          "latency_s": float(np.mean(latencies))}
+def baseline_tree(rev: str, dest: str) -> str:
+  """`rev`'s files (git archive) under dest/: the old server, run from there, not kept here."""
+  os.makedirs(dest)
+  archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev],
+                           capture_output=True, check=True).stdout
+  subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+  return dest
 
 
-# --- HF transformers -----------------------------------------------------------------------------
+class Server:
+  """`python -m serve` from `tree` on a free loopback port; its log goes to log_path."""
 
-class HFLoop:
-  """The HF model of the same weights on the same prompts (our prompt ids, HF-normalized pixels)."""
+  def __init__(self, tree: str, ckpt: str, log_path: str, extra=()):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    self.port = sock.getsockname()[1]
+    sock.close()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.log = open(log_path, "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--ckpt", ckpt, "--port", str(self.port),
+         "--served-model-name", MODEL, "--max-queue", "100000", "--max-tokens-limit", "256",
+         "--max-new-tokens", "256", *extra], cwd=tree, stdout=self.log, stderr=self.log,
+        env=dict(os.environ, PYTHONPATH=tree))
+    import httpx
+    deadline = time.monotonic() + 900
+    while True:
+      try:
+        if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
+          return
+      except httpx.HTTPError:
+        pass
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"the server in {tree} did not start: see {log_path}")
+      time.sleep(0.5)
 
-  def __init__(self, hf_dir: str, prompts: list, config):
-    import torch
-    import transformers as T
-    self.torch = torch
-    self.dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = T.AutoConfig.from_pretrained(hf_dir)
-    cls = (T.LlavaNextForConditionalGeneration if cfg.model_type == "llava_next"
-           else T.LlavaForConditionalGeneration)
-    dtype = torch.bfloat16 if self.dev == "cuda" else torch.float32
-    self.model = cls.from_pretrained(hf_dir, dtype=dtype).to(self.dev).eval()
-    mean = np.asarray(config.vision.mean, np.float32)
-    std = np.asarray(config.vision.std, np.float32)
-    self.rows = [(p.ids, ((p.pixels[0].astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1))
-                 for p in prompts]
-    self.dtype = dtype
-
-  def generate(self, rows: list, new_tokens: int) -> float:
-    """Seconds for one left-padded `generate` call over `rows`."""
-    torch = self.torch
-    width = max(len(ids) for ids, _ in rows)
-    ids = np.zeros((len(rows), width), np.int64)
-    mask = np.zeros_like(ids)
-    for i, (r, _) in enumerate(rows):
-      ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    px = torch.tensor(np.stack([p for _, p in rows]), dtype=self.dtype, device=self.dev)
-    sync = torch.cuda.synchronize if self.dev == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    with torch.no_grad():
-      out = self.model.generate(input_ids=torch.tensor(ids, device=self.dev),
-                                attention_mask=torch.tensor(mask, device=self.dev),
-                                pixel_values=px, do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=0)
-    sync()
-    assert out.shape[1] == width + new_tokens
-    return time.perf_counter() - t
-
-  def measure(self, clients: int, new_tokens: int, repeats: int) -> dict:
-    pick = lambda n: [self.rows[i % len(self.rows)] for i in range(n)]
-    self.generate(pick(1), new_tokens)                   # warm-up
-    one = min(self.generate(pick(1), new_tokens) for _ in range(repeats))
-    self.generate(pick(clients), new_tokens)
-    batch = min(self.generate(pick(clients), new_tokens) for _ in range(repeats))
-    return {"loop_req_s": 1 / one, "loop_tok_s": new_tokens / one,
-            "batch_req_s": clients / batch, "batch_tok_s": clients * new_tokens / batch}
+  def close(self) -> None:
+    self.proc.send_signal(signal.SIGINT)
+    try:
+      self.proc.wait(60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+    self.log.close()
 
 
-# --- driver --------------------------------------------------------------------------------------
+def scenarios(args) -> list:
+  """(name, kind, value, n requests, images) of every measurement; the text-only loop at 32
+  clients is the one transformers' continuous batching (text-only) is compared with."""
+  n = lambda c: max(args.min_requests, args.per_client * c)
+  out = [(f"closed {c}", "clients", c, n(c), True) for c in args.clients]
+  out += [(f"poisson {r:g}/s", "rate", r, args.poisson_requests, True) for r in args.rates]
+  c = 32 if 32 in args.clients else max(args.clients)
+  return out + [(f"closed {c} text-only", "clients", c, n(c), False)]
 
-def _tiny(tmp: str):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from tests.tiny_ckpt import llava_checkpoint
-  ckpt = llava_checkpoint(tmp)
-  return ckpt, os.path.join(tmp, "hf_llava")
+
+def _seed(scenario: str) -> int:
+  """A scenario's workload seed; its text-only variant draws the same questions and lengths."""
+  return zlib.crc32(scenario.replace(" text-only", "").encode())
+
+
+def measure_server(url: str, args, uris: list, log, results: dict) -> None:
+  """Each scenario run `--passes` times, measured the last time. What a server compiles as new
+  shapes arrive (the arrival batcher: per batch size, prompt and cache length) lands in the
+  persistent compilation cache, which a second pass (or an earlier run) has filled."""
+  for name, kind, value, n, images in scenarios(args):
+    reqs = L.workload(n, _seed(name), uris, images=images)
+    for _ in range(args.passes):
+      results[name] = (L.closed_loop(url, MODEL, reqs, value) if kind == "clients"
+                       else L.open_loop(url, MODEL, reqs, value, seed=_seed(name)))
+    log(name, results[name])
+
+
+def measure_hf(hf_dir: str, ckpt: str, args, log, results: dict) -> None:
+  from bench.serve_hf import HFContinuous
+  from serve.prompt import build_prompt
+  from data.tokenizer import load_tokenizer
+  from vlm.checkpoint import load_config
+  config, tok = load_config(ckpt), load_tokenizer(ckpt)
+  rows = lambda reqs: [(build_prompt(config, tok, r.question, []).ids, r.max_tokens)
+                       for r in reqs]
+  hf = HFContinuous(hf_dir, slots=max(args.hf_clients), context=config.llm.max_positions)
+  try:
+    hf.run(rows(L.workload(max(args.clients) * 2, 99, ["-"], images=False)),
+           clients=max(args.clients))
+    for name, kind, value, n, _ in scenarios(args):
+      if name.endswith("text-only") or kind == "rate" or value not in args.hf_clients:
+        continue
+      r = rows(L.workload(n, _seed(name), ["-"], images=False))
+      results[name] = (hf.run(r, clients=value) if kind == "clients"
+                       else hf.run(r, rate=value, seed=_seed(name)))
+      log(name, results[name])
+  finally:
+    hf.close()
+
+
+def vqa_files(tmp: str, n: int) -> tuple:
+  """A LLaVA-Med test.json of n questions over 16 images."""
+  from PIL import Image
+  root = os.path.join(tmp, "vqa_images")
+  os.makedirs(root)
+  for k in range(16):
+    Image.fromarray(np.random.default_rng(k).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        os.path.join(root, f"{k}.png"))
+  rng = np.random.default_rng(7)
+  recs = [{"id": i, "image": f"{i % 16}.png", "answer_type": "OPEN", "conversations": [
+      {"from": "human", "value": "<image>\n" + " ".join(rng.choice(L.WORDS, int(rng.integers(
+          3, 30)))) + "?"}, {"from": "gpt", "value": "x"}]} for i in range(n)]
+  path = os.path.join(tmp, "vqa_test.json")
+  with open(path, "w") as f:
+    json.dump(recs, f)
+  return path, root
+
+
+def time_vqa(tree: str, ckpt: str, test_json: str, root: str, out: str, args) -> float:
+  t = time.perf_counter()
+  subprocess.run([sys.executable, "-m", "evaluation.vqa", "run", "--ckpt", ckpt, "--test-json",
+                  test_json, "--image-root", root, "--out", out, "--max-new-tokens",
+                  str(args.vqa_new_tokens)], cwd=tree, check=True, capture_output=True,
+                 env=dict(os.environ, PYTHONPATH=tree))
+  return time.perf_counter() - t
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", help="our checkpoint (default: the tiny test Llava, built here)")
-  p.add_argument("--hf", help="the same model as a HF Llava dir (default: the tiny one's)")
-  p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-  p.add_argument("--requests-per-client", type=int, default=4)
-  p.add_argument("--new-tokens", type=int, default=32)
-  p.add_argument("--max-batch", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=3, help="HF timings: best of N")
-  p.add_argument("--no-hf", action="store_true", help="our server only")
+  p.add_argument("--ckpt", help="a checkpoint of this project (default: the tiny test Llava "
+                 f"with a {CONTEXT}-token context, built here); transformers runs its export")
+  p.add_argument("--baseline-rev", default="c182632",
+                 help="git revision whose server is the arrival-batching baseline")
+  p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+  p.add_argument("--rates", type=float, nargs="+", default=[2, 8],
+                 help="Poisson arrival rates, requests/s")
+  p.add_argument("--per-client", type=int, default=1, help="closed loop: requests per client")
+  p.add_argument("--min-requests", type=int, default=8)
+  p.add_argument("--poisson-requests", type=int, default=24)
+  p.add_argument("--hf-clients", type=int, nargs="+", default=[1, 32],
+                 help="the closed loops transformers runs (it is the slowest side on a CPU)")
+  p.add_argument("--vqa-questions", type=int, default=1000)
+  p.add_argument("--vqa-new-tokens", type=int, default=16)
+  p.add_argument("--passes", type=int, default=1,
+                 help="runs of each scenario on a server, the last one measured")
+  p.add_argument("--engine-args", default="--slots 32",
+                 help="extra flags for this tree's server")
+  p.add_argument("--baseline-args", default="--max-batch 32",
+                 help="extra flags for the baseline's server")
+  p.add_argument("--systems", nargs="+", default=["engine", "arrival", "hf", "vqa"],
+                 choices=["engine", "arrival", "hf", "vqa"])
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: 1 and 4 clients, one rate, few requests, 40 VQA questions")
+  p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
   args = p.parse_args(argv)
-  if bool(args.ckpt) != bool(args.hf) and not args.no_hf:
-    p.error("give --ckpt and --hf together (or --no-hf)")
-  from serve.generate import GenerationConfig, Generator
-  from serve.prompt import build_prompt
-  from serve.server import Background, create_app
+  if args.quick:
+    args.clients, args.rates, args.per_client, args.min_requests = [1, 4], [4], 2, 4
+    args.hf_clients = [4]
+    args.poisson_requests, args.vqa_questions = 8, 40
+  sys.path.insert(0, ROOT)
+  from tests.tiny_ckpt import llava_checkpoint
   tmp = tempfile.mkdtemp(prefix="bench_serve_")
-  ckpt, hf_dir = (args.ckpt, args.hf) if args.ckpt else _tiny(tmp)
-  gen = Generator.from_checkpoint(ckpt)
-  images = [_image(s) for s in range(8)]
-  uris = [_data_uri(im) for im in images]
-  prompts = [build_prompt(gen.config, gen.tokenizer, QUESTION, [im]) for im in images]
-  # Compile every batch bucket the server may meet, so no compile lands in a measurement.
-  gc = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
-  rows = 1
-  while rows <= args.max_batch:
-    gen.generate([prompts[i % len(prompts)] for i in range(rows)], gc)
-    rows = rows * 2 if rows < 8 else rows + 8
-  srv = Background(create_app(gen, model_name="bench", max_batch=args.max_batch,
-                              max_queue=max(args.clients) * 2,
-                              defaults=GenerationConfig(max_new_tokens=args.new_tokens)))
-  hf = None if args.no_hf else HFLoop(hf_dir, prompts, gen.config)
-  results = []
+  started = datetime.datetime.now(datetime.timezone.utc)
+
+  def log(*what):
+    print(f"[{time.strftime('%H:%M:%S')}]", *[json.dumps(w) if isinstance(w, dict) else w
+                                              for w in what], file=sys.stderr, flush=True)
+
+  results, vqa, failed = {}, {}, []
+
+  @contextlib.contextmanager
+  def attempt(what):
+    """A system that fails is reported as failed; the others still run."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - recorded in the report
+      log(f"{what} FAILED: {type(e).__name__}: {e}")
+      failed.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+
   try:
-    for c in args.clients:
-      run_server(srv.url, c, 1, args.new_tokens, uris)      # warm the HTTP path
-      r = {"clients": c, **run_server(srv.url, c, args.requests_per_client, args.new_tokens, uris)}
-      if hf is not None:
-        r.update(hf.measure(c, args.new_tokens, args.repeats))
-      results.append(r)
-      print(json.dumps(r), file=sys.stderr, flush=True)
+    ckpt = args.ckpt or llava_checkpoint(tmp, context=CONTEXT)
+    uris = [_png_uri(k) for k in range(8)]
+    base = None
+    if {"arrival", "vqa"} & set(args.systems):
+      base = baseline_tree(args.baseline_rev, os.path.join(tmp, "baseline"))
+    for system, tree, extra in (("engine", ROOT, args.engine_args),
+                                ("arrival", base, args.baseline_args)):
+      if system not in args.systems:
+        continue
+      log(f"{system}: starting the server")
+      with attempt(system):
+        srv = Server(tree, ckpt, os.path.join(tmp, f"{system}.log"), extra.split())
+        try:
+          measure_server(srv.url, args, uris, lambda n, r: log(system, n, r),
+                         results.setdefault(system, {}))
+        finally:
+          srv.close()
+    if "hf" in args.systems:
+      with attempt("hf"):
+        hf_dir = os.path.join(tmp, "hf")
+        subprocess.run([sys.executable, "-m", "convert", "export", ckpt, "--to", "hf", "--out",
+                        hf_dir], cwd=ROOT, check=True, capture_output=True)
+        measure_hf(hf_dir, ckpt, args, lambda n, r: log("hf", n, r),
+                   results.setdefault("hf (text-only)", {}))
+    if "vqa" in args.systems:
+      test_json, root = vqa_files(tmp, args.vqa_questions)
+      for system, tree in (("engine", ROOT), ("arrival", base)):
+        with attempt(f"vqa {system}"):
+          vqa[system] = time_vqa(tree, ckpt, test_json, root,
+                                 os.path.join(tmp, f"{system}.jsonl"), args)
+          log("vqa", system, f"{vqa[system]:.1f} s")
   finally:
-    srv.close()
-  print(table(args, results))
+    if args.keep:
+      log(f"kept {tmp}")
+    else:
+      shutil.rmtree(tmp, ignore_errors=True)
+  print(report(args, results, vqa, started))
+  for f in failed:
+    print(f"- FAILED {f}")
 
 
-def table(args, rows) -> str:
-  lines = ["## Serving benchmark", "",
-           f"- device: {device()}",
+def _fmt(r: dict) -> str:
+  return (f"{r['req_s']:.2f} | {r['tok_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+          f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f}")
+
+
+def targets(results: dict) -> list:
+  """Issue 23's targets at 32 clients, each with its figures and met / not met."""
+  out = []
+  e, a, h = (results.get(k, {}) for k in ("engine", "arrival", "hf (text-only)"))
+  if "closed 32" in e and "closed 32" in a:
+    x = e["closed 32"]["req_s"] / a["closed 32"]["req_s"]
+    out.append(f"32 clients, mixed: engine / arrival batching req/s = {x:.2f}x (target >= 2x: "
+               f"{'met' if x >= 2 else 'NOT met'})")
+  if "closed 32 text-only" in e and "closed 32" in h:   # the same text-only requests
+    x = e["closed 32 text-only"]["req_s"] / h["closed 32"]["req_s"]
+    out.append(f"32 clients, text-only: engine / transformers continuous batching req/s = "
+               f"{x:.2f}x (target >= 1x: {'met' if x >= 1 else 'NOT met'})")
+  if "closed 32" in e and "closed 1" in e:
+    x = e["closed 32"]["ttft_p99_ms"] / e["closed 1"]["ttft_p99_ms"]
+    out.append(f"TTFT p99 with 31 other streams / alone (1 client) = {x:.2f}x (target <= 3x: "
+               f"{'met' if x <= 3 else 'NOT met'})")
+  return out
+
+
+def report(args, results: dict, vqa: dict, started) -> str:
+  cmd = " ".join(["python -m bench.serve"] + (sys.argv[1:] if argv_is_cli() else []))
+  lines = [f"- device: {device()}, {os.cpu_count()} CPU cores",
            f"- versions: {versions('jax', 'jaxlib', 'torch', 'transformers', 'fastapi', 'uvicorn')}",
-           f"- date: {datetime.date.today().isoformat()}",
-           f"- command: `{' '.join(['python -m bench.serve'] + sys.argv[1:])}`",
-           f"- model: {args.ckpt or 'tiny test Llava (tests/tiny_ckpt.py)'}; image + question, "
-           f"{args.new_tokens} new tokens per request (ignore_eos), greedy; "
-           f"{args.requests_per_client} requests per client, closed loop", "",
-           "| clients | ours req/s | ours tok/s | ours mean latency s | HF loop req/s | "
-           "HF loop tok/s | HF static batch req/s | HF static batch tok/s | ours vs HF loop |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    hf = [f"{r[k]:.2f}" if k in r else "-"
-          for k in ("loop_req_s", "loop_tok_s", "batch_req_s", "batch_tok_s")]
-    rel = f"{r['req_s'] / r['loop_req_s']:.1f}x" if "loop_req_s" in r else "-"
-    lines.append(f"| {r['clients']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['latency_s']:.3f} | "
-                 + " | ".join(hf) + f" | {rel} |")
+           f"- date: {started.strftime('%Y-%m-%d %H:%M')} UTC; command: `{cmd}`",
+           f"- baseline: the server of {args.baseline_rev} (arrival batching, "
+           f"`{args.baseline_args}`); engine flags: `{args.engine_args or '(defaults)'}`", "",
+           "| system | scenario | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+           "ITL p99 ms |", "|---|---|---|---|---|---|---|---|"]
+  for system, rows in results.items():
+    for name, r in rows.items():
+      lines.append(f"| {system} | {name} | {_fmt(r)} |")
+  if vqa:
+    lines += ["", f"`evaluation.vqa run`, {args.vqa_questions} questions with images, "
+              f"--max-new-tokens {args.vqa_new_tokens}: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in vqa.items())
+              + (f" ({vqa['arrival'] / vqa['engine']:.2f}x)" if len(vqa) == 2 else "")]
+  lines += [""] + [f"- {t}" for t in targets(results)]
   return "\n".join(lines)
+
+
+def argv_is_cli() -> bool:
+  return os.path.basename(sys.argv[0]) in ("serve.py", "__main__.py") or "-m" in sys.orig_argv
 
 
 if __name__ == "__main__":
   main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)   # past the report: do not wait on the HTTP clients' and engines' idle threads

@@ -1,8 +1,10 @@
 """`python -m evaluation.vqa run`: zero-shot answers to a VQA benchmark, written as LLaVA-Med does.
 
 Questions come from a TFDS build (`python -m data.tfds_builders build NAME ...`; --dataset +
---data-dir) or a LLaVA-Med test.json + image folder (--test-json + --image-root). Each answer is
-appended to the output JSONL and flushed as soon as its batch is done, one row per question:
+--data-dir) or a LLaVA-Med test.json + image folder (--test-json + --image-root). They run through
+the serving engine (serve/engine.py: --slots questions decoded at once, a new one prefilled as
+soon as one ends), and each answer is appended to the output JSONL and flushed as soon as its
+question is done, one row per question:
   {"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}}
 so a rerun with the same --out skips the ids already answered (a row cut short by a kill is
 dropped and answered again). Defaults follow the papers: greedy, max_new_tokens 1024.
@@ -115,10 +117,12 @@ def prompt_text(question: str) -> str:
 def run(args) -> dict:
   from serve import workdir
   from vlm import compile_cache
-  from serve.generate import Generator, sampling_config
+  from serve.engine import Request
+  from serve.generate import Generator, layout_from_args, sampling_params
   from serve.prompt import build_prompt
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  params = sampling_params(args)   # the flags, checked before anything is read
   if args.test_json:
     if not args.image_root:
       raise UserError("--test-json needs --image-root")
@@ -168,28 +172,51 @@ def run(args) -> dict:
   if ckpt != args.ckpt:
     log(f"model: {ckpt}")
   gen = Generator.from_checkpoint(ckpt, mesh=mesh, dtype=args.dtype)
-  gc = sampling_config(args)
+  engine = gen.engine(layout_from_args(args, gen.config, gen.cache_dtype))
   model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt))
   t0 = time.time()
+
+  failed = []
+
+  def answered(q):
+    def on_event(event):
+      if event.error:
+        failed.append(f"question {q.qid!r}: {event.error}")
+      if event.done is None:
+        return
+      store.append({"question_id": q.qid, "prompt": prompt_text(q.text),
+                    "text": event.done.text, "answer_id": uuid.uuid4().hex,
+                    "model_id": model_id, "metadata": {}})
+      stats["answered"] += 1
+      if stats["answered"] % args.slots == 0 or stats["answered"] == len(todo):
+        log(f"answered {stats['answered']}/{len(todo)} ({time.time() - t0:.0f} s)")
+    return on_event
+
+  def requests():
+    for q in todo:
+      try:
+        prompt = build_prompt(gen.config, gen.tokenizer, q.text, [q.image()], system=args.system)
+        req = Request(prompt, params, answered(q))
+        engine.check(req)
+      except BadSample as e:
+        if not args.lenient:
+          raise BadSample(e.reason, e.message + (f": {e.path}" if e.path else ""),
+                          sample_id=q.qid, path=source) from None
+        stats["skipped"] += 1
+        log(f"skipped {q.qid}: {e}")
+        continue
+      except UserError as e:
+        if not args.lenient:
+          raise UserError(f"question {q.qid!r}: {e}") from None
+        stats["skipped"] += 1
+        log(f"skipped {q.qid}: {e}")
+        continue
+      yield req
+
   with store:
-    for start in range(0, len(todo), args.batch_size):
-      batch, prompts = [], []
-      for q in todo[start:start + args.batch_size]:
-        try:
-          prompts.append(build_prompt(gen.config, gen.tokenizer, q.text, [q.image()],
-                                      system=args.system))
-          batch.append(q)
-        except BadSample as e:
-          if not args.lenient:
-            raise BadSample(e.reason, e.message + (f": {e.path}" if e.path else ""),
-                            sample_id=q.qid, path=source) from None
-          stats["skipped"] += 1
-          log(f"skipped {q.qid}: {e}")
-      for q, res in zip(batch, gen.generate(prompts, gc, batch_size=args.batch_size)):
-        store.append({"question_id": q.qid, "prompt": prompt_text(q.text), "text": res.text,
-                    "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
-      stats["answered"] += len(batch)
-      log(f"answered {stats['answered']}/{len(todo)} ({time.time() - t0:.0f} s)")
+    engine.run(requests())
+  if failed:
+    raise RuntimeError(failed[0])
   return stats
 
 
@@ -208,8 +235,8 @@ def add_parser(sub) -> None:
   p.add_argument("--gt-out", help="also write the questions as a LLaVA-Med test.json (the "
                  "ground truth `score --gt` reads; useful with TFDS builds)")
   p.add_argument("--model-id", help="model_id written in each row (default: the ckpt dir name)")
-  p.add_argument("--batch-size", type=int, default=8)
-  from serve.generate import add_sampling_args
+  from serve.generate import add_engine_args, add_sampling_args
+  add_engine_args(p, slots=8)
   add_sampling_args(p, max_new_tokens=1024)  # the papers' zero-shot setting: greedy, 1024
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default float32); a HF dir's weights are cast to it")

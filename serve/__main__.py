@@ -38,14 +38,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--api-key-env", default=DEFAULT_KEY_ENV,
                  help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}; "
                       "unset: no key needed)")
-  p.add_argument("--max-batch", type=int, default=32, help="rows per generate call")
-  p.add_argument("--pad-batches", action="store_true",
-                 help="pad every batch to --max-batch rows: one compiled program per prompt "
-                      "length, none compiled as the load varies (padded rows cost compute)")
+  from serve.generate import add_engine_args
+  add_engine_args(p, slots=16)
   p.add_argument("--max-queue", type=int, default=64,
-                 help="requests that may wait; more get 503")
-  p.add_argument("--batch-window-ms", type=float, default=10.0,
-                 help="how long a request that finds the model idle waits for others to join")
+                 help="requests that may wait for a slot; more get 503")
   p.add_argument("--max-request-mb", type=float, default=d.max_request_bytes / 2**20)
   p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
   p.add_argument("--max-images", type=int, default=d.max_images, help="per request")
@@ -62,9 +58,9 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   with cli_errors():
     from serve import api
-    from serve.generate import Generator, sampling_config
+    from serve.generate import Generator, layout_from_args, sampling_params
     from serve import workdir
-    for name in ("port", "max_batch", "max_queue", "max_image_pixels", "max_images",
+    for name in ("port", "slots", "max_queue", "max_image_pixels", "max_images",
                  "max_tokens_limit", "max_new_tokens"):
       if getattr(args, name) < 1:
         raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -76,10 +72,14 @@ def main(argv=None) -> None:
     limits = api.Limits(max_request_bytes=int(args.max_request_mb * 2**20),
                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                         max_tokens=args.max_tokens_limit, image_root=args.image_root)
+    defaults = sampling_params(args)
     from vlm import compile_cache
     compile_cache.enable()
     gen = Generator.from_checkpoint(ckpt, dtype=args.dtype)
-    serve(gen, args, limits, key, sampling_config(args))
+    engine = gen.engine(layout_from_args(args, gen.config, gen.cache_dtype),
+                        max_queue=args.max_queue)
+    engine.warmup(log=lambda m: print(m, file=sys.stderr))   # compile; check the KV cache fits
+    serve(engine, args, limits, key, defaults)
 
 
 def check_port(host: str, port: int) -> None:
@@ -97,15 +97,13 @@ def check_port(host: str, port: int) -> None:
                     "pass another --port") from None
 
 
-def serve(gen, args, limits, key, defaults) -> None:
+def serve(engine, args, limits, key, defaults) -> None:
   import uvicorn
 
   from serve.server import create_app
   name = args.served_model_name or args.ckpt
-  app = create_app(gen, model_name=name, limits=limits, defaults=defaults, system=args.system,
-                   api_key=key,
-                   max_batch=args.max_batch, max_queue=args.max_queue,
-                   window=args.batch_window_ms / 1000, pad_batches=args.pad_batches)
+  app = create_app(engine, model_name=name, limits=limits, defaults=defaults,
+                   system=args.system, api_key=key)
   url = f"http://{args.host}:{args.port}"
   print(f"serving {name!r}: chat page {url}/   OpenAI API {url}/v1"
         + (f"   (API key from ${args.api_key_env})" if key else ""), file=sys.stderr)

@@ -7,7 +7,9 @@ CKPT is a checkpoint dir of this project, a HF model dir or a train.main workdir
 Images may be PNG, JPEG (any PIL format) or DICOM. The interactive loop keeps the conversation,
 as LLaVA's cli does: each answer sees the earlier turns, and the image goes with the first
 question. `/reset` starts a new conversation about the same image, `/image PATH` a new one about
-another image, `/quit` or end of input leaves.
+another image, `/quit` or end of input leaves. A follow-up question runs on the serving engine's
+slot that still holds the conversation: the image is not encoded and the earlier turns are not
+prefilled again.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ class Chat:
   to `out` and adds the turn to the history."""
 
   def __init__(self, args, image=None):
-    from serve.generate import Generator, sampling_config
+    from serve.generate import Generator, sampling_params
+    self.params = sampling_params(args)
     self.gen = Generator.from_checkpoint(args.ckpt, dtype=args.dtype)
-    self.gc = sampling_config(args)
+    self.engine = self.gen.engine(self.gen.context_layout(1))
     self.system, self.frame, self.image, self.history = args.system, args.frame, None, []
     if image is not None or args.image:
       self.set_image(args.image, image)
@@ -65,15 +68,22 @@ class Chat:
                           [] if self.image is None else [self.image], system=self.system,
                           history=self.history)
 
-    def emit(_row, delta):
-      out.write(delta)
-      out.flush()
+    from serve.engine import Request
 
-    [res] = self.gen.generate([prompt], self.gc, stream=emit, batch_size=1)
+    def emit(event):
+      if event.text:
+        out.write(event.text)
+        out.flush()
+
+    req = Request(prompt, self.params, emit)
+    self.engine.check(req)
+    self.engine.run([req])
+    if req.error:
+      raise RuntimeError(req.error)
     out.write("\n")
     out.flush()
-    self.history.append((question, res.text))
-    return res.text
+    self.history.append((question, req.result.text))
+    return req.result.text
 
 
 def interactive(chat: Chat, inp=None, out=None):
@@ -96,7 +106,7 @@ def interactive(chat: Chat, inp=None, out=None):
         out.write("(image loaded; new conversation)\n")
       else:
         chat.ask(line, out)
-    except BadSample as e:  # a bad image or question ends that turn, not the session
+    except (BadSample, UserError) as e:  # a bad image, question or length ends that turn
       out.write(f"error: {e}\n")
 
 
@@ -107,8 +117,8 @@ def check_inputs(args):
   from serve import workdir
   if args.question is not None and not args.question.strip():
     raise UserError("the question is empty")
-  if args.max_new_tokens < 1:
-    raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  from serve.generate import sampling_params
+  sampling_params(args)   # every sampling flag in its range
   args.ckpt = workdir.resolve(args.ckpt)
   return load_image(args.image, frame=args.frame) if args.image else None
 

@@ -21,10 +21,12 @@ from vlm.config import VLMConfig
 class Prompt:
   """One row of a generation batch. pixels: uint8 [n_images, S, S, 3] (square tilers) or
   [n_images, tiles, t, t, 3] (anyres) or None; image_sizes: int32 [n_images, 4] (anyres only:
-  height, width, tile rows, tile cols)."""
+  height, width, tile rows, tile cols); image_tokens: each image's placeholder count (None: the
+  placeholders split evenly, as square tilers make them)."""
   ids: np.ndarray
   pixels: Optional[np.ndarray] = None
   image_sizes: Optional[np.ndarray] = None
+  image_tokens: Optional[tuple] = None
 
 
 def image_inputs(config: VLMConfig, img: np.ndarray) -> tuple:
@@ -52,4 +54,4 @@ def build_prompt(config: VLMConfig, tokenizer, question: str, images: Sequence[n
   pixels = np.stack([p for p, _, _ in prepared])
   sizes = (np.asarray([hw for _, hw, _ in prepared], np.int32)
            if config.tiler.kind == "anyres" else None)
-  return Prompt(ids, pixels, sizes)
+  return Prompt(ids, pixels, sizes, tuple(counts))

@@ -1,13 +1,16 @@
-"""The HTTP server: an OpenAI-compatible API and the web chat page, over one Batcher.
+"""The HTTP server: an OpenAI-compatible API and the web chat page, over one serving engine
+(serve/engine.py: continuous batching, each request with its own sampling parameters).
 
-  POST /v1/chat/completions   text + image_url parts, stream (server-sent events), temperature,
-                              top_p, max_tokens (max_completion_tokens), stop, seed; vLLM's
-                              top_k and ignore_eos
+  POST /v1/chat/completions   text + image_url parts, stream (server-sent events); every
+                              OpenAI parameter honoured or refused with a 400 naming it
+                              (serve/api.py TABLE): sampling, penalties, logit_bias, seed, n,
+                              logprobs / top_logprobs (serve/openai_shapes.py); vLLM's top_k
+                              and ignore_eos
   GET  /v1/models             the one model served
   GET  /                      the chat page (serve/page.html)
   POST /preview               image bytes -> the PNG the page shows (DICOM rendered as the model
                               sees it)
-  GET  /health                queue and batch counters
+  GET  /health                queue and engine counters
 
 With an API key in the environment every route but / and /health wants `Authorization: Bearer
 KEY`. Request bodies, image pixels, images per request and max_tokens are bounded (api.Limits);
@@ -31,8 +34,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from serve import api
-from serve.batcher import Batcher, Job, QueueFull
-from serve.generate import GenerationConfig, Generator
+from serve import openai_shapes as shapes
+from serve import engine as E
+from serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -40,24 +44,23 @@ PREVIEW_SIDE = 512
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this x the limit, then cut
 
 
-def create_app(generator: Generator, *, model_name: str, limits: api.Limits = api.Limits(),
-               defaults: GenerationConfig = GenerationConfig(), system: Optional[str] = None,
-               api_key: Optional[str] = None, max_batch: int = 32, max_queue: int = 64,
-               window: float = 0.01, pad_batches: bool = False) -> FastAPI:
-  """`defaults`: sampling of requests that do not say; `system`: the system prompt of requests
+def create_app(engine: E.Engine, *, model_name: str, limits: api.Limits = api.Limits(),
+               defaults: SamplingParams = SamplingParams(), system: Optional[str] = None,
+               api_key: Optional[str] = None) -> FastAPI:
+  """`engine`: compiled (warmup) or not, its loop not started (the app starts and closes it);
+  `defaults`: sampling of requests that do not say; `system`: the system prompt of requests
   without one (None: the template's); `api_key`: what clients must send (None: nothing), read
   from the environment by the caller."""
-  state = {}
 
   async def lifespan(app):
-    state["batcher"] = Batcher(generator, max_batch=max_batch, max_queue=max_queue,
-                               window=window, pad=pad_batches)
+    engine.start()
     yield
-    state["batcher"].close()
+    engine.close()
 
   app = FastAPI(title="medvlm-jax", lifespan=lifespan, docs_url=None, redoc_url=None,
                 openapi_url=None)
   app.state.model_name = model_name
+  tokens = shapes.Tokens(engine.tokenizer)   # logprobs' token strings and bytes
 
   @app.exception_handler(api.ApiError)
   async def _api_error(request, e: api.ApiError):
@@ -106,8 +109,8 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
 
   @app.get("/health")
   async def health():
-    b = state["batcher"]
-    return {"status": "ok", "model": model_name, "waiting": b.waiting(), **b.stats}
+    return {"status": "ok", "model": model_name, "waiting": engine.waiting(),
+            "running": engine.running(), "slots": engine.layout.slots, **engine.stats}
 
   @app.get("/v1/models")
   async def models(request: Request):
@@ -137,32 +140,45 @@ def create_app(generator: Generator, *, model_name: str, limits: api.Limits = ap
                          code="model_not_found")
     req = api.parse(body, defaults, limits)
     req.system = system if req.system is None else req.system
-    prompt = await run_in_threadpool(api.to_prompt, req, generator.config, generator.tokenizer,
+    prompt = await run_in_threadpool(api.to_prompt, req, engine.config, engine.tokenizer,
                                      limits)
-    job = Job(prompt, req.sampling, req.max_tokens, req.stream, asyncio.get_running_loop())
-    try:
-      state["batcher"].submit(job)
-    except QueueFull as e:
-      raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": model_name}
+    if req.tags:
+      log.info("%s %s", meta["id"], " ".join(   # escaped: a client cannot forge log lines
+          f"{k}={v.encode('unicode_escape').decode()}" for k, v in req.tags.items()))
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    jobs = [E.Request(prompt, req.choice_sampling(i),  # n choices: n rows of the engine
+                          lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
+            for i in range(req.n)]
+    try:
+      for job in jobs:
+        engine.submit(job)
+    except E.RequestError as e:
+      _cancel(jobs)
+      raise api.ApiError(400, str(e), param=e.param) from None
+    except E.QueueFull as e:
+      _cancel(jobs)
+      raise api.ApiError(503, str(e), type="server_busy", code="queue_full") from None
     if req.stream:
-      return StreamingResponse(_events(job, meta, len(prompt.ids), req.include_usage),
+      return StreamingResponse(_events(jobs, events, meta, req, tokens),
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    done = {}
     try:
-      while True:
-        kind, value = await job.events.get()
-        if kind == "done":
-          break
-        if kind == "error":
-          raise api.ApiError(500, value, type="server_error")
+      while len(done) < len(jobs):
+        i, event = await events.get()
+        if event.error is not None:
+          raise api.ApiError(500, event.error, type="server_error")
+        if event.done is not None:
+          done[i] = event.done
     finally:
-      job.cancelled = True   # a client that left stops waiting in the queue
-    return {**meta, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                         "finish_reason": value.finish_reason, "logprobs": None}],
-            "usage": _usage(len(prompt.ids), value)}
+      _cancel(jobs)   # a client that left stops waiting in the queue / frees its slots
+    lp = lambda g: [tokens.entry(t.token, t.logprob, t.top) for t in g.logprobs] \
+        if req.sampling.logprobs else None
+    return shapes.completion(
+        meta, [shapes.choice(i, g.text, _finish(g), lp(g)) for i, g in sorted(done.items())],
+        _usage(list(done.values())))
 
   return app
 
@@ -194,41 +210,48 @@ class Background:
     self.thread.join(10)
 
 
-def _usage(prompt_tokens: int, gen) -> dict:
-  """completion_tokens: the answer's tokens (a stop token not counted)."""
-  n = int(len(gen.tokens))
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-          "total_tokens": prompt_tokens + n}
+def _finish(gen) -> str:
+  return "stop" if gen.finish_reason == "cancelled" else gen.finish_reason
 
 
-async def _events(job: Job, meta: dict, prompt_tokens: int, include_usage: bool):
-  """Server-sent events in OpenAI's chunk format; the generator's cancellation (the client
-  went away) cancels the row."""
-  def chunk(delta: dict, finish=None, **extra) -> str:
-    body = {**meta, "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            **extra}
-    return f"data: {json.dumps(body)}\n\n"
+def _cancel(jobs) -> None:
+  for job in jobs:
+    job.cancel()
 
+
+def _usage(gens: list) -> dict:
+  """prompt_tokens once (the choices share the prompt); completion_tokens: every choice's answer
+  tokens, exactly those returned (a stop token or string not counted)."""
+  return shapes.usage(gens[0].prompt_tokens, sum(int(len(g.tokens)) for g in gens))
+
+
+async def _events(jobs: list, events: asyncio.Queue, meta: dict, req: api.ChatRequest, tokens):
+  """Server-sent events in OpenAI's chunk format, the n choices interleaved by index; each chunk
+  carries the logprobs of the tokens its text covers. A client that goes away cancels its rows."""
+  usage, logprobs = req.include_usage, req.sampling.logprobs
   try:
-    yield chunk({"role": "assistant", "content": ""})
-    while True:
-      kind, value = await job.events.get()
-      if kind == "delta":
-        yield chunk({"content": value})
-      elif kind == "done":
-        yield chunk({}, value.finish_reason)
-        if include_usage:
-          body = {**meta, "object": "chat.completion.chunk", "choices": [],
-                  "usage": _usage(prompt_tokens, value)}
-          yield f"data: {json.dumps(body)}\n\n"
+    for i in range(len(jobs)):
+      yield shapes.chunk(meta, i, {"role": "assistant", "content": ""}, include_usage=usage)
+    done = {}
+    while len(done) < len(jobs):
+      i, event = await events.get()
+      if event.error is not None:
+        yield shapes.sse(api.ApiError(500, event.error, type="server_error").body())
         break
-      else:
-        yield f"data: {json.dumps(api.ApiError(500, value, type='server_error').body())}\n\n"
-        break
+      if event.text or (logprobs and event.logprobs):
+        content = [tokens.entry(t.token, t.logprob, t.top) for t in event.logprobs] \
+            if logprobs else None
+        yield shapes.chunk(meta, i, {"content": event.text}, content=content,
+                           include_usage=usage)
+      if event.done is not None:
+        done[i] = event.done
+        yield shapes.chunk(meta, i, {}, finish=_finish(event.done), include_usage=usage)
+    else:
+      if usage:
+        yield shapes.usage_chunk(meta, _usage([done[i] for i in sorted(done)]))
     yield "data: [DONE]\n\n"
   finally:
-    job.cancelled = True
+    _cancel(jobs)
 
 
 def _preview_png(raw: bytes, limits: api.Limits) -> bytes:

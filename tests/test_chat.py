@@ -22,6 +22,7 @@ from tests.tiny_ckpt import shared_llava_checkpoint
 from serve import chat
 from serve.generate import Generator
 from serve.prompt import build_prompt
+from tests.greedy import greedy_answer as oracle, loaded as _loaded
 
 DICOM = pydicom.data.get_testdata_file("CT_small.dcm")
 MAX_NEW = 12
@@ -40,32 +41,8 @@ def png(tmp_path_factory):
   return str(path)
 
 
-@functools.lru_cache(maxsize=None)
-def _loaded(ckpt):
-  model, params = vlm.from_pretrained(ckpt)
-  return model, params, load_tokenizer(ckpt)
-
-
 def greedy_answer(ckpt, prompt):
-  """The oracle, independent of serve.generate: for every new token a full forward over the
-  prompt and the tokens so far (no KV cache, no left padding; the unfilled tail comes after the
-  read position, so causal attention never sees it), argmax, up to a stop token or MAX_NEW
-  tokens; decoded as the chat prints it."""
-  model, params, tok = _loaded(ckpt)
-  n, pad = len(prompt.ids), 0 if model.config.image_token_id != 0 else 1
-  ids = np.full((1, n + MAX_NEW), pad, np.int32)
-  ids[0, :n] = prompt.ids
-  sizes = None if prompt.image_sizes is None else prompt.image_sizes[None]
-  logits = jax.jit(lambda x: model.apply({"params": params}, x, prompt.pixels[None],
-                                         image_sizes=sizes))
-  stops, out = stop_token_ids(tok, model.config.template), []
-  for i in range(MAX_NEW):
-    t = int(np.argmax(np.asarray(logits(ids))[0, n + i - 1]))
-    if t in stops:
-      break
-    out.append(t)
-    ids[0, n + i] = t
-  return tok.decode(out, skip_special_tokens=True).strip()
+  return oracle(ckpt, prompt, MAX_NEW)
 
 
 def expected(ckpt, image_path, question):
@@ -171,7 +148,7 @@ def test_second_run_loads_its_programs_from_the_compilation_cache(ckpt, png, tmp
   assert entries and "Persistent compilation cache hit" not in first.stderr
   second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   assert second.stdout == first.stdout and second.stdout.strip()
-  for program in ("jit__prefill", "jit__decode"):   # serve/generate.py's two programs
+  for program in ("jit__prefill", "jit__generate"):   # serve/programs.py's
     assert f"Persistent compilation cache hit for '{program}'" in second.stderr, second.stderr
   assert sorted(p.name for p in cache.iterdir()) == entries      # nothing compiled anew
 

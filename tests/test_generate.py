@@ -1,5 +1,5 @@
-"""serve/generate.py: greedy decoding equals HF `generate`; batching, KV cache, sampling, stops,
-streaming and a sharded mesh change nothing they should not."""
+"""serve/generate.py over the engine: greedy decoding equals HF `generate`; slots, the KV cache,
+sampling, stops, streaming and a sharded mesh change nothing they should not."""
 import json
 
 import jax
@@ -11,16 +11,17 @@ import transformers as T
 
 import vlm
 from tests import hf_models as H
-from serve import generate
-from serve.generate import GenerationConfig, Generator, bucket, sample_logits
+from serve.generate import Generator, bucket
 from serve.prompt import Prompt, build_prompt, image_inputs
+from serve.sampling import SamplingParams
 from tests.tiny_ckpt import shared_llava_checkpoint
 from vlm import sharding
 
 IMG = 95
 N = 10
 NO_EOS = dict(eos_token_id=None, pad_token_id=0)  # HF runs to max_new_tokens, logits untouched
-GREEDY = GenerationConfig(max_new_tokens=N, stop_token_ids=[])
+GREEDY = SamplingParams(max_tokens=N, stop_token_ids=())
+LOGPROBS = GREEDY.replace(logprobs=True, top_logprobs=20)
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +66,27 @@ def test_greedy_llama_matches_hf_and_cache_matches_full_forward(llama):
   rng = np.random.default_rng(0)
   prompts = [H.rand_ids(rng, (n,), 96).astype(np.int32) for n in (8, 13, 3)]
   want = [hf_greedy(ref, p) for p in prompts]  # HF runs each row alone, unpadded
-  batched = gen.generate([Prompt(p) for p in prompts], GREEDY, return_logits=True)
+  batched = gen.generate([Prompt(p) for p in prompts], LOGPROBS)
   for w, got in zip(want, batched):
     np.testing.assert_array_equal(got.tokens, w)
     assert got.finish_reason == "length"
-  # The 8-token row fills its bucket alone (no padding) and has 8 pad slots in the batch.
-  [alone] = gen.generate([Prompt(prompts[0])], GREEDY, batch_size=1)
+  [alone] = gen.generate([Prompt(prompts[0])], GREEDY, slots=1)
   np.testing.assert_array_equal(alone.tokens, want[0])
-  # Every decode step's logits equal a full forward over prompt + generated tokens (rows right
-  # padded to one length: causal attention keeps the padding out of earlier positions).
+  # Every step's logprobs (the chosen token's and the top 20) are the log-softmax of a full
+  # forward over prompt + generated tokens (rows right padded to one length: causal attention
+  # keeps the padding out of earlier positions).
   seqs = [np.concatenate([p, g.tokens]) for p, g in zip(prompts, batched)]
   width = max(map(len, seqs))
-  full = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(
-      jnp.asarray([np.pad(s, (0, width - len(s))) for s in seqs])))
+  full = np.asarray(jax.nn.log_softmax(jax.jit(lambda x: model.apply({"params": params}, x))(
+      jnp.asarray([np.pad(s, (0, width - len(s))) for s in seqs]))))
   for p, s, g, f in zip(prompts, seqs, batched, full):
-    assert g.logits.shape == (N, 96)
-    assert np.abs(g.logits - f[len(p) - 1:len(s) - 1]).max() <= 1e-4
+    ref = f[len(p) - 1:len(s) - 1]
+    assert len(g.logprobs) == N
+    for t, lp, r in zip(g.tokens, g.logprobs, ref):
+      assert lp.token == t and abs(lp.logprob - r[t]) <= 1e-4
+      ids, vals = zip(*lp.top)
+      np.testing.assert_allclose(vals, np.sort(r)[::-1][:20], atol=1e-4)
+      np.testing.assert_allclose(r[list(ids)], vals, atol=1e-4)
   # The same batch with params and rows split over a (data 2, fsdp 2, tensor 2) mesh, in the
   # stacked layout and in the per-layer one (GPU default) with its tuple of cache buffers.
   mesh = sharding.make_mesh((2, 2, 2))
@@ -93,10 +99,10 @@ def test_greedy_llama_matches_hf_and_cache_matches_full_forward(llama):
   kernel = unstacked.params["llm"]["layers_1"]["layer"]["mlp"]["gate"]["kernel"]
   assert kernel.addressable_shards[0].data.shape == (16, 32)
   assert "layers" not in unstacked.params["llm"]
-  for w, b, got in zip(want, batched, unstacked.generate([Prompt(p) for p in prompts], GREEDY,
-                                                         return_logits=True)):
+  for w, b, got in zip(want, batched, unstacked.generate([Prompt(p) for p in prompts],
+                                                         LOGPROBS)):
     np.testing.assert_array_equal(got.tokens, w)
-    assert np.abs(got.logits - b.logits).max() <= 1e-5
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(got.logprobs, b.logprobs)) <= 1e-5
 
 
 def test_stop_tokens_match_hf(llama):
@@ -108,7 +114,7 @@ def test_stop_tokens_match_hf(llama):
   want = hf_greedy(ref, p, eos_token_id=stop)
   k = int(np.flatnonzero(free == stop)[0])
   np.testing.assert_array_equal(want[:k + 1], free[:k + 1])
-  [got] = gen.generate([Prompt(p)], GenerationConfig(max_new_tokens=N, stop_token_ids=[stop]))
+  [got] = gen.generate([Prompt(p)], SamplingParams(max_tokens=N, stop_token_ids=(stop,)))
   # HF keeps the stop token in its output; ours ends just before it.
   np.testing.assert_array_equal(got.tokens, want[:k])
   assert got.finish_reason == "stop" and want[k] == stop
@@ -132,52 +138,38 @@ def test_greedy_llava_matches_hf_batched(llava):
 def test_buckets_reuse_programs(llava):
   _, gen = llava
   rng = np.random.default_rng(3)
-  gen.generate(llava_prompts(rng, (9, 13, 6)), GREEDY)
-  sizes = generate._prefill._cache_size(), generate._decode._cache_size()
-  # Other lengths, row counts and max_new_tokens inside the same buckets: nothing recompiles.
-  gen.generate(llava_prompts(rng, (7, 16, 10, 12)),
-               GenerationConfig(max_new_tokens=N - 3, stop_token_ids=[]))
-  gen.generate(llava_prompts(rng, (11,)), GREEDY, batch_size=4)
-  assert (generate._prefill._cache_size(), generate._decode._cache_size()) == sizes
+  gen.generate(llava_prompts(rng, (9, 13, 6)), GREEDY, slots=4)
+  [engine] = gen._engines.values()
+  compiled = set(engine.prog.compiled)
+  # Other lengths, row counts and max_tokens inside the same buckets: nothing recompiles.
+  gen.generate(llava_prompts(rng, (7, 16, 10, 12)), GREEDY.replace(max_tokens=N - 3), slots=4)
+  gen.generate(llava_prompts(rng, (11,)), GREEDY, slots=4)
+  assert len(gen._engines) == 1 and set(engine.prog.compiled) == compiled
   assert [bucket(n) for n in (1, 5, 8, 9, 128, 129, 1024 + 256)] == [8, 8, 8, 16, 128, 256, 1280]
 
 
 def test_sampling_seeded_and_filtered(llava):
   _, gen = llava
   prompts = llava_prompts(np.random.default_rng(4), (9, 12, 14))
-  hot = GenerationConfig(max_new_tokens=N, temperature=1.5, seed=7, stop_token_ids=[])
-  a, b = gen.generate(prompts, hot), gen.generate(prompts, hot)
-  c = gen.generate(prompts, GenerationConfig(**{**hot.__dict__, "seed": 8}))
+  hot = SamplingParams(max_tokens=N, temperature=1.5, seed=7, stop_token_ids=())
+  a, b = gen.generate(prompts, hot, slots=4), gen.generate(prompts, hot, slots=4)
+  c = gen.generate(prompts, hot.replace(seed=8), slots=4)
   assert all((x.tokens == y.tokens).all() for x, y in zip(a, b))
   assert any((x.tokens != y.tokens).any() for x, y in zip(a, c))
-  greedy = gen.generate(prompts, GREEDY)
+  # no seed: a fresh one per request (#23: repeated requests were silent duplicates)
+  fresh = [gen.generate(prompts[:1], hot.replace(seed=None), slots=4)[0].tokens for _ in range(3)]
+  assert len({tuple(t) for t in fresh}) > 1
+  greedy = gen.generate(prompts, GREEDY, slots=4)
   for filt in ({"top_k": 1}, {"top_p": 1e-6}):
-    one = gen.generate(prompts, GenerationConfig(**{**hot.__dict__, **filt}))
+    one = gen.generate(prompts, hot.replace(**filt), slots=4)
     assert all((x.tokens == y.tokens).all() for x, y in zip(one, greedy))
-
-
-def test_sample_logits_distribution():
-  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 20000))
-  draw = lambda **kw: np.bincount(np.asarray(jax.jit(sample_logits)(
-      logits, jax.random.key(0), kw.get("t", 1.0), kw.get("p", 1.0), kw.get("k", 0))),
-      minlength=4) / 20000
-  np.testing.assert_allclose(draw(), [0.5, 0.3, 0.15, 0.05], atol=0.015)
-  np.testing.assert_allclose(draw(k=2), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)
-  # top-p 0.7: the smallest prefix reaching 0.7 is {0, 1}; 0.85 takes the third token as well.
-  np.testing.assert_allclose(draw(p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)
-  np.testing.assert_allclose(draw(p=0.85), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.015)
-  # temperature 2 flattens: p ~ sqrt(p0)
-  flat = np.sqrt([0.5, 0.3, 0.15, 0.05])
-  np.testing.assert_allclose(draw(t=2.0), flat / flat.sum(), atol=0.015)
 
 
 def test_stream_and_stop_strings():
   gen = Generator.from_checkpoint(shared_llava_checkpoint())
   img = np.random.default_rng(5).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
   prompt = build_prompt(gen.config, gen.tokenizer, "What is shown in the image?", [img])
-  assert gen.stop_ids(GenerationConfig()) == [gen.tokenizer.convert_tokens_to_ids(t)
-                                             for t in ("<|eot_id|>", "<|end_of_text|>")]
-  free_cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=[])
+  free_cfg = SamplingParams(max_tokens=24, stop_token_ids=())
   [free] = gen.generate([prompt], free_cfg)
   pieces = []
   [streamed] = gen.generate([prompt], free_cfg, stream=lambda row, d: pieces.append((row, d)))
@@ -188,33 +180,17 @@ def test_stream_and_stop_strings():
   assert word.strip(), free.text
   want = free.text[:free.text.index(word)].strip()
   pieces.clear()
-  [cut] = gen.generate([prompt], GenerationConfig(max_new_tokens=24, stop_token_ids=[],
-                                                  stop_strings=(word,)),
+  [cut] = gen.generate([prompt], free_cfg.replace(stop=(word,), logprobs=True),
                        stream=lambda row, d: pieces.append(d))
   assert cut.text == want and cut.finish_reason == "stop"
   assert "".join(pieces) == want
-
-
-def test_row_limits_and_cancel_in_one_batch():
-  """A server's batch: each row stops at its own token limit, a cancelled row stops being fed
-  where it was, and the other rows answer as they would alone."""
-  gen = Generator.from_checkpoint(shared_llava_checkpoint())
-  img = np.random.default_rng(5).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
-  prompts = [build_prompt(gen.config, gen.tokenizer, q, [img])
-             for q in ("What is shown in the image?", "Describe it.", "Any fracture?")]
-  cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=[])
-  alone = [gen.generate([p], cfg)[0] for p in prompts]
-  asked = []
-  out = gen.generate(prompts, cfg, limits=[5, 24, 24],
-                     cancel=lambda row: asked.append(row) or asked.count(2) == 2)
-  np.testing.assert_array_equal(out[0].tokens, alone[0].tokens[:5])
-  assert out[0].finish_reason == "length"
-  assert out[0].text == gen.tokenizer.decode(alone[0].tokens[:5].tolist(),
-                                             skip_special_tokens=True).strip()
-  np.testing.assert_array_equal(out[1].tokens, alone[1].tokens)
-  assert out[1].text == alone[1].text and out[1].finish_reason == "length"
-  assert out[2].finish_reason == "cancelled" and 0 < len(out[2].tokens) < 24
-  np.testing.assert_array_equal(out[2].tokens, alone[2].tokens[:len(out[2].tokens)])
+  # the answer's tokens are those its text needs: none of the stop string's own (#23: usage
+  # counted the tokens past it)
+  k = len(cut.tokens)
+  np.testing.assert_array_equal(cut.tokens, free.tokens[:k])
+  raw = lambda t: gen.tokenizer.decode(t.tolist(), skip_special_tokens=True)
+  assert raw(cut.tokens).strip().startswith(want) and word not in raw(cut.tokens[:k - 1])
+  assert len(raw(free.tokens[:k + 1])) > len(raw(cut.tokens)) and len(cut.logprobs) == k
 
 
 @pytest.mark.slow  # ~10 s: a third model shape to compile, and HF's generate
@@ -269,7 +245,7 @@ def test_greedy_llava_next_anyres_matches_hf(tmp_path):
                          image_sizes=torch.tensor([size[:2]]))
     want.append(out[0, len(ids):].numpy())
   assert len(prompts[0].ids) != len(prompts[1].ids)
-  for g, w in zip(Generator(model, params).generate(prompts, GREEDY), want):
+  for g, w in zip(Generator(model, params).generate(prompts, GREEDY, slots=2), want):
     np.testing.assert_array_equal(g.tokens, w)
 
 

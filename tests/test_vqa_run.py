@@ -17,13 +17,14 @@ from data import tfds_builders as builders
 from data.image import load_image
 from evaluation import vqa
 from tests.tiny_ckpt import shared_llava_checkpoint
-from serve.generate import GenerationConfig, Generator
+from serve.generate import Generator
 from serve.prompt import build_prompt
+from tests.greedy import greedy_answer
 
 QUESTIONS = [("Is there a fracture?", "yes"), ("Where is the lesion?", "left lung"),
              ("Is this normal?", "no"), ("What modality is this?", "CT"),
              ("How many nodules are seen?", "2")]
-FLAGS = ["--batch-size", "2", "--max-new-tokens", "6"]
+FLAGS = ["--slots", "2", "--max-new-tokens", "6"]
 
 
 def png(seed, size=(30, 20)) -> bytes:
@@ -39,9 +40,10 @@ def rows(path):
 
 
 def answer_alone(ckpt, question, image):
-  gen = Generator.from_checkpoint(ckpt)
-  prompt = build_prompt(gen.config, gen.tokenizer, question, [image])
-  return gen.generate([prompt], GenerationConfig(max_new_tokens=6), batch_size=2)[0].text
+  """The independent oracle (tests/greedy.py): a greedy loop over full forwards."""
+  from tests.greedy import loaded
+  model, _, tok = loaded(ckpt)
+  return greedy_answer(ckpt, build_prompt(model.config, tok, question, [image]), 6)
 
 
 @pytest.fixture(scope="module")

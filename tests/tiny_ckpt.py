@@ -24,9 +24,9 @@ from vlm import checkpoint
 
 
 def llava_checkpoint(tmp_path, *, template: str = "llama3", seed: int = 0,
-                     anyres: bool = False) -> str:
+                     anyres: bool = False, context: int = 128) -> str:
   """Writes tmp_path/ckpt (a 2-layer Llava: 28 px CLIP with 4 image tokens, or anyres over
-  28 px tiles) and returns its path."""
+  28 px tiles; `context` positions) and returns its path."""
   tmp_path = str(tmp_path)
   make_tok = tiny_tokenizers.llama3_tokenizer if template == "llama3" else (
       tiny_tokenizers.llama2_tokenizer)
@@ -34,7 +34,7 @@ def llava_checkpoint(tmp_path, *, template: str = "llama3", seed: int = 0,
   tok = tiny_tokenizers.load(tok_dir)
   image_id = tok.convert_tokens_to_ids(tiny_tokenizers.IMAGE)
   text = H.llama_config(vocab=len(tok), bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id)
+                        eos_token_id=tok.eos_token_id, max_position_embeddings=context)
   hf_dir = os.path.join(tmp_path, "hf_llava")
   if anyres:
     cfg = T.LlavaNextConfig(vision_config=H.clip_config(), text_config=text,

@@ -77,7 +77,7 @@ def evaluate(workdir: str) -> dict:
          "report": os.path.join(out, "report")}
   gt = os.path.join(data, "vqa_test.json")
   vqa.main(["run", "--ckpt", ckpt, "--test-json", gt, "--image-root", data, "--out", art["answers"],
-            "--max-new-tokens", "24", "--batch-size", "16", "--model-id", "demo"])
+            "--max-new-tokens", "24", "--slots", "16", "--model-id", "demo"])
   vqa.main(["score", "--gt", gt, "--pred", art["answers"], "--out", art["metrics"]])
   vqa.main(["score", "--name", "demo (stage 2, LoRA)", "--table", f"demo={art['metrics']}",
             "--out", art["table"]])

@@ -120,7 +120,8 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
 
 def attend_cached(q, k, v, k_cache, v_cache, *, index, segment_ids, cache_segment_ids,
                   sliding_window: Optional[int] = None, scale: Optional[float] = None):
-  """A chunk of T new tokens at cache slots index..index+T-1 attends to the cache's first `index`
+  """A chunk of T new tokens at cache slots index..index+T-1 (index: a scalar, or one per row
+  [B]) attends to the cache's first `index`
   slots and (causally) to itself; the cache is only read, never updated here.
 
   k, v [B, T, Hkv, D]: the chunk's keys/values; k_cache, v_cache [B, Hkv, S, D] (heads-major, so
@@ -130,10 +131,11 @@ def attend_cached(q, k, v, k_cache, v_cache, *, index, segment_ids, cache_segmen
   layer's cache."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   t, s = q.shape[1], k_cache.shape[2]
-  qi = jnp.arange(t)[:, None] + index
-  kj = jnp.arange(s)[None, :]
-  old = (kj < index)[None] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
+  index = jnp.reshape(index, (-1, 1, 1))   # one index for all rows, or one per row
+  qi = jnp.arange(t)[None, :, None] + index
+  kj = jnp.arange(s)[None, None, :]
+  old = (kj < index) & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
   if sliding_window is not None:
-    old = old & (qi - kj < sliding_window)[None]
+    old = old & (qi - kj < sliding_window)
   new = attention_mask(t, t, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
   return _xla_parts(q, ((k_cache, v_cache, old, "bksd"), (k, v, new, "bskd")), scale)

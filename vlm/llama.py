@@ -169,7 +169,7 @@ class Llama(Part):
 
     cache: {"k", "v": [L, B, Hkv, S, Dh] (scan) or a tuple of L [B, Hkv, S, Dh] (scan=False),
     "segment_ids": [B, S] (already holding this chunk's ids), "index": the slot of the chunk's
-    first token}. The chunk attends to the slots before `index` and to itself; the layers only
+    first token, one for all rows or one per row [B]}. The chunk attends to the slots before `index` and to itself; the layers only
     read the cache and return the chunk's k/v, written here with one update per buffer (in place
     under a donating jit or a while loop) instead of a copy of every layer's cache per step. An
     index given as the Python int 0 marks an empty cache: the prompt then attends only to itself,
@@ -202,7 +202,13 @@ class Llama(Part):
 
     def write(buf, x):  # x [..., B, T, Hkv, Dh] -> slots index.. of buf [..., B, Hkv, S, Dh]
       x = jnp.swapaxes(x, -3, -2).astype(buf.dtype)
-      return jax.lax.dynamic_update_slice_in_dim(buf, x, cache["index"], axis=buf.ndim - 2)
+      idx = cache["index"]
+      if jnp.ndim(idx) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, x, idx, axis=buf.ndim - 2)
+      # one index per row (the serving engine's slots, each at its own length)
+      row = lambda b, y, i: jax.lax.dynamic_update_slice_in_dim(b, y, i, axis=b.ndim - 2)
+      ax = buf.ndim - 4
+      return jax.vmap(row, in_axes=(ax, ax, 0), out_axes=ax)(buf, x, idx)
     return out, dict(cache, k=jax.tree.map(write, cache["k"], new_kv[0]),
                      v=jax.tree.map(write, cache["v"], new_kv[1]))
 

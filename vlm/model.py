@@ -26,12 +26,13 @@ def normalize_pixels(pixels, mean, std):
   return pixels.astype(jnp.float32)
 
 
-def merge_image_features(embeds, is_image, feats, counts):
+def merge_image_features(embeds, is_image, feats, counts, first=0):
   """Write features into placeholder slots. embeds [B, T, D]; is_image [B, T]; feats [B, n, F, D];
   counts [B, n] valid features per image. Slot k of a row takes feature k of the row's images
-  concatenated (image i's first `counts[i]` rows)."""
+  concatenated (image i's first `counts[i]` rows); `first`: placeholders before this chunk of the
+  row (a prompt prefilled in chunks)."""
   n, f = feats.shape[1:3]
-  ordinal = jnp.cumsum(is_image, axis=1) - 1
+  ordinal = jnp.cumsum(is_image, axis=1) - 1 + first
   ends = jnp.cumsum(counts, axis=1)  # [B, n]
   img = jnp.clip((ordinal[:, :, None] >= ends[:, None, :]).sum(-1), 0, n - 1)
   start = jnp.take_along_axis(ends - counts, img, axis=1)
