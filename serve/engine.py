@@ -244,6 +244,8 @@ class Engine:
   def submit(self, req: Request) -> None:
     live = self.check(req)
     with self._cond:
+      if self._closed:   # nothing would ever serve it: refuse instead of a request that hangs
+        raise QueueFull("the server is shutting down; retry later")
       if len(self._waiting) >= self.max_queue:
         self.stats["rejected"] += 1
         raise QueueFull(f"server busy: {len(self._waiting)} requests are already waiting "

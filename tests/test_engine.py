@@ -176,3 +176,16 @@ def test_kv_cache_flag(gen):
       lay(bad)
   with pytest.raises(UserError, match="--slots must be at least 1"):
     lay("1000", 0)
+
+
+def test_a_closed_engine_refuses_requests(gen):
+  """A request sent to an engine whose loop was closed is refused at once (the server's 503),
+  never queued where nothing serves it."""
+  from serve.engine import QueueFull
+  engine = Engine(gen.model, gen.params, gen.tokenizer, layout=gen.context_layout(1),
+                  mesh=gen.mesh, rules=gen.rules)
+  engine.close()
+  prompt = build_prompt(gen.config, gen.tokenizer, "What is shown?", [])
+  with pytest.raises(QueueFull, match="shutting down"):
+    engine.submit(Request(prompt, SamplingParams(max_tokens=2)))
+  assert engine.waiting() == 0

@@ -221,10 +221,11 @@ def test_page_header_follows_the_api_key(browser, screen, tmp_path):
   from selenium.webdriver.common.by import By
   from serve import api
   from serve.server import create_app
-  from tests.serve_fixture import ROWS, Running
+  from tests.serve_fixture import Running
   srv = shared_server()
-  # Its own engine (an app starts and closes its engine's loop), never warmed: no request runs.
-  engine = srv.gen.engine(srv.gen.context_layout(ROWS), max_queue=16)
+  # An engine of its own (engines are kept per layout, and an app closes its engine's loop),
+  # never warmed: no request runs on it.
+  engine = srv.gen.engine(srv.gen.context_layout(1), max_queue=16)
   keyed = Running(create_app(engine, model_name=MODEL, api_key="s3cret",
                              limits=api.Limits(**LIMITS)))
   try:
