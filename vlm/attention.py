@@ -10,16 +10,37 @@ Implementations:
 - 'pallas': this project's Pallas flash kernel (vlm/kernels/flash_attention.py); interpret mode on CPU.
 - 'splash': JAX's TPU splash-attention kernel behind the same signature.
 - 'auto': the fastest measured path for the backend (see `_auto`).
+
+The backend is the one a program is compiled for: `jax.default_backend()` unless `compiling_for`
+names another (train.aot compiles for a GPU or TPU from a CPU host).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
+_TARGET: list = []   # the platform programs are traced for, innermost last
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+  """Trace attention for `platform` ('gpu', 'tpu', 'cpu'): `auto` and the kernels' interpret mode
+  follow it instead of the host's backend."""
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def platform() -> str:
+  """The backend attention is traced for."""
+  return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None,
@@ -99,7 +120,7 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
   t, s = q.shape[1], k.shape[1]
   fused_ok = t == s and sliding_window is None
   if impl == "auto":
-    impl = _auto(jax.default_backend())
+    impl = _auto(platform())
   if impl != "xla" and not fused_ok:
     impl = "xla"  # sliding windows take the reference path
   if impl == "cudnn":
@@ -108,11 +129,11 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
     from vlm.kernels import flash_attention
     return flash_attention.flash_attention(
         q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
-        interpret=jax.default_backend() != "gpu")  # Triton kernels: GPU only, else interpreted
+        interpret=platform() != "gpu")  # Triton kernels: GPU only, else interpreted
   if impl == "splash":
     from vlm.kernels import splash
     return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
-                                   interpret=jax.default_backend() != "tpu")
+                                   interpret=platform() != "tpu")
   mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
                         sliding_window=sliding_window)
   return _xla(q, k, v, mask, scale)
