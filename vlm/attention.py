@@ -95,6 +95,47 @@ def _cudnn(q, k, v, *, causal, segment_ids, scale):
                                       implementation="cudnn")
 
 
+def _cudnn_takes(q, k, v, causal, segment_ids, scale) -> bool:
+  """Whether jax's cuDNN attention accepts these shapes forward and backward (it checks at trace
+  time, the backward's conditions only when the gradient is traced: CLIP-L/336's 577 tokens)."""
+  def fwd_bwd(q, k, v, seg):
+    out, back = jax.vjp(lambda *a: _cudnn(*a, causal=causal, segment_ids=seg, scale=scale),
+                        q, k, v)
+    return back(out)
+  abstract = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+              for x in (q, k, v, segment_ids)]
+  try:
+    jax.eval_shape(fwd_bwd, *abstract)
+  except NotImplementedError:
+    return False
+  return True
+
+
+def _splash(q, k, v, *, segment_ids, causal, scale):
+  """Splash per device: a Mosaic kernel is not partitioned by XLA, so on a mesh (the enclosing
+  vlm.sharding.activation_sharding) it runs under shard_map over the batch and head axes the
+  rules give the activations, each device seeing whole sequences."""
+  from jax.sharding import PartitionSpec as P
+
+  from vlm import sharding
+  from vlm.kernels import splash
+  run = lambda q, k, v, seg: splash.splash_attention(
+      q, k, v, segment_ids=seg, causal=causal, sm_scale=scale, interpret=platform() != "tpu")
+  active = sharding.active()
+  if active is None or active[0].size == 1:
+    return run(q, k, v, segment_ids)
+  mesh, rules = active
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  qs = sharding.spec_for(("activation_batch", None, "activation_heads", None), q.shape, mesh, rules)
+  ks = sharding.spec_for(("activation_batch", None, "activation_kv_heads", None), k.shape, mesh,
+                         rules)
+  heads = qs[2] if qs[2] == ks[2] else None   # query groups stay with their kv head
+  qs, ks = P(qs[0], None, heads, None), P(qs[0], None, heads, None)
+  return jax.shard_map(run, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 def _auto(backend: str) -> str:
   # GPU: cuDNN until the Pallas kernel is measured faster by `python -m bench.attention` on an
   # H100 (docs/benchmarks.md). No GPU measurement of the kernel exists yet (2026-11-28); the
@@ -119,10 +160,13 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   t, s = q.shape[1], k.shape[1]
   fused_ok = t == s and sliding_window is None
-  if impl == "auto":
+  auto = impl == "auto"
+  if auto:
     impl = _auto(platform())
   if impl != "xla" and not fused_ok:
     impl = "xla"  # sliding windows take the reference path
+  if impl == "cudnn" and auto and not _cudnn_takes(q, k, v, causal, segment_ids, scale):
+    impl = "xla"   # a shape cuDNN's kernel refuses: `auto` takes the reference path there
   if impl == "cudnn":
     return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
   if impl == "pallas":
@@ -131,9 +175,7 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
         q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
         interpret=platform() != "gpu")  # Triton kernels: GPU only, else interpreted
   if impl == "splash":
-    from vlm.kernels import splash
-    return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
-                                   interpret=platform() != "tpu")
+    return _splash(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
   mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
                         sliding_window=sliding_window)
   return _xla(q, k, v, mask, scale)
