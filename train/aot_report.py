@@ -79,6 +79,7 @@ def xla_flops(compiled, lowered):
 
 
 NO_TILING = "Couldn't find output tile sizes"
+OOM = "Ran out of memory"
 
 
 def _first_line(e: Exception) -> str:
@@ -102,8 +103,11 @@ def analyze(program, target, devices_n: int) -> dict:
       note = ("compiled with xla_gpu_enable_triton_gemm=false: the deviceless compile's "
               f"Triton tiling failed ({_first_line(e)[:160]})")
   except Exception as e:  # noqa: BLE001 - XLA's refusal is the finding: reported, not raised
-    return {"program": program.name, "compile_s": round(time.perf_counter() - t0, 1),
-            "error": _first_line(e)[:300]}
+    out = {"program": program.name, "compile_s": round(time.perf_counter() - t0, 1),
+           "error": _first_line(e)[:300]}
+    if OOM in str(e):   # XLA:TPU refuses to compile what cannot fit
+      out["fits"] = False
+    return out
   secs = time.perf_counter() - t0
   mem = ProgramMemory.of(compiled)
   hlo = compiled.as_text() or ""
@@ -152,7 +156,8 @@ def text(report: dict) -> str:
            f"jax {report['versions']['jax']}"]
   for p in report["programs"]:
     if "error" in p:
-      lines.append(f"\n{p['program']}: DOES NOT COMPILE ({p['compile_s']:.1f} s): {p['error']}")
+      what = "DOES NOT FIT, XLA refused it" if p.get("fits") is False else "DOES NOT COMPILE"
+      lines.append(f"\n{p['program']}: {what} ({p['compile_s']:.1f} s): {p['error']}")
       continue
     m = p["memory"]
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"

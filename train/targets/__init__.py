@@ -3,7 +3,8 @@
 Each target names its compile-only devices (a GPU target-config text proto in this folder, or a
 TPU topology that libtpu knows) and the peak numbers the roofline estimate divides by. Peak
 figures are the vendors' dense bf16 tensor rates and HBM bandwidths (NVIDIA's H100 / H200 / A100 /
-A40 datasheets, Google Cloud's TPU v5e / v5p / v6e pages); `link` is the per-device interconnect
+A40 datasheets, Google Cloud's TPU v5e / v5p / v6e pages; v5e's HBM is the 15.75 GiB libtpu's
+out-of-memory message gives); `link` is the per-device interconnect
 bandwidth one way (NVLink 4: 450 GB/s, NVLink 3: 300 GB/s, A40 on PCIe 4 x16: 32 GB/s, 400 Gb/s
 InfiniBand between hosts: 50 GB/s, TPU ICI per chip).
 """
@@ -73,7 +74,7 @@ TARGETS = {t.name: t for t in (
            "1x A100 SXM 80GB"),
     Target("a40x4", "gpu", "1x1x4", "a40.txtpb", 48305799168, 149.7e12, 696e9, 32e9,
            "4x A40 48GB on PCIe (the LDRT paper's hardware)"),
-    Target("v5e-8", "tpu", "v5e:2x4", "", 16 * GIB, 197e12, 819e9, 200e9, "TPU v5e, 8 chips"),
+    Target("v5e-8", "tpu", "v5e:2x4", "", int(15.75 * GIB), 197e12, 819e9, 200e9, "TPU v5e, 8 chips"),
     Target("v5p-8", "tpu", "v5p:2x2x1", "", 95 * GIB, 459e12, 2765e9, 600e9,
            "TPU v5p-8: 4 chips (8 TensorCores)"),
     Target("v6e-8", "tpu", "v6e:2x4", "", 32 * GIB, 918e12, 1640e9, 448e9, "TPU v6e, 8 chips"),
