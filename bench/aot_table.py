@@ -1,6 +1,7 @@
 """docs/benchmarks.md's "Compiled for the target (no device)": every paper recipe compiled by
 `python -m train.aot` for its hardware, one process per case, in order (GPU targets first),
-each writing its JSON report to docs/aot/<case>.json; `--render` prints the markdown table from
+each writing its JSON report to docs/aot/<case>.json (a case with a report is skipped unless
+--force); `--render` prints the markdown table from
 whatever JSON exists (cases not compiled yet are listed with their command, never guessed).
 
   python -m bench.aot_table [--cases NAME ...] [--out docs/aot]   # `make aot`
@@ -22,16 +23,16 @@ CASES = (
     ("stage2-h100x8", "configs/stage2.py", "h100x8", ()),
     ("stage1-h100x8", "configs/stage1.py", "h100x8", ()),
     ("ldrt15-a40x4", "configs/ldrt_llava15_lora.py", "a40x4", ()),
-    ("ldrt15-h100", "configs/ldrt_llava15_lora.py", "h100", ()),
-    ("ldrt15-h200", "configs/ldrt_llava15_lora.py", "h200", ()),
+    ("stage2-v5p-8", "configs/stage2.py", "v5p-8", ()),
     ("ldrt16-a40x4", "configs/ldrt_llava16_lora.py", "a40x4", ()),
+    ("stage1-v5p-8", "configs/stage1.py", "v5p-8", ()),
+    ("ldrt15-h100", "configs/ldrt_llava15_lora.py", "h100", ()),
+    ("stage2-v6e-8", "configs/stage2.py", "v6e-8", ()),
     ("ldrt16-h100", "configs/ldrt_llava16_lora.py", "h100", ()),
+    ("stage1-v6e-8", "configs/stage1.py", "v6e-8", ()),
+    ("ldrt15-h200", "configs/ldrt_llava15_lora.py", "h200", ()),
     ("ldrt16-h200", "configs/ldrt_llava16_lora.py", "h200", ()),
     ("stage2_lora-h100", "configs/stage2_lora.py", "h100", ()),
-    ("stage2-v5p-8", "configs/stage2.py", "v5p-8", ()),
-    ("stage1-v5p-8", "configs/stage1.py", "v5p-8", ()),
-    ("stage2-v6e-8", "configs/stage2.py", "v6e-8", ()),
-    ("stage1-v6e-8", "configs/stage1.py", "v6e-8", ()),
     ("stage2-h100x8-search", "configs/stage2.py", "h100x8", ("--search",)),
     ("stage2-v5p-8-search", "configs/stage2.py", "v5p-8", ("--search",)),
 )
@@ -43,9 +44,11 @@ def command(case) -> list:
           "--programs", "train", *extra]
 
 
-def run(cases, out: str):
+def run(cases, out: str, force: bool = False):
   os.makedirs(out, exist_ok=True)
   for case in cases:
+    if not force and os.path.exists(os.path.join(out, case[0] + ".json")):
+      continue   # compiled before: --force compiles it again
     cmd = ["nice", "-n", "10", sys.executable] + command(case)[1:]
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -111,6 +114,7 @@ def main(argv=None):
   p.add_argument("--cases", nargs="*", help="case names (default: all)")
   p.add_argument("--out", default="docs/aot")
   p.add_argument("--render", action="store_true")
+  p.add_argument("--force", action="store_true", help="compile cases that have a report too")
   a = p.parse_args(argv)
   if a.render:
     print(render(a.out))
@@ -119,7 +123,7 @@ def main(argv=None):
   bad = set(a.cases or ()) - names
   if bad:
     p.error(f"unknown cases {sorted(bad)}; known: {sorted(names)}")
-  run([c for c in CASES if not a.cases or c[0] in a.cases], a.out)
+  run([c for c in CASES if not a.cases or c[0] in a.cases], a.out, a.force)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,10 @@ def backend_versions() -> dict:
 
 
 def search(config, target, devices) -> dict:
-  """Train step over (remat, micro-batch per device): per remat, the largest micro-batch that
-  keeps HEADROOM free; the choice is the cheapest remat that fits, at its largest micro-batch."""
+  """Train step over (remat, micro-batch per device), cheapest remat first: per remat, the
+  largest micro-batch that keeps HEADROOM free (a costlier remat is tried only at micro-batches
+  larger than a cheaper one reached). The choice: the cheapest remat that fits, at its largest
+  micro-batch; the table shows what each costlier remat would buy."""
   from train import aot_programs
   from train.aot_report import HEADROOM
   g = int(config.data.global_batch)
@@ -129,9 +131,11 @@ def search(config, target, devices) -> dict:
     raise UserError(f"data.global_batch {g} does not split over {batch_devices} batch devices")
   per_device = g // batch_devices
   sizes = [m for m in (2 ** i for i in range(12)) if m <= per_device and per_device % m == 0]
-  rows, choice = [], None
+  rows, choice, best = [], None, 0
   for remat in REMATS:
-    for mb in sorted(sizes, reverse=True):
+    if best == per_device:
+      break   # a cheaper remat already fits the whole per-device batch at once
+    for mb in sorted((m for m in sizes if m > best), reverse=True):
       c = config.copy_and_resolve_references()
       c.model.remat = remat
       c.optim.grad_accum = per_device // mb
@@ -147,8 +151,7 @@ def search(config, target, devices) -> dict:
                    "compile_s": r["compile_s"],
                    "estimate_s": r.get("estimate", {}).get("step_s")})
       if ok:
-        if choice is None:
-          choice = rows[-1]
+        choice, best = choice or rows[-1], mb
         break
   overrides = ([f"--config.model.remat={choice['remat']}",
                 f"--config.optim.grad_accum={choice['grad_accum']}"] if choice else [])
