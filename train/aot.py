@@ -213,6 +213,10 @@ def _main(argv) -> int:
 
 
 def entry(argv=None):
+  with cli_errors(None):   # before the config is loaded: the cheap refusal first
+    if not installed():
+      raise UserError(f"the compile-only backends are not installed in {SITE}: run `make "
+                      "aot-deps`")
   app.run(main, argv=train_main.resolve_config_arg(sys.argv if argv is None else argv),
           flags_parser=train_main.parse_flags)
 
