@@ -96,8 +96,9 @@ def _cudnn(q, k, v, *, causal, segment_ids, scale):
 
 
 def _cudnn_takes(q, k, v, causal, segment_ids, scale) -> bool:
-  """Whether jax's cuDNN attention accepts these shapes forward and backward (it checks at trace
-  time, the backward's conditions only when the gradient is traced: CLIP-L/336's 577 tokens)."""
+  """Whether jax's cuDNN attention accepts these inputs forward and backward (it checks at trace
+  time, the backward's conditions only when the gradient is traced: CLIP-L/336's 577 tokens; it
+  takes no float32)."""
   def fwd_bwd(q, k, v, seg):
     out, back = jax.vjp(lambda *a: _cudnn(*a, causal=causal, segment_ids=seg, scale=scale),
                         q, k, v)
@@ -106,7 +107,7 @@ def _cudnn_takes(q, k, v, causal, segment_ids, scale) -> bool:
               for x in (q, k, v, segment_ids)]
   try:
     jax.eval_shape(fwd_bwd, *abstract)
-  except NotImplementedError:
+  except (NotImplementedError, ValueError):   # a length, head dim or dtype (float32) it refuses
     return False
   return True
 
