@@ -213,11 +213,17 @@ def _main(argv) -> int:
 
 
 def entry(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if any(a in train_main.HELP for a in argv[1:]):
+    FLAGS.mark_as_parsed()
+    print(__doc__.strip() + "\n\n" + FLAGS.module_help(FLAGS.find_module_defining_flag("target"))
+          + "\n\nThe config's fields and overrides: `python -m train.main --config FILE --help`.")
+    sys.exit(0)
   with cli_errors(None):   # before the config is loaded: the cheap refusal first
     if not installed():
       raise UserError(f"the compile-only backends are not installed in {SITE}: run `make "
                       "aot-deps`")
-  app.run(main, argv=train_main.resolve_config_arg(sys.argv if argv is None else argv),
+  app.run(main, argv=train_main.resolve_config_arg(argv),
           flags_parser=train_main.parse_flags)
 
 
