@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
+from data.image import ImageGeometry
 from train import plan as plan_lib
 from train.batches import data_config
 from train.metrics import Flops
@@ -135,7 +136,7 @@ def serving_programs(p, devices, platform: str, rows=SERVE_ROWS) -> list:
   for b in rows:
     pixels = sizes = None
     if cfg.vision is not None:
-      g = data_config_geometry(cfg)
+      g = ImageGeometry.of(cfg)
       tiles = (g.max_tiles(),) if g.tiler == "anyres" else ()
       pixels = sds((b, 1) + tiles + (g.image_size, g.image_size, 3), jnp.uint8)
       sizes = sds((b, 1, 4)) if g.tiler == "anyres" else None
@@ -155,8 +156,3 @@ def serving_programs(p, devices, platform: str, rows=SERVE_ROWS) -> list:
                        (params, state, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=dev),
                         sds(()), *dyn), 0.0))
   return out
-
-
-def data_config_geometry(cfg):
-  from data.image import ImageGeometry
-  return ImageGeometry.of(cfg)

@@ -36,11 +36,6 @@ class Target:
   def devices_n(self) -> int:
     return eval_product(self.topology.split(":")[-1])
 
-  @property
-  def hosts(self) -> int:
-    return int(self.topology.split("x")[1]) if self.platform == "gpu" else max(
-        1, self.devices_n // 4)
-
   def usable(self) -> int:
     """Bytes a program may use per device: all of HBM on a TPU; on a GPU the fraction JAX's
     allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)."""
