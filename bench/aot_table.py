@@ -94,7 +94,8 @@ def render(out: str) -> str:
     rows.append(f"| {case[0]} | {case[1]} | {case[2]} | {_gib(prog['memory']['peak'])} "
                 f"({_gib(prog['limit'])}) | {'yes' if prog['fits'] else 'NO'} "
                 f"({prog['headroom'] * 100:.0f}% free) | {prog['model_flops']:.3g} | "
-                f"{est:.2f} | {prog['compile_s']} | {r['date']}, jax {v['jax']}, "
+                f"{est:.2f} | {prog['compile_s']}{' (cuBLAS retry)' if prog.get('note') else ''}"
+                f" | {r['date']}, jax {v['jax']}, "
                 f"{', '.join(f'{k} {x}' for k, x in v.items() if k != 'jax')} |")
   text = "\n".join(rows)
   for s in searches:
