@@ -4,8 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+AOT_SITE := .aot/site
+AOT_STAMP := $(AOT_SITE)/.installed
 
-.PHONY: test test-all demo serve browser install clean
+.PHONY: test test-all demo serve browser install clean aot aot-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,11 +32,11 @@ browser:
 	  fi; }
 
 # Default suite: CPU, 8 simulated devices, heavy cases marked `slow` are skipped.
-test: $(STAMP) browser
+test: $(STAMP) $(AOT_STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Everything, slow cases included.
-test-all: $(STAMP) browser
+test-all: $(STAMP) $(AOT_STAMP) browser
 	$(BIN)/python -m pytest -q -m "" tests
 
 demo: $(STAMP)
@@ -50,3 +52,18 @@ serve: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Compile-only backends for `python -m train.aot` (requirements-aot.txt) in .aot/site, outside the
+# venv: only train.aot puts them on sys.path. Reinstalled when the pins change.
+$(AOT_STAMP): $(STAMP) requirements-aot.txt
+	rm -rf $(AOT_SITE)
+	$(BIN)/pip install -q --no-deps --target $(AOT_SITE) -r requirements-aot.txt
+	touch $(AOT_STAMP)
+
+aot-deps: $(AOT_STAMP)
+
+# The paper-shape table of docs/benchmarks.md ("Compiled for the target (no device)"): compiles
+# every case (long: minutes each on a small host), then prints the table from docs/aot/*.json.
+aot: $(AOT_STAMP)
+	$(BIN)/python -m bench.aot_table
+	$(BIN)/python -m bench.aot_table --render

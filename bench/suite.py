@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 
+from bench import suite_aot
 from bench.suite_process import RUNNING, kill_group, run_command
 from bench.suite_report import environment, stage_markdown, stage_note, summary
 from bench.suite_stages import BY_NAME, STAGES, command, shown
@@ -100,6 +101,7 @@ def run(stages, out: str, budget: float, *, smoke: bool = False, work: str, argv
   if part == "1":
     _write_state(work, {"run": "1", "planned": [s.name for s in stages]})
   rows, sections = [], []
+  aot = suite_aot.verdicts(work)   # `--aot-check TARGET` wrote them before the device was lent
 
   def write_summary():
     text = summary(env, rows, sections, list(argv), budget, time.monotonic() - t0, cache)
@@ -118,6 +120,8 @@ def run(stages, out: str, budget: float, *, smoke: bool = False, work: str, argv
         row.update(status="skipped", reason="no smoke form")
       elif stage.name not in (commands or {}) and importlib.util.find_spec(stage.args[0]) is None:
         row.update(status="skipped", reason=f"{stage.args[0]} is not in this tree")
+      elif aot.get(stage.name, {}).get("fits") is False:
+        row.update(status="skipped", reason=suite_aot.skip_reason(aot[stage.name]))
       elif left < est:
         row.update(status="skipped",
                    reason=f"needs ~{est:.0f} s by its estimate, {max(left, 0):.0f} s of the "
@@ -167,6 +171,10 @@ def parser():
                       "on a warm machine)")
   p.add_argument("--smoke", action="store_true", help="each benchmark's --smoke form, on CPU")
   p.add_argument("--list", action="store_true", help="print the plan and exit")
+  p.add_argument("--aot-check", metavar="TARGET", default=None,
+                 help="on the CPU host, before a device is lent: compile each training-step "
+                      "stage for TARGET with train.aot (bench/suite_aot.py); later runs with the "
+                      "same --work skip the stages that do not fit")
   return p
 
 
@@ -180,6 +188,10 @@ def main(argv=None):
       total += s.estimate_s
       print(f"{s.name:<10} part {s.part}  ~{s.estimate_s:4.0f} s (timeout {s.timeout_s:.0f})  "
             f"sum {total:4.0f} s  {s.measures}\n  {shown(command(s, args.smoke, args.work))}")
+    return
+  if args.aot_check:
+    suite_aot.check([s.name for s in stages], args.aot_check, args.work, args.smoke,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
     return
   if not args.out:
     parser().error("--out is required")

@@ -168,3 +168,26 @@ def test_device_wheels_pinned_and_fetch_script_matches_the_readme():
   for flag in ("--no-deps", "--only-binary=:all:", "--python-version 3.12", "--implementation cp",
                "--platform manylinux_2_28_x86_64", "--platform manylinux2014_x86_64"):
     assert flag in script
+
+
+def test_a_stage_train_aot_found_too_big_is_skipped(tmp_path):
+  from bench import suite_aot
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / "aot.jsonl").write_text(json.dumps(
+      {"stage": "big", "target": "h200", "fits": False, "peak": 150 * 2**30,
+       "limit": 105 * 2**30}) + "\n" + json.dumps({"stage": "small", "fits": True}) + "\n")
+  ok = [sys.executable, "-c", "pass"]
+  rows = suite.run([_stage("big"), _stage("small")], str(tmp_path), 60, work=str(work),
+                   commands={"big": ok, "small": ok}, log=lambda m: None)
+  assert [r["status"] for r in rows] == ["skipped", "ok"]
+  assert rows[0]["reason"] == "does not fit on h200 by train.aot (peak 150.0 GiB of 105.0 GiB)"
+
+
+def test_aot_check_builds_the_stage_config_bench_runs():
+  from bench import suite_aot
+  c = suite_aot.stage_config("lora")
+  assert (c.data.global_batch, c.data.max_len, c.model.lora.rank) == (8, 2048, 128)
+  assert c.data.max_images_per_row == 1 and c.model.remat == "full"
+  assert suite_aot.stage_config("llm").data.max_images_per_row == 0
+  assert suite_aot.stage_config("attention") is None and suite_aot.stage_config("ablations") is None

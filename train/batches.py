@@ -20,9 +20,10 @@ from train.step import make_eval_step
 from vlm.sharding import batch_shardings
 
 
-def data_config(config, model_cfg, *, eval_: bool = False) -> DataConfig:
+def data_config(config, model_cfg, *, eval_: bool = False, tokenizer: bool = True) -> DataConfig:
+  """tokenizer=False: the batch shapes alone (train.aot plans without the source checkpoint)."""
   kw = {k: v for k, v in config.data.to_dict().items() if v is not None}
-  kw["tokenizer_dir"] = source.tokenizer_dir(config)
+  kw["tokenizer_dir"] = source.tokenizer_dir(config) if tokenizer else ""
   for k in ("paths", "pad_buckets"):
     if k in kw:
       kw[k] = tuple(kw[k])

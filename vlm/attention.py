@@ -10,16 +10,37 @@ Implementations:
 - 'pallas': this project's Pallas flash kernel (vlm/kernels/flash_attention.py); interpret mode on CPU.
 - 'splash': JAX's TPU splash-attention kernel behind the same signature.
 - 'auto': the fastest measured path for the backend (see `_auto`).
+
+The backend is the one a program is compiled for: `jax.default_backend()` unless `compiling_for`
+names another (train.aot compiles for a GPU or TPU from a CPU host).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
+_TARGET: list = []   # the platform programs are traced for, innermost last
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+  """Trace attention for `platform` ('gpu', 'tpu', 'cpu'): `auto` and the kernels' interpret mode
+  follow it instead of the host's backend."""
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def platform() -> str:
+  """The backend attention is traced for."""
+  return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None,
@@ -74,6 +95,48 @@ def _cudnn(q, k, v, *, causal, segment_ids, scale):
                                       implementation="cudnn")
 
 
+def _cudnn_takes(q, k, v, causal, segment_ids, scale) -> bool:
+  """Whether jax's cuDNN attention accepts these inputs forward and backward (it checks at trace
+  time, the backward's conditions only when the gradient is traced: CLIP-L/336's 577 tokens; it
+  takes no float32)."""
+  def fwd_bwd(q, k, v, seg):
+    out, back = jax.vjp(lambda *a: _cudnn(*a, causal=causal, segment_ids=seg, scale=scale),
+                        q, k, v)
+    return back(out)
+  abstract = [None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+              for x in (q, k, v, segment_ids)]
+  try:
+    jax.eval_shape(fwd_bwd, *abstract)
+  except (NotImplementedError, ValueError):   # a length, head dim or dtype (float32) it refuses
+    return False
+  return True
+
+
+def _splash(q, k, v, *, segment_ids, causal, scale):
+  """Splash per device: a Mosaic kernel is not partitioned by XLA, so on a mesh (the enclosing
+  vlm.sharding.activation_sharding) it runs under shard_map over the batch and head axes the
+  rules give the activations, each device seeing whole sequences."""
+  from jax.sharding import PartitionSpec as P
+
+  from vlm import sharding
+  from vlm.kernels import splash
+  run = lambda q, k, v, seg: splash.splash_attention(
+      q, k, v, segment_ids=seg, causal=causal, sm_scale=scale, interpret=platform() != "tpu")
+  active = sharding.active()
+  if active is None or active[0].size == 1:
+    return run(q, k, v, segment_ids)
+  mesh, rules = active
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  qs = sharding.spec_for(("activation_batch", None, "activation_heads", None), q.shape, mesh, rules)
+  ks = sharding.spec_for(("activation_batch", None, "activation_kv_heads", None), k.shape, mesh,
+                         rules)
+  heads = qs[2] if qs[2] == ks[2] else None   # query groups stay with their kv head
+  qs, ks = P(qs[0], None, heads, None), P(qs[0], None, heads, None)
+  return jax.shard_map(run, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 def _auto(backend: str) -> str:
   # GPU: cuDNN until the Pallas kernel is measured faster by `python -m bench.attention` on an
   # H100 (docs/benchmarks.md). No GPU measurement of the kernel exists yet (2026-11-28); the
@@ -98,21 +161,22 @@ def attend(q, k, v, *, causal: bool = True, segment_ids=None,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   t, s = q.shape[1], k.shape[1]
   fused_ok = t == s and sliding_window is None
-  if impl == "auto":
-    impl = _auto(jax.default_backend())
+  auto = impl == "auto"
+  if auto:
+    impl = _auto(platform())
   if impl != "xla" and not fused_ok:
     impl = "xla"  # sliding windows take the reference path
+  if impl == "cudnn" and auto and not _cudnn_takes(q, k, v, causal, segment_ids, scale):
+    impl = "xla"   # a shape cuDNN's kernel refuses: `auto` takes the reference path there
   if impl == "cudnn":
     return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
   if impl == "pallas":
     from vlm.kernels import flash_attention
     return flash_attention.flash_attention(
         q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
-        interpret=jax.default_backend() != "gpu")  # Triton kernels: GPU only, else interpreted
+        interpret=platform() != "gpu")  # Triton kernels: GPU only, else interpreted
   if impl == "splash":
-    from vlm.kernels import splash
-    return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=scale,
-                                   interpret=jax.default_backend() != "tpu")
+    return _splash(q, k, v, segment_ids=segment_ids, causal=causal, scale=scale)
   mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
                         sliding_window=sliding_window)
   return _xla(q, k, v, mask, scale)

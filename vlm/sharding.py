@@ -131,6 +131,11 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     _ACTIVE.reset(token)
 
 
+def active():
+  """(mesh, rules) of the enclosing `activation_sharding`, or None."""
+  return _ACTIVE.get()
+
+
 def constrain(x, logical: Sequence):
   """nn.with_logical_constraint with spec_for's fallback (an axis that does not divide stays
   whole, as the weights do) and the mesh of `activation_sharding` (flax's wants a global mesh,
