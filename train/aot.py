@@ -6,9 +6,9 @@ r"""Compile what train.main would run for an accelerator this machine does not h
 The same config and overrides as train.main; the same plan, mesh (over the target's compile-only
 devices), shardings, rules, remat and step, with `auto` attention resolved for the target (cuDNN on
 GPUs, splash on TPUs). Programs: the train step, the held-out eval step, the S2 tower alone and the
-server's prefill + decode at its smallest and largest batch bucket. Per program: per-device
-memory against the target's, FITS / DOES NOT FIT, compile seconds, FLOPs, collectives, fused
-kernels and a roofline estimate (labelled as such). Exit status 1 when the train step does not
+serving engine's programs (encode, prefill chunks, insert, generate) at 1 and 16 slots. Per
+program: per-device memory against the target's, FITS / DOES NOT FIT, compile seconds, FLOPs,
+collectives, fused kernels and a roofline estimate (labelled as such). Exit status 1 when the train step does not
 fit, 2 on a bad input.
 
 --search compiles the train step over micro-batch per device and remat policy and prints the

@@ -1,5 +1,5 @@
 """The programs `python -m train.aot` compiles: what train.main (and the server) would run on a
-target, built by the same code (train.plan, train.step, serve.generate) over the target's
+target, built by the same code (train.plan, train.step, serve.programs) over the target's
 compile-only devices and abstract arguments (jax.ShapeDtypeStruct with shardings): nothing is
 allocated, no data or tokenizer is read.
 """
@@ -12,15 +12,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from data.image import ImageGeometry
 from train import plan as plan_lib
 from train.batches import data_config
 from train.metrics import Flops
 from train.step import make_eval_step, make_train_step
 from vlm.sharding import batch_shardings, make_mesh
 
-SERVE_ROWS = (1, 32)    # the server's smallest and largest batch bucket (serve --max-batch 32)
-SERVE_NEW_TOKENS = 512  # serve's default max_new_tokens
+SERVE_SLOTS = (1, 16)   # serve.chat's one slot and the server's default --slots
 PLAN_STEPS = 1000       # the schedule's length changes no shape
 
 
@@ -109,50 +107,31 @@ def s2_tower(p, batch, frozen):
   return Program("s2_tower", fn, (tower, batch["pixel_values"]), 0.0)
 
 
-def serving_programs(p, devices, platform: str, rows=SERVE_ROWS) -> list:
-  """Prefill + decode of serve.generate at the server's batch buckets, on one device in bf16 (a
-  server started with --dtype bfloat16), one image per prompt and a 128-token question.
+def serving_programs(p, devices, platform: str, slots=SERVE_SLOTS) -> list:
+  """The serving engine's programs (serve/programs.py: image encode, each prefill chunk, insert,
+  generate) for `python -m serve --dtype bfloat16 --slots N` at each N, every slot holding the
+  model's whole context (no --kv-cache), on one device.
 
-  The one place that knows the serving programs: it follows serve/generate.py's Generator
-  (per-layer weights except on TPUs, left-padded prompts bucketed by 128)."""
+  The layout and the weights' layer layout are the server's own (serve.generate: per-layer
+  weights except on TPUs, `chunks_for` the context), so what compiles here is what it runs."""
   from serve import generate as gen
+  from serve import programs as engine_programs
   from vlm.model import unstack_layers
   dev = SingleDeviceSharding(list(devices)[0])
-  runtime = p.model.runtime.replace(dtype="bfloat16",
-                                    scan_layers=p.model.runtime.scan_layers and platform == "tpu")
-  params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16,
-                                                                  sharding=dev), p.abstract)
-  if not runtime.scan_layers:
-    params = jax.eval_shape(unstack_layers, params)
-    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                    params)
-  cfg = p.config
-  img = cfg.image_tokens() if cfg.vision is not None else 0
-  width = gen.bucket(img + 128, 128)
-  cache_len = gen.bucket(width + SERVE_NEW_TOKENS, 128)
-  sds = lambda s, d=jnp.int32: jax.ShapeDtypeStruct(s, d, sharding=dev)
-  static = dict(config=cfg, runtime=runtime, mesh=None, rules=(), collect=False)
+  scan = p.model.runtime.scan_layers and platform == "tpu"
+  runtime = p.model.runtime.replace(dtype="bfloat16", scan_layers=scan)
+  on_dev = lambda tree, dtype=None: jax.tree.map(   # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=dev)
+      if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+  params = on_dev(p.abstract, jnp.bfloat16)
+  if not scan:
+    params = on_dev(jax.eval_shape(unstack_layers, params))
+  context = p.config.llm.max_positions
   out = []
-  for b in rows:
-    pixels = sizes = None
-    if cfg.vision is not None:
-      g = ImageGeometry.of(cfg)
-      tiles = (g.max_tiles(),) if g.tiler == "anyres" else ()
-      pixels = sds((b, 1) + tiles + (g.image_size, g.image_size, 3), jnp.uint8)
-      sizes = sds((b, 1, 4)) if g.tiler == "anyres" else None
-    pre_args = (params, sds((b, width)), sds((b, width)), sds((b, width)), sds((b,)), pixels,
-                sizes)
-    prefill = jax.jit(lambda *a: gen._prefill(*a, cache_dtype=jnp.bfloat16, cache_len=cache_len,
-                                              **static))
-    out.append(Program(f"prefill_b{b}", prefill, pre_args, 0.0))
-    state = jax.eval_shape(prefill, *pre_args)
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                   state)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    dyn = (sds((gen.MAX_STOP_IDS,)), sds((), jnp.float32), sds((), jnp.float32), sds(()))
-    decode = jax.jit(lambda prm, st, k, stop, *d: gen._decode(prm, st, k, stop, *d, greedy=False,
-                                                               **static))
-    out.append(Program(f"decode_b{b}", decode,
-                       (params, state, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=dev),
-                        sds(()), *dyn), 0.0))
+  for n in slots:
+    layout = engine_programs.Layout(n, context, gen.chunks_for(context), cache_dtype="bfloat16")
+    progs = engine_programs.programs(p.config, runtime, None, (), layout)
+    for name, args in progs.abstract_args(params).items():
+      out.append(Program(f"serve_{name.replace('/', '')}_x{n}", progs.jit[name.split("/")[0]],
+                         on_dev(args), 0.0))
   return out
