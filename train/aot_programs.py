@@ -46,7 +46,7 @@ def abstract_batch(dcfg, has_vision: bool, rows: int, mesh) -> dict:
     g = dcfg.geometry
     side = (g.image_size, g.image_size, 3)
     if g.tiler == "anyres":
-      shapes["pixel_values"] = ((rows, n_img, g.max_tiles()) + side, jnp.uint8)
+      shapes["pixel_values"] = ((rows, n_img, g.max_tiles) + side, jnp.uint8)
       shapes["image_sizes"] = ((rows, n_img, 4), jnp.int32)
     else:
       shapes["pixel_values"] = ((rows, n_img) + side, jnp.uint8)
