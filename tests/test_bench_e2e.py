@@ -20,6 +20,7 @@ def _check(r, steps, warmup, batch, seq):
   assert r["grain_busy_cores"] > 0 and r["resident_busy_cores"] > 0
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_smoke_json_and_table(capsys):
   argv = ["--smoke", "--steps", "2", "--warmup", "1", "--json"]
   r = train_e2e.main(argv)

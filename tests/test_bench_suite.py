@@ -24,6 +24,7 @@ def _stage(name, estimate=0.1, timeout=60, render=""):
                      render=render)
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_smoke_stage_writes_results_log_and_summary(tmp_path):
   out, work = tmp_path / "out", tmp_path / "work"
   suite.main(["--out", str(out), "--work", str(work), "--budget", "200", "--smoke",

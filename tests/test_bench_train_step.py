@@ -40,6 +40,7 @@ def test_smoke_keeps_explicit_flags_equal_to_defaults():
   assert train_step.parse_args(["--loss-chunk", "512"]).loss_chunk == 512
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_smoke_stage1_and_vision(capsys):
   train_step.main(["--smoke", "--cases", "stage1", "vision"])
   out = capsys.readouterr().out

@@ -134,6 +134,7 @@ def test_module_help():
   assert "--temperature" in out and "--top-p" in out and "--max-new-tokens" in out
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_second_run_loads_its_programs_from_the_compilation_cache(ckpt, png, tmp_path):
   """vlm/compile_cache.py: the CLI keeps its compiled programs on disk; a rerun of the same
   question loads them (JAX logs each hit with log_compiles) and answers the same."""

@@ -165,6 +165,7 @@ def test_bad_shapes_raise():
     fa.flash_attention(q, q, q, segment_ids=jnp.zeros((1, 7), jnp.int32), interpret=True)
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_bench_smoke():
   """The benchmark script runs end to end (tiny shapes, interpret mode) and prints its table."""
   out = subprocess.run([sys.executable, "-m", "bench.attention", "--smoke"], capture_output=True,

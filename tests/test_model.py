@@ -50,6 +50,7 @@ def test_packed_row_equals_samples_run_separately():
   assert np.abs(leaky[0, len(a):len(a) + len(b)] - np.asarray(lb)[0]).max() > 1e-3
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_pallas_attention_matches_xla_logits_and_grads():
   pallas = Runtime(attention="pallas")
   params = init_params(CFG, jax.random.key(1))

@@ -268,6 +268,7 @@ def test_text_only_batches_carry_no_images(tmp_path, tok_dir, mode):
   assert not (np.concatenate([b["input_ids"].ravel() for b in batches]) == IMG_ID).any()
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_worker_processes_give_the_same_batches(tmp_path, tok_dir):
   recs = [sample(i) for i in range(12)]
   path = write_data(str(tmp_path), recs)

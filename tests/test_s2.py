@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
@@ -58,6 +59,7 @@ def test_bicubic_matrix_is_torch_bicubic():
     assert np.abs(np.asarray(got) - H.to_np(want).transpose(0, 2, 3, 1)).max() <= 1e-5
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_uint8_pixels_are_normalized_in_model():
   llm = hf.text_config(H.llama_config().to_dict())
   ref = H.build(T.CLIPVisionModel, H.clip_config(), seed=6)

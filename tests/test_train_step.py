@@ -224,6 +224,7 @@ def test_lora_stage_moves_only_adapters_and_connector_and_skips_nonfinite(tmp_pa
   assert all(v.dtype == np.float32 for v in flatten_dict(st["trainable"]).values())
 
 
+@pytest.mark.slow   # kept out of the 10-minute default run (make test-all runs it)
 def test_dropout_key_impl(text_model):
   """train.prng_impl='rbg' stores a 4-word key the step recognizes: LoRA dropout then draws
   other masks than threefry's (so the second step's loss differs: at step 1 the adapters' B is

@@ -145,6 +145,9 @@ def search(config, target, devices) -> dict:
         rows.append({"remat": remat, "micro_batch": mb, "error": f"{type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0][:120]}"})
         continue
+      if "error" in r:   # XLA refused it (XLA:TPU's out-of-memory): a row that does not fit
+        rows.append({"remat": remat, "micro_batch": mb, "error": r["error"][:120]})
+        continue
       ok = r["headroom"] >= HEADROOM
       rows.append({"remat": remat, "micro_batch": mb, "grad_accum": per_device // mb,
                    "peak": r["memory"]["peak"], "headroom": r["headroom"], "fits": ok,
