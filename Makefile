@@ -31,9 +31,11 @@ browser:
 	    echo "note: no chromium-driver (as root: apt-get install chromium chromium-driver); the browser test will skip"; \
 	  fi; }
 
-# Default suite: CPU, 8 simulated devices, heavy cases marked `slow` are skipped.
+# Default suite: CPU, 8 simulated devices, heavy cases marked `slow` are skipped. Two pytest-xdist
+# workers, one test file each at a time (module fixtures stay per file): 8.4 min on 2 cores
+# against 14.4 min in one process (2026-12-08).
 test: $(STAMP) $(AOT_STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # Everything, slow cases included.
 test-all: $(STAMP) $(AOT_STAMP) browser
