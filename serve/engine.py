@@ -177,28 +177,29 @@ class Engine:
     that the largest fits the device's memory (UserError, one line, when not) -> name ->
     vlm.compiled.ProgramMemory. `log` gets what was done (the check skipped where the backend
     does not report its memory: the CPU)."""
-    from vlm.compiled import ProgramMemory, device_bytes
+    from vlm.compiled import ProgramMemory, device_bytes, gib
     say = log or (lambda m: None)
     t0 = time.perf_counter()
     mem = {name: ProgramMemory.of(self._compiled(name, args))
            for name, args in self.prog.abstract_args(self.params).items()}
-    lay, gib = self.layout, lambda b: f"{b / 2**30:.2f} GiB"
+    lay = self.layout
     say(f"engine: {len(mem)} programs ready in {time.perf_counter() - t0:.1f} s ({lay.slots} "
-        f"slots x {lay.cache_len} tokens, KV cache {gib(lay.kv_bytes(self.config))})")
+        f"slots x {lay.cache_len} tokens, KV cache {gib(lay.kv_bytes(self.config))} GiB)")
     mesh = self.prog.mesh
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     have = device_bytes(device)
     name, need = max(((n, m.peak) for n, m in mem.items()), key=lambda x: x[1])
     if have is None:
       say(f"engine: memory check skipped (the {device.platform} backend does not report its "
-          f"memory); the largest program ({name}) needs {gib(need)} per device")
+          f"memory); the largest program ({name}) needs {gib(need)} GiB per device")
     elif need > have:
       raise UserError(f"--kv-cache: {lay.slots} slots x {lay.cache_len} tokens do not fit: the "
-                      f"{name} program needs {gib(need)} per device (KV cache "
-                      f"{gib(lay.kv_bytes(self.config))} in all), {device.device_kind} has "
-                      f"{gib(have)}; lower --kv-cache or --slots")
+                      f"{name} program needs {gib(need)} GiB per device (KV cache "
+                      f"{gib(lay.kv_bytes(self.config))} GiB in all), {device.device_kind} has "
+                      f"{gib(have)} GiB; lower --kv-cache or --slots")
     else:
-      say(f"engine: the largest program ({name}) needs {gib(need)} of the device's {gib(have)}")
+      say(f"engine: the largest program ({name}) needs {gib(need)} GiB of the device's "
+          f"{gib(have)} GiB")
     return mem
 
   def _ensure_state(self):

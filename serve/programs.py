@@ -52,12 +52,11 @@ class Layout:
 
   def kv_bytes(self, config) -> int:
     """Bytes of the whole KV cache."""
-    c = config.llm
-    per_token = 2 * c.layers * c.kv_heads * c.head_dim * jnp.dtype(self.cache_dtype).itemsize
-    return per_token * self.slots * self.columns
+    return kv_bytes_per_token(config, self.cache_dtype) * self.slots * self.columns
 
 
 def kv_bytes_per_token(config, cache_dtype) -> int:
+  """K and V of every layer for one token."""
   c = config.llm
   return 2 * c.layers * c.kv_heads * c.head_dim * jnp.dtype(cache_dtype).itemsize
 

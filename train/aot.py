@@ -163,7 +163,7 @@ def search(config, target, devices) -> dict:
 
 
 def search_text(s: dict) -> str:
-  from train.aot_report import gib
+  from vlm.compiled import gib
   lines = [f"train.aot --search: {s['config']} on {s['target']}, {s['per_device_batch']} samples "
            f"per device per step, >= {s['headroom_required'] * 100:.0f}% headroom",
            f"{'remat':<16}{'micro-batch':>12}{'accum':>7}{'peak GiB':>10}{'headroom':>10}"

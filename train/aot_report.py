@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 import time
 
-from vlm.compiled import ProgramMemory
+from vlm.compiled import ProgramMemory, gib
 
-GIB = 1 << 30
 HEADROOM = 0.08   # --search keeps at least this fraction of the device's memory free
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
@@ -144,8 +143,6 @@ def roofline(flops: float, mem: ProgramMemory, loops: int, coll: dict, target) -
                    "collective bytes / link; not a measurement)"}
 
 
-def gib(n) -> str:
-  return f"{n / GIB:.2f}"
 
 
 def text(report: dict) -> str:

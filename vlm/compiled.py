@@ -36,3 +36,8 @@ def device_bytes(device) -> Optional[int]:
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   limit = (stats or {}).get("bytes_limit")
   return int(limit) if limit else None
+
+
+def gib(n: int) -> str:
+  """Bytes as GiB with two decimals, as every memory report here prints them."""
+  return f"{n / 2**30:.2f}"
